@@ -1,0 +1,141 @@
+"""Hooks, always inside context managers, and the guard that leaves the user's model untouched.
+
+* :func:`frozen` puts a model in eval mode with frozen parameters and restores every
+  module's mode and every parameter's ``requires_grad`` on exit, error or not.
+* :func:`recording` hooks the requested layers, yields a dict that fills on each forward,
+  and removes every hook on exit. Outputs are cloned when recorded, so a later in-place
+  op (``ReLU(inplace=True)`` after a conv) cannot corrupt them, and the forward pass can
+  stop right after the last requested layer, which saves the rest of the network.
+* :func:`capture` is the one-call form: one forward pass, every requested layer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .errors import ConvscopeError, suggest
+from .layers import LayerInfo, parse_layer_name
+
+__all__ = ["frozen", "recording", "capture", "StopForward", "LayerRef"]
+
+LayerRef = str | LayerInfo
+
+
+class StopForward(Exception):
+    """Raised by a hook to end the forward pass once every requested layer is recorded."""
+
+
+@contextlib.contextmanager
+def frozen(model: nn.Module, train: bool = False) -> Iterator[nn.Module]:
+    """Eval mode and ``requires_grad=False`` inside; the exact previous state restored after."""
+    modes = [(m, m.training) for m in model.modules()]
+    grads = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        model.train(train)
+        for p, _ in grads:
+            p.requires_grad_(False)
+        yield model
+    finally:
+        for m, mode in modes:
+            m.training = mode
+        for p, flag in grads:
+            p.requires_grad_(flag)
+
+
+def _names(layers: Iterable[LayerRef]) -> list[str]:
+    return [layer.name if isinstance(layer, LayerInfo) else str(layer) for layer in layers]
+
+
+@contextlib.contextmanager
+def recording(
+    model: nn.Module,
+    layers: Sequence[LayerRef],
+    *,
+    clone: bool = True,
+    detach: bool = True,
+    stop_after_last: bool = False,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Record the outputs of ``layers`` on every forward pass of ``model``.
+
+    Args:
+        layers: qualified names (``features.3``, ``layer1.0.relu@2`` for the third call of a
+            reused module) or :class:`LayerInfo` rows.
+        clone: copy each output, so in-place ops later in the network cannot change it.
+        detach: record without autograd history (set False to backprop from a recorded output).
+        stop_after_last: raise :class:`StopForward` once all are recorded; catch it around
+            the forward call (``capture`` does).
+
+    Yields:
+        a dict ``name -> tensor (B, C, H, W)``, refilled on each forward.
+
+    Example:
+        >>> with recording(model, ["features.1"]) as out:
+        ...     model(x)
+        >>> out["features.1"].shape
+    """
+    names = _names(layers)
+    modules = dict(model.named_modules())
+    wanted: dict[str, dict[int, str]] = {}
+    for name in names:
+        module_name, call = parse_layer_name(name)
+        if module_name not in modules or not module_name:
+            raise ConvscopeError(
+                f"unknown layer {name!r}.{suggest(module_name, [n for n in modules if n])} "
+                "Run `convscope layers` to list the names."
+            )
+        wanted.setdefault(module_name, {})[call] = name
+    store: dict[str, torch.Tensor] = {}
+    calls: dict[str, int] = {}
+
+    def reset(_module, _inputs):
+        calls.clear()
+        store.clear()
+
+    def make_hook(module_name: str):
+        def hook(_module, _inputs, output):
+            call = calls.get(module_name, 0)
+            calls[module_name] = call + 1
+            name = wanted[module_name].get(call)
+            if name is None or not isinstance(output, torch.Tensor):
+                return
+            value = output.detach() if detach else output
+            store[name] = value.clone() if clone else value
+            if stop_after_last and len(store) == len(names):
+                raise StopForward
+        return hook
+
+    handles = [model.register_forward_pre_hook(reset)]
+    try:
+        for module_name in wanted:
+            handles.append(modules[module_name].register_forward_hook(make_hook(module_name)))
+        yield store
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def capture(
+    model: nn.Module,
+    x: torch.Tensor,
+    layers: Sequence[LayerRef],
+    *,
+    stop_after_last: bool = True,
+) -> dict[str, torch.Tensor]:
+    """One forward pass of ``x`` through ``model``; the outputs of all ``layers``.
+
+    The model runs in eval mode without weight gradients and is restored afterwards.
+
+    Shape:
+        x: ``(B, 3, H, W)`` already normalised for the model; outputs ``(B, C, h, w)``.
+    """
+    with frozen(model), torch.no_grad(), recording(model, layers, stop_after_last=stop_after_last) as store:
+        with contextlib.suppress(StopForward):
+            model(x)
+        missing = [n for n in _names(layers) if n not in store]
+        if missing:
+            raise ConvscopeError(f"layers {missing} did not run in the forward pass (not reached for this input?)")
+        return dict(store)

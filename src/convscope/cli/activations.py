@@ -1,0 +1,67 @@
+"""``convscope activations IMAGE``: feature-map grids, overlays and the evolution strip."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .._io import save_json, save_npz, save_png
+from ..activations import activations
+from ._common import add_model_args, add_out_arg, load_from_args, out_dir, parse_size
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("activations", help="draw every channel of each layer as one grid image",
+                              description="One forward pass; one grid PNG per layer, plus an evolution strip "
+                                          "(and heat-map overlays with --overlay).",
+                              epilog="Example: convscope activations andrew.jpg --model vgg19 --layers "
+                                     "block1_conv2,block2_conv2 --size 200x300 --out runs/andrew")
+    p.add_argument("image")
+    p.add_argument("--layers", default=None, help="names, aliases or patterns (default: every conv after its activation)")
+    p.add_argument("--size", default=None, help="N (shorter side) or HxW; default the model's input size")
+    p.add_argument("--cols", type=int, default=16)
+    p.add_argument("--cmap", default="viridis")
+    p.add_argument("--scale", default="channel", choices=("channel", "layer"),
+                   help="scale each tile by itself (stated on the image) or the whole layer (with a colour bar)")
+    p.add_argument("--overlay", action="store_true", help="also draw the strongest channels over the photo")
+    p.add_argument("--save-npz", action="store_true", help="keep the raw arrays")
+    add_out_arg(p, "runs/activations")
+    add_model_args(p)
+    p.set_defaults(func=run)
+
+
+def write_activation_outputs(result, out: Path, *, cols=16, cmap="viridis", scale="channel",
+                             overlay=False, save_arrays=False, progress=True) -> dict:
+    """Write grids (and overlays, strip, arrays) for one :class:`ActivationResult`; return the index."""
+    index = {"model": result.model_title, "image_size": list(result.image.shape[:2]), "layers": []}
+    for layer in tqdm(result.layers, desc="grids", unit="layer", disable=not progress, leave=False):
+        stem = (layer.alias or layer.name).replace("/", "_")
+        entry = {**layer.as_dict(), "captured_shape": list(result.maps[layer.name].shape),
+                 "grid": f"{stem}.png"}
+        save_png(result.grid(layer, cols=cols, cmap=cmap, scale=scale), out / entry["grid"])
+        if overlay:
+            entry["overlay"] = f"{stem}_overlay.png"
+            save_png(result.overlay(layer), out / entry["overlay"])
+        index["layers"].append(entry)
+    save_png(result.evolution(), out / "evolution.png")
+    index["evolution"] = "evolution.png"
+    if save_arrays:
+        save_npz(out / "activations.npz", **{layer.name: result.maps[layer.name] for layer in result.layers})
+        index["arrays"] = "activations.npz"
+    save_json(index, out / "activations.json")
+    return index
+
+
+def run(args) -> int:
+    loaded = load_from_args(args)
+    size = parse_size(args.size)
+    result = activations(loaded, args.image, args.layers, size=size)
+    out = out_dir(args.out)
+    write_activation_outputs(result, out, cols=args.cols, cmap=args.cmap, scale=args.scale,
+                             overlay=args.overlay, save_arrays=args.save_npz)
+    print(f"model: {loaded.title}")
+    for layer in result.layers:
+        print(f"  {layer.label:<34} {'×'.join(map(str, result.maps[layer.name].shape))}")
+    print(f"wrote {len(result.layers)} grids and evolution.png to {out}")
+    return 0

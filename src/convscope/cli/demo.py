@@ -1,0 +1,54 @@
+"""``convscope demo``: the main job on the embedded default model and scikit-image's photos.
+
+Each step is one function taking ``(loaded, photos, out)``; later features append steps.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .._io import save_json, save_png
+from ..activations import activations, predict
+from ..images import sample_photos
+from ..models import load_model
+from ._common import add_out_arg, out_dir
+from .activations import write_activation_outputs
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("demo", help="run the main job on the default model and sample photos (offline)",
+                              description="Predictions, feature-map grids, overlays and evolution strips for "
+                                          "scikit-image's chelsea, astronaut and coffee photos.",
+                              epilog="Example: convscope demo --out runs/demo")
+    add_out_arg(p, "runs/demo")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.set_defaults(func=run)
+
+
+def step_predict(loaded, photos, out: Path) -> None:
+    preds = {name: predict(loaded, photo) for name, photo in photos.items()}
+    save_json({"model": loaded.describe(), "predictions": preds}, out / "predictions.json")
+    for name, top in preds.items():
+        print(f"  {name:<10} → {top[0]['name']} ({top[0]['probability']:.2f})")
+
+
+def step_activations(loaded, photos, out: Path) -> None:
+    for name, photo in photos.items():
+        result = activations(loaded, photo)
+        write_activation_outputs(result, out / "activations" / name, overlay=True)
+        save_png(result.evolution(), out / f"evolution_{name}.png")
+    print(f"  feature-map grids: {out / 'activations'}")
+
+
+STEPS = [step_predict, step_activations]
+
+
+def run(args) -> int:
+    out = out_dir(args.out)
+    loaded = load_model(device=args.device)
+    photos = sample_photos()
+    print(f"model: {loaded.title}")
+    for step in STEPS:
+        step(loaded, photos, out)
+    print(f"demo output: {out.resolve()}")
+    return 0

@@ -1,0 +1,48 @@
+"""The ``convscope`` command: a thin layer over the Python API.
+
+Each subcommand lives in its own module under ``convscope.cli`` and exposes
+``register(subparsers)``; it adds its parser and sets ``func(args) -> int``. A user error
+(:class:`ConvscopeError`) prints one line and exits 2, with no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from ..errors import ConvscopeError
+
+# Subcommand modules, in the order `convscope --help` lists them.
+COMMANDS = ("predict", "layers", "activations", "demo")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="convscope",
+        description="Open a CNN layer by layer and see what each layer and filter responds to.",
+        epilog="Example: convscope activations photo.jpg --model vgg19 --layers block1_conv2 --out runs/photo",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers.required = True
+    for name in COMMANDS:
+        importlib.import_module(f"convscope.cli.{name}").register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ConvscopeError as err:
+        print(f"convscope: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("convscope: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

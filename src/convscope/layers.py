@@ -1,0 +1,441 @@
+"""The layer catalogue: every layer's name, alias, output shape, stride and receptive field.
+
+The catalogue is built once per model by tracing one forward pass at the model's input
+size. Module hooks give each layer's output; a :class:`~torch.overrides.TorchFunctionMode`
+watches every tensor operation so that the receptive field is propagated through the real
+dataflow (convolutions, pooling, explicit ``F.pad`` as in TF-"same" models, residual adds)
+instead of being guessed from the module tree. Layers are addressed by qualified module
+name; a module called more than once per forward (a shared ``ReLU``) gets one row per
+call, the k-th call named ``name@k`` for k > 0.
+
+Grids, crops, deconvnet boxes, scans and the atlas all read this one description, as
+timm's ``FeatureInfo`` is read by its feature extractors.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from .errors import ConvscopeError, suggest
+
+__all__ = ["LayerInfo", "Catalogue", "build_catalogue", "parse_layer_name"]
+
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
+ACT_TYPES = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
+    nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.Softplus,
+)
+PASS_TYPES = (nn.Identity, nn.Dropout, nn.Dropout2d, nn.Dropout1d, nn.AlphaDropout)
+POOL_TYPES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+
+
+@dataclass(frozen=True)
+class _Field:
+    """Receptive field of a 2-D map, per axis (height, width), in input pixels.
+
+    Unit ``i`` along an axis sees input pixels ``start + i*jump`` to
+    ``start + i*jump + size - 1`` (``start`` is negative where padding reaches outside).
+    ``global_`` marks a map whose units see the whole input (after global pooling).
+    """
+
+    jump: tuple[float, float] = (1.0, 1.0)
+    size: tuple[float, float] = (1.0, 1.0)
+    start: tuple[float, float] = (0.0, 0.0)
+    global_: bool = False
+
+    def window(self, kernel, stride, padding, dilation) -> _Field:
+        kernel, stride, padding, dilation = (_pair(v) for v in (kernel, stride, padding, dilation))
+        jump = tuple(j * s for j, s in zip(self.jump, stride))
+        size = tuple(z + (d * (k - 1)) * j for z, k, d, j in zip(self.size, kernel, dilation, self.jump))
+        start = tuple(s0 - p * j for s0, p, j in zip(self.start, padding, self.jump))
+        return _Field(jump, size, start, self.global_)
+
+    def pad(self, top: int, left: int) -> _Field:
+        start = (self.start[0] - top * self.jump[0], self.start[1] - left * self.jump[1])
+        return _Field(self.jump, self.size, start, self.global_)
+
+    @staticmethod
+    def union(fields: list[_Field]) -> _Field:
+        if len(fields) == 1:
+            return fields[0]
+        start = tuple(min(f.start[a] for f in fields) for a in range(2))
+        end = tuple(max(f.start[a] + f.size[a] for f in fields) for a in range(2))
+        jump = tuple(max(f.jump[a] for f in fields) for a in range(2))
+        size = tuple(e - s for e, s in zip(end, start))
+        return _Field(jump, size, start, any(f.global_ for f in fields))
+
+
+def _pair(value) -> tuple[int, int]:
+    if isinstance(value, int | float):
+        return (int(value), int(value))
+    value = tuple(int(v) for v in value)
+    return value * 2 if len(value) == 1 else value[-2:]
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One row of the catalogue: a layer's output at the model's input size.
+
+    Attributes:
+        name: qualified module name (``features.3``), with ``@k`` for the k-th call of a reused module.
+        alias: a friendlier name (Keras-style ``block1_conv2`` for plain VGG-like nets), or None.
+        type: the module's class name.
+        shape: output shape without the batch dimension, e.g. ``(64, 224, 224)``.
+        stride: cumulative stride (input pixels per output unit), per axis; None if unknown.
+        rf_size: receptive-field size in input pixels, per axis; None if unknown.
+        rf_start: input coordinate of the first pixel unit (0, 0) sees (negative inside padding).
+        kind: ``conv``, ``act``, ``norm``, ``pool``, ``linear``, ``block`` or ``other``.
+        is_feature: True for the layers drawn by default: each convolution's output after
+            its normalisation and activation (what Keras calls a conv layer's output).
+        index: position in execution order.
+    """
+
+    name: str
+    alias: str | None
+    type: str
+    shape: tuple[int, ...]
+    stride: tuple[float, float] | None
+    rf_size: tuple[float, float] | None
+    rf_start: tuple[float, float] | None
+    kind: str
+    is_feature: bool
+    index: int
+    global_field: bool = False
+
+    @property
+    def channels(self) -> int:
+        return self.shape[0] if self.shape else 0
+
+    @property
+    def is_spatial(self) -> bool:
+        return len(self.shape) == 3
+
+    @property
+    def label(self) -> str:
+        return f"{self.alias} ({self.name})" if self.alias else self.name
+
+    @property
+    def module_name(self) -> str:
+        return parse_layer_name(self.name)[0]
+
+    @property
+    def call(self) -> int:
+        return parse_layer_name(self.name)[1]
+
+    def box(self, row: int, col: int, image_hw: tuple[int, int] | None = None) -> tuple[int, int, int, int]:
+        """Input-pixel box ``(top, left, bottom, right)`` (bottom/right exclusive) seen by unit (row, col).
+
+        With ``image_hw`` the box is clipped to the image; see :meth:`box_clipped` to know whether it was.
+        """
+        if self.rf_size is None or self.stride is None or self.rf_start is None:
+            raise ConvscopeError(f"the receptive field of layer {self.name} is unknown (an operation convscope cannot follow)")
+        top = self.rf_start[0] + row * self.stride[0]
+        left = self.rf_start[1] + col * self.stride[1]
+        box = (top, left, top + self.rf_size[0], left + self.rf_size[1])
+        box = tuple(int(math.floor(v)) if i < 2 else int(math.ceil(v)) for i, v in enumerate(box))
+        if image_hw is not None:
+            height, width = image_hw
+            box = (max(box[0], 0), max(box[1], 0), min(box[2], height), min(box[3], width))
+        return box
+
+    def box_clipped(self, row: int, col: int, image_hw: tuple[int, int]) -> bool:
+        return self.box(row, col) != self.box(row, col, image_hw)
+
+    def as_dict(self) -> dict:
+        return {
+            "name": self.name, "alias": self.alias, "type": self.type, "shape": list(self.shape),
+            "channels": self.channels, "stride": self.stride, "rf_size": self.rf_size,
+            "rf_start": self.rf_start, "kind": self.kind, "is_feature": self.is_feature,
+        }
+
+
+def parse_layer_name(name: str) -> tuple[str, int]:
+    """``"layer1.0.relu@2"`` → ``("layer1.0.relu", 2)``; a plain name is call 0."""
+    module, sep, call = name.partition("@")
+    if sep and call.isdigit():
+        return module, int(call)
+    return name, 0
+
+
+@dataclass
+class Catalogue:
+    """All layers of a model in execution order, with name, alias and pattern lookup."""
+
+    layers: list[LayerInfo]
+    input_size: tuple[int, int]
+    _by_name: dict[str, LayerInfo] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._by_name = {}
+        for layer in self.layers:
+            self._by_name[layer.name] = layer
+            if layer.alias:
+                self._by_name[layer.alias] = layer
+
+    def __iter__(self):
+        return iter(self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __getitem__(self, name: str) -> LayerInfo:
+        return self.get(name)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._by_name
+
+    @property
+    def features(self) -> list[LayerInfo]:
+        """The default layers: each conv's output after its norm and activation."""
+        return [layer for layer in self.layers if layer.is_feature]
+
+    def get(self, name: str) -> LayerInfo:
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise ConvscopeError(
+                f"unknown layer {name!r}.{suggest(name, self._by_name)} "
+                "Run `convscope layers` to list the names and aliases."
+            ) from None
+
+    def resolve(self, spec: str | Iterable[str] | None) -> list[LayerInfo]:
+        """Layers named by ``spec``: names, aliases and ``fnmatch`` patterns, comma-separated.
+
+        ``None`` (or ``"features"``) gives the default feature layers. Order follows execution.
+
+        Example:
+            >>> cat.resolve("block3_*,features.0")
+        """
+        if spec is None:
+            return self.features
+        parts = [p.strip() for p in (spec.split(",") if isinstance(spec, str) else spec)]
+        chosen: dict[str, LayerInfo] = {}
+        for part in filter(None, parts):
+            if part in ("features", "default"):
+                matches = self.features
+            elif any(ch in part for ch in "*?["):
+                matches = [
+                    layer for layer in self.layers
+                    if fnmatch.fnmatchcase(layer.name, part) or (layer.alias and fnmatch.fnmatchcase(layer.alias, part))
+                ]
+                if not matches:
+                    raise ConvscopeError(f"no layer matches the pattern {part!r}. Run `convscope layers` to list the names.")
+            else:
+                matches = [self.get(part)]
+            for layer in matches:
+                chosen[layer.name] = layer
+        return sorted(chosen.values(), key=lambda layer: layer.index)
+
+    def next_feature(self, layer: LayerInfo, offset: int = 1) -> LayerInfo | None:
+        feats = self.features
+        names = [f.name for f in feats]
+        if layer.name not in names:
+            return None
+        i = names.index(layer.name) + offset
+        return feats[i] if 0 <= i < len(feats) else None
+
+
+class _FieldTracer(TorchFunctionMode):
+    """Propagates receptive fields through every torch operation of one forward pass."""
+
+    def __init__(self, input_tensor: torch.Tensor):
+        super().__init__()
+        self.fields: dict[int, _Field] = {id(input_tensor): _Field()}
+        self.keep: list[torch.Tensor] = [input_tensor]  # hold references so ids stay unique
+        self.saw_merge = False
+
+    def field_of(self, tensor) -> _Field | None:
+        return self.fields.get(id(tensor)) if isinstance(tensor, torch.Tensor) else None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        try:
+            self._propagate(func, args, kwargs, out)
+        except Exception:  # an op we cannot follow leaves the field unknown, never breaks the forward
+            pass
+        return out
+
+    def _propagate(self, func, args, kwargs, out) -> None:
+        outputs = [o for o in (out if isinstance(out, tuple | list) else (out,)) if isinstance(o, torch.Tensor)]
+        if not outputs:
+            return
+        tensors = [a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)]
+        tensors += [t for a in args if isinstance(a, list | tuple) for t in a if isinstance(t, torch.Tensor)]
+        known = [self.fields[id(t)] for t in tensors if id(t) in self.fields]
+        if not known:
+            return
+        name = getattr(func, "__name__", "")
+        source = tensors[0]
+        field_in = self.field_of(source) or known[0]
+        spatial_in = tuple(source.shape[-2:]) if source.dim() >= 3 else None
+        if name == "conv2d":
+            weight = args[1] if len(args) > 1 else kwargs["weight"]
+            stride = _arg(args, kwargs, 3, "stride", 1)
+            padding = _arg(args, kwargs, 4, "padding", 0)
+            dilation = _arg(args, kwargs, 5, "dilation", 1)
+            kernel = tuple(weight.shape[-2:])
+            if isinstance(padding, str):
+                padding = (0, 0) if padding == "valid" else tuple(
+                    (d * (k - 1)) // 2 for k, d in zip(kernel, _pair(dilation)))
+            result = field_in.window(kernel, stride, padding, dilation)
+        elif "max_pool2d" in name or name == "avg_pool2d":
+            kernel = _arg(args, kwargs, 1, "kernel_size", None)
+            stride = _arg(args, kwargs, 2, "stride", None) or kernel
+            padding = _arg(args, kwargs, 3, "padding", 0)
+            dilation = _arg(args, kwargs, 4, "dilation", 1) if "max" in name else 1
+            result = field_in.window(kernel, stride, padding, dilation)
+        elif name == "pad":
+            pads = _arg(args, kwargs, 1, "pad", (0, 0))
+            left = pads[0] if len(pads) > 0 else 0
+            top = pads[2] if len(pads) > 2 else 0
+            result = field_in.pad(top, left)
+        else:
+            if len({id(f) for f in known}) > 1:
+                self.saw_merge = True
+            result = _Field.union(known)
+            spatial_out = tuple(outputs[0].shape[-2:]) if outputs[0].dim() >= 3 else None
+            if spatial_out != spatial_in or outputs[0].dim() < 3:
+                # A resampling or reduction we do not model: global if it collapsed space,
+                # otherwise unknown (no entry), so no wrong box is ever drawn.
+                if outputs[0].dim() < 3 or spatial_out == (1, 1):
+                    result = _Field(result.jump, result.size, result.start, True)
+                else:
+                    return
+        for o in outputs:
+            self.fields[id(o)] = result
+            self.keep.append(o)
+
+
+def _arg(args, kwargs, position, key, default):
+    if key in kwargs:
+        return kwargs[key]
+    return args[position] if len(args) > position else default
+
+
+def _kind(module: nn.Module) -> str:
+    if isinstance(module, CONV_TYPES):
+        return "conv"
+    if isinstance(module, ACT_TYPES):
+        return "act"
+    if isinstance(module, NORM_TYPES):
+        return "norm"
+    if isinstance(module, POOL_TYPES):
+        return "pool"
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, PASS_TYPES):
+        return "pass"
+    return "block" if len(list(module.children())) else "other"
+
+
+@torch.no_grad()
+def build_catalogue(model: nn.Module, input_size: tuple[int, int] = (224, 224), device: torch.device | str = "cpu") -> Catalogue:
+    """Trace one forward pass of ``model`` at ``input_size = (H, W)`` and describe every layer.
+
+    The model is left as it was (mode, hooks); see :func:`convscope.capture.frozen`.
+    """
+    from .capture import frozen
+
+    records: list[tuple[str, nn.Module, torch.Tensor]] = []
+    calls: dict[str, int] = {}
+
+    def make_hook(name):
+        def hook(module, inputs, output):
+            if isinstance(output, torch.Tensor):
+                k = calls.get(name, 0)
+                calls[name] = k + 1
+                records.append((name if k == 0 else f"{name}@{k}", module, output))
+        return hook
+
+    x = torch.zeros(1, 3, *input_size, device=device)
+    handles = []
+    with frozen(model):
+        try:
+            for name, module in model.named_modules():
+                if name:
+                    handles.append(module.register_forward_hook(make_hook(name)))
+            with _FieldTracer(x) as tracer:
+                model(x)
+        finally:
+            for h in handles:
+                h.remove()
+
+    layers = []
+    for index, (name, module, output) in enumerate(records):
+        f = tracer.fields.get(id(output))
+        layers.append(LayerInfo(
+            name=name, alias=None, type=type(module).__name__, shape=tuple(output.shape[1:]),
+            stride=f.jump if f and not f.global_ else None,
+            rf_size=f.size if f and not f.global_ else None,
+            rf_start=f.start if f and not f.global_ else None,
+            kind=_kind(module), is_feature=False, index=index,
+            global_field=bool(f and f.global_),
+        ))
+    layers = _mark_features(layers)
+    if not tracer.saw_merge:
+        layers = _keras_aliases(layers)
+    return Catalogue(layers, tuple(input_size))
+
+
+def _mark_features(layers: list[LayerInfo]) -> list[LayerInfo]:
+    """Mark each conv's representative: its output after the norm and activation that follow it.
+
+    Walks the completion order of modules: after a conv, norms (timm's ``BatchNormAct2d``
+    is a norm that applies its activation itself, and completes after its children),
+    activations and pass-through modules extend the chain; anything else ends it.
+    """
+    chosen: set[str] = set()
+    i = 0
+    while i < len(layers):
+        layer = layers[i]
+        if layer.kind != "conv" or not layer.is_spatial:
+            i += 1
+            continue
+        representative = layer
+        j = i + 1
+        while j < len(layers):
+            nxt = layers[j]
+            if nxt.kind in ("norm", "act", "pass") and nxt.shape == layer.shape:
+                if nxt.kind != "pass":
+                    representative = nxt
+            else:
+                break
+            j += 1
+        chosen.add(representative.name)
+        i = j
+    return [_replace(layer, is_feature=layer.name in chosen) for layer in layers]
+
+
+def _keras_aliases(layers: list[LayerInfo]) -> list[LayerInfo]:
+    """Keras-style names (``block1_conv1`` … ``block5_pool``) for plain conv/pool chains like VGG.
+
+    Only applied when the trace saw no merge of two branches (no residual adds), so the
+    block numbering (one block per max-pool) means what it means in Keras.
+    """
+    block, conv, out = 1, 0, []
+    saw_pool = False
+    for layer in layers:
+        alias = None
+        if layer.is_feature:
+            conv += 1
+            alias = f"block{block}_conv{conv}"
+        elif layer.kind == "pool" and layer.type.startswith("MaxPool"):
+            alias = f"block{block}_pool"
+            block, conv, saw_pool = block + 1, 0, True
+        out.append(_replace(layer, alias=alias))
+    return out if saw_pool else layers
+
+
+def _replace(layer: LayerInfo, **changes) -> LayerInfo:
+    from dataclasses import replace
+
+    return replace(layer, **changes)
