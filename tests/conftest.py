@@ -1,0 +1,43 @@
+"""Shared fixtures: the real default model (loaded once), VGG with random weights, sample photos."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import convscope
+from convscope.images import sample_photos
+
+
+@pytest.fixture(scope="session")
+def default_model() -> convscope.LoadedModel:
+    """EfficientNet-Lite0 with its real ImageNet weights (offline), on the CPU."""
+    return convscope.load_model(device="cpu")
+
+
+@pytest.fixture(scope="session")
+def vgg19() -> convscope.LoadedModel:
+    torch.manual_seed(0)
+    return convscope.load_model("vgg19", random=True, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def vgg16() -> convscope.LoadedModel:
+    torch.manual_seed(0)
+    return convscope.load_model("vgg16", random=True, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def photos() -> dict[str, np.ndarray]:
+    """scikit-image's chelsea, astronaut and coffee as uint8 RGB arrays."""
+    return sample_photos()
+
+
+def model_state(module: torch.nn.Module) -> tuple:
+    """Everything an analysis must leave as it found it: modes, requires_grad, hook counts."""
+    modes = tuple(m.training for m in module.modules())
+    grads = tuple(p.requires_grad for p in module.parameters())
+    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+                + len(getattr(m, "_backward_pre_hooks", {})) for m in module.modules())
+    return modes, grads, hooks
