@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import model_state
+from .conftest import model_state
 from torch import nn
 
 import convscope

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import model_state
+from .conftest import model_state
 from PIL import Image
 from torch import nn
 
