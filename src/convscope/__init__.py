@@ -10,16 +10,20 @@ Example:
 
 from .activations import ActivationResult, activations, predict
 from .capture import capture, frozen, recording
+from .datasets import FolderImages, SampleImages, TensorImages
 from .errors import ConvscopeError
 from .images import load_image, sample_photos
 from .layers import Catalogue, LayerInfo, build_catalogue
 from .models import LoadedModel, Preprocessing, as_loaded, list_models, load_model
 from .render import channel_grid, overlay_heatmap
+from .scan import ScanResult, TopK, scan, write_scan
 
 __all__ = [
     "ActivationResult", "Catalogue", "ConvscopeError", "LayerInfo", "LoadedModel", "Preprocessing",
     "activations", "as_loaded", "build_catalogue", "capture", "channel_grid", "frozen", "list_models",
     "load_image", "load_model", "overlay_heatmap", "predict", "recording", "sample_photos",
+    # dataset scan (issue 5)
+    "FolderImages", "SampleImages", "ScanResult", "TensorImages", "TopK", "scan", "write_scan",
 ]
 
 __version__ = "0.1.0"
