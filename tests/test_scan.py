@@ -10,13 +10,14 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import model_state
 
 import convscope
 from convscope.capture import capture
 from convscope.cli.main import main
 from convscope.datasets import SampleImages, TensorImages
 from convscope.scan import EMPTY, TopK, default_layers, load_checkpoint, scan, write_scan
+
+from .conftest import model_state
 
 scan_module = importlib.import_module("convscope.scan")  # the package's `scan` attribute is the function
 
@@ -194,7 +195,7 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_result(default_mod
 
     def crash(_module, _inputs):
         calls["n"] += 1
-        if calls["n"] == 4:
+        if calls["n"] == 5:                                         # the probe pass, then batch 4
             raise RuntimeError("simulated crash")
 
     before = model_state(default_model.module)
@@ -278,3 +279,31 @@ def test_cli_scan_user_errors(tmp_path, capsys):
     assert "FOLDER" in capsys.readouterr().err
     assert main(["scan", str(tmp_path / "nope"), "--out", str(tmp_path)]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+class _InPlaceResidual(torch.nn.Module):
+    """``out = conv2(x); out += x``: the recorded conv2 output is changed in place afterwards."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(4, 4, 3, padding=1)
+        self.head = torch.nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        x = torch.relu(self.conv1(x))
+        out = self.conv2(x)
+        out += x
+        return self.head(out)
+
+
+def test_scan_copies_maps_that_are_changed_in_place():
+    torch.manual_seed(0)
+    loaded = convscope.as_loaded(_InPlaceResidual())
+    pixels = torch.randint(0, 256, (12, 16, 16, 3), dtype=torch.uint8)
+    result = scan(loaded, TensorImages(pixels), "conv2", top=3, batch_size=5, progress=False)
+    x = loaded.preprocessing.to_tensor(list(pixels.numpy()))
+    maps = capture(loaded.module, x, ["conv2"])["conv2"]
+    values, images, positions = _brute_force(maps, list(range(12)), 3)
+    assert torch.equal(result.topk.images["conv2"], images)
+    torch.testing.assert_close(result.topk.values["conv2"], values)

@@ -496,25 +496,30 @@ def scan(
                dynamic_ncols=True, smoothing=0.05)
     began, scanned = time.perf_counter(), 0
     try:
-        with frozen(module), torch.no_grad(), recording(module, names, stop_after_last=True) as store:
-            for batch, (pixels, ids, bad) in enumerate(loader, start=1):
-                skipped.extend((int(i), reason) for i, reason in bad)
-                if len(ids):
-                    x = pre.normalize(pixels.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0))
-                    with contextlib.suppress(StopForward):
-                        module(x)
-                    missing = [n for n in names if n not in store]
-                    if missing:
-                        raise ConvscopeError(f"layers {missing} did not run in the forward pass")
-                    topk.update({n: store[n] for n in names}, ids)
-                cursor += len(ids) + len(bad)
-                scanned += len(ids)
-                done = (topk.copy(), cursor, len(skipped))
-                bar.update(len(ids) + len(bad))
-                if bad:
-                    bar.set_postfix(skipped=len(skipped), refresh=False)
-                if checkpoint is not None and batch % checkpoint_every == 0:
-                    _save_checkpoint(checkpoint, payload(*done))
+        with frozen(module), torch.no_grad():
+            copy = _modified_in_place(module, names, images.size, device)
+            with recording(module, names, clone=copy, stop_after_last=True) as store:
+                for batch, (pixels, ids, bad) in enumerate(loader, start=1):
+                    skipped.extend((int(i), reason) for i, reason in bad)
+                    if len(ids):
+                        x = pixels.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
+                        with contextlib.suppress(StopForward):
+                            module(pre.normalize(x))
+                        missing = [n for n in names if n not in store]
+                        if missing:
+                            raise ConvscopeError(f"layers {missing} did not run in the forward pass")
+                        if not copy and store.modified():
+                            raise ConvscopeError(f"layers {store.modified()} were changed in place during the "
+                                                 "forward pass although the first one left them alone")
+                        topk.update({n: store[n] for n in names}, ids)
+                    cursor += len(ids) + len(bad)
+                    scanned += len(ids)
+                    done = (topk.copy(), cursor, len(skipped))
+                    bar.update(len(ids) + len(bad))
+                    if bad:
+                        bar.set_postfix(skipped=len(skipped), refresh=False)
+                    if checkpoint is not None and batch % checkpoint_every == 0:
+                        _save_checkpoint(checkpoint, payload(*done))
     except BaseException:
         if checkpoint is not None:
             _save_checkpoint(checkpoint, payload(*done))
@@ -527,6 +532,19 @@ def scan(
     if checkpoint is not None:
         _save_checkpoint(checkpoint, payload(*done))
     return ScanResult(loaded, chosen, topk, images, skipped, seconds, scanned / seconds if seconds > 0 else 0.0)
+
+
+def _modified_in_place(module: torch.nn.Module, names: list[str], size: tuple[int, int],
+                       device: torch.device) -> bool:
+    """Does an in-place op later in the network change a recorded output (``out += identity``)?
+
+    One forward of a blank image tells: only then must the scan copy the maps it records
+    (a copy costs about as much as a conv layer); otherwise it reads them where they are.
+    """
+    with recording(module, names, clone=False, stop_after_last=True) as probe:
+        with contextlib.suppress(StopForward):
+            module(torch.zeros(1, 3, *size, device=device))
+        return bool(probe.modified())
 
 
 def _check_same(saved: dict, identity: dict, path: Path) -> None:
