@@ -307,3 +307,27 @@ def test_scan_copies_maps_that_are_changed_in_place():
     values, images, positions = _brute_force(maps, list(range(12)), 3)
     assert torch.equal(result.topk.images["conv2"], images)
     torch.testing.assert_close(result.topk.values["conv2"], values)
+
+
+def test_tiles_stand_for_the_whole_receptive_field(vgg16):
+    from PIL import Image
+
+    from convscope.scan import Example, _place, channel_figure
+
+    layer = vgg16.catalogue.get("block3_conv3")                       # RF 40, stride 4, starts at -18
+    photo = np.full((224, 224, 3), 90, np.uint8)
+    corner = Example(0, 0, "a", 1.0, 0, 0, layer.box(0, 0, (224, 224)), True)
+    inside = Example(1, 1, "b", 0.5, 20, 20, layer.box(20, 20, (224, 224)), False)
+    assert corner.box == (0, 0, 22, 22) and inside.box == (62, 62, 102, 102)
+    tiles = []
+    for e in (corner, inside):
+        t, left, b, r = e.box
+        tiles.append(_place(Image.fromarray(photo[t:b, left:r]), e, layer, (40, 40), scale=2.0))
+    assert tiles[0].shape == tiles[1].shape == (80, 80, 3)
+    assert (tiles[0][:36, :36] == 255).all()                         # outside the image: white
+    assert (tiles[0][36:, 36:] == 90).all()                          # the clipped box sits bottom-right
+    assert (tiles[1] == 90).all()                                    # an unclipped box fills its tile
+    crop = Image.fromarray(photo[62:102, 62:102])
+    figure = channel_figure(layer, 7, [inside] * 9, [(crop, crop)] * 9, image_hw=(224, 224), images_scanned=100,
+                            model_title="vgg16")
+    assert figure.width >= 2 * (3 * 64 + 4) + 10 and figure.height > 3 * 64
