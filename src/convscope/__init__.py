@@ -9,8 +9,19 @@ Example:
 """
 
 from .activations import ActivationResult, activations, predict
+from .attribution import backward_rule
 from .capture import capture, frozen, recording
 from .datasets import FolderImages, SampleImages, TensorImages
+from .deconv import (
+    DeconvResult,
+    Projections,
+    Unit,
+    deconv,
+    project_units,
+    render_projection_pair,
+    strongest_units,
+    top_positions,
+)
 from .errors import ConvscopeError
 from .images import load_image, sample_photos
 from .layers import Catalogue, LayerInfo, build_catalogue
@@ -19,9 +30,10 @@ from .render import channel_grid, overlay_heatmap
 from .scan import ScanResult, TopK, scan, write_scan
 
 __all__ = [
-    "ActivationResult", "Catalogue", "ConvscopeError", "LayerInfo", "LoadedModel", "Preprocessing",
-    "activations", "as_loaded", "build_catalogue", "capture", "channel_grid", "frozen", "list_models",
-    "load_image", "load_model", "overlay_heatmap", "predict", "recording", "sample_photos",
+    "ActivationResult", "Catalogue", "ConvscopeError", "DeconvResult", "LayerInfo", "LoadedModel", "Preprocessing",
+    "Projections", "Unit", "activations", "as_loaded", "backward_rule", "build_catalogue", "capture", "channel_grid",
+    "deconv", "frozen", "list_models", "load_image", "load_model", "overlay_heatmap", "predict", "project_units",
+    "recording", "render_projection_pair", "sample_photos", "strongest_units", "top_positions",
     # dataset scan (issue 5)
     "FolderImages", "SampleImages", "ScanResult", "TensorImages", "TopK", "scan", "write_scan",
 ]
