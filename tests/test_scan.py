@@ -192,20 +192,20 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_result(default_mod
 
     monkeypatch.setattr(scan_module, "_save_checkpoint", spy)
     calls = {"n": 0}
+    real_update = TopK.update
 
-    def crash(_module, _inputs):
+    def crash(self, maps, ids):                                     # dies while folding in batch 4
         calls["n"] += 1
-        if calls["n"] == 5:                                         # the probe pass, then batch 4
+        if calls["n"] == 4:
             raise RuntimeError("simulated crash")
+        real_update(self, maps, ids)
 
     before = model_state(default_model.module)
-    handle = default_model.module.register_forward_pre_hook(crash)
-    try:
+    with monkeypatch.context() as patch:
+        patch.setattr(TopK, "update", crash)
         with pytest.raises(RuntimeError, match="simulated crash"):
             scan(default_model, small_samples, LAYERS, batch_size=8, checkpoint=checkpoint, checkpoint_every=2,
                  progress=False)
-    finally:
-        handle.remove()
     assert model_state(default_model.module) == before              # no hook left by the scan
     assert saves == [16, 24]                                        # periodic, then the save on the crash
     assert load_checkpoint(checkpoint)["next"] == 24
@@ -331,3 +331,64 @@ def test_tiles_stand_for_the_whole_receptive_field(vgg16):
     figure = channel_figure(layer, 7, [inside] * 9, [(crop, crop)] * 9, image_hw=(224, 224), images_scanned=100,
                             model_title="vgg16")
     assert figure.width >= 2 * (3 * 64 + 4) + 10 and figure.height > 3 * 64
+
+
+# ----------------------------------------------------------------- rendering with the deconvnet
+
+
+@pytest.fixture(scope="module")
+def rendered(default_model, small_samples, tmp_path_factory):
+    """A scan of 40 windows at 64x64, two layers, rendered for three channels."""
+    out = tmp_path_factory.mktemp("scan")
+    result = scan(default_model, small_samples, "blocks.1.1.bn3,blocks.2.1.bn3", top=9, batch_size=20, progress=False)
+    before = model_state(default_model.module)
+    index = write_scan(result, out, channels=[0, 5, 23], progress=False)
+    assert model_state(default_model.module) == before
+    return result, index, out
+
+
+def test_figures_for_the_chosen_channels_and_rerun_values_match(rendered):
+    from PIL import Image
+
+    result, index, out = rendered
+    assert index["method"] == "deconvnet"
+    for layer in index["layers"]:
+        drawn = [u for u in layer["units"] if u["figure"]]
+        assert [u["channel"] for u in drawn] == [0, 5, 23]
+        for unit in drawn:
+            figure = Image.open(out / unit["figure"])
+            assert figure.width > 2 * 3 * 40 and figure.height > 3 * 40
+            for e in unit["examples"]:
+                assert e["rerun_value"] == pytest.approx(e["value"], rel=1e-3, abs=1e-4)
+        assert all(e["rerun_value"] is None for u in layer["units"] if not u["figure"] for e in u["examples"])
+    assert index["drift"]["units"] == 0
+
+
+def test_projection_and_patch_share_the_box(rendered, default_model):
+    from convscope.deconv import Unit, project_units
+
+    result, _, _ = rendered
+    layer = result.layer("blocks.2.1.bn3")
+    example = result.examples(layer, 5)[0]
+    photo = result.images.load(example.image)
+    x = default_model.preprocessing.to_tensor(photo)
+    proj = project_units(default_model, x, layer, [Unit(5, example.row, example.col)])
+    assert tuple(proj.boxes[0]) == example.box
+    top, left, bottom, right = example.box
+    outside = np.ones(proj.maps[0].shape[:2], bool)
+    outside[top:bottom, left:right] = False
+    assert np.abs(proj.maps[0][outside]).max() == 0                   # nothing leaks out of the box
+    assert np.abs(proj.maps[0][~outside]).max() > 0
+
+
+def test_drift_between_scan_and_rerun_is_warned(rendered, tmp_path):
+    result, _, _ = rendered
+    name = "blocks.1.1.bn3"
+    skewed = result.topk.copy()
+    skewed.values = {**skewed.values, name: skewed.values[name] * 1.5}
+    fake = convscope.ScanResult(result.model, result.layers[:1], TopK(
+        skewed.k, {name: skewed.values[name]}, {name: skewed.images[name]}, {name: skewed.positions[name]},
+        {name: skewed.map_sizes[name]}, skewed.images_seen), result.images)
+    with pytest.warns(UserWarning, match="differ from the scan"):
+        index = write_scan(fake, tmp_path, channels=[0], progress=False)
+    assert index["drift"]["units"] > 0

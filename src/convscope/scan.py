@@ -92,6 +92,7 @@ from . import render
 from ._io import atomic_path, save_json, save_npz, save_png
 from .capture import StopForward, frozen, recording
 from .datasets import ImageSet
+from .deconv import _catalogue_at  # traced per image size, cached per model (shared with rendering)
 from .errors import ConvscopeError
 from .layers import Catalogue, LayerInfo
 from .models import LoadedModel, as_loaded
@@ -455,7 +456,8 @@ def scan(
     """
     loaded = as_loaded(model)
     module, pre = loaded.module, loaded.preprocessing
-    chosen = default_layers(loaded.catalogue) if layers is None else loaded.catalogue.resolve(layers)
+    catalogue = _catalogue_at(loaded, images.size)
+    chosen = default_layers(catalogue) if layers is None else catalogue.resolve(layers)
     if not chosen:
         raise ConvscopeError("no layer to scan; name some with --layers (`convscope layers` lists them)")
     flat = [layer for layer in chosen if not layer.is_spatial]
@@ -648,7 +650,7 @@ def render_channels(
     channels: Iterable[int] | None = None,
     *,
     method: str = "deconvnet",
-    batch_size: int = 32,
+    batch_size: int | None = None,
     units_per_chunk: int = 144,
     on_figure: Callable[[int, Image.Image, list[Example], list[float]], None] | None = None,
     progress: bool = True,
@@ -730,7 +732,7 @@ def write_scan(
     *,
     channels: Sequence[int] | dict[str, Sequence[int]] | None = None,
     method: str | None = "deconvnet",
-    batch_size: int = 32,
+    batch_size: int | None = None,
     progress: bool = True,
 ) -> dict:
     """Write the figures, ``topk.npz`` and the ``scan.json`` index (schema in the module docstring).
@@ -740,6 +742,7 @@ def write_scan(
             count are ignored) or ``{layer name: list}``; default all.
         method: ``"deconvnet"`` (Zeiler & Fergus), ``"guided"`` or ``"gradient"``; ``None``
             writes the index and arrays without figures.
+        batch_size: passed to :func:`convscope.deconv.project_units` (default: its own budget).
 
     Returns:
         the index dict.

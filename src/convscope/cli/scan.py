@@ -93,7 +93,7 @@ def run(args) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         index = write_scan(result, out, channels=channels, method=None if args.no_render else args.method,
-                           batch_size=args.batch_size, progress=not args.quiet)
+                           progress=not args.quiet)
     for warning in caught:
         print(f"warning: {warning.message}")
     for layer in index["layers"]:
