@@ -272,6 +272,10 @@ def test_cli_scan_samples_without_render(tmp_path, capsys):
     index = json.loads((out / "scan.json").read_text())
     assert index["images_scanned"] == 24 and (out / "scan_state.pt").exists()
     assert load_checkpoint(out / "scan_state.pt")["next"] == 24
+    # --resume alone takes the source, layers, k and size from the checkpoint
+    assert main(["scan", "--resume", "--no-render", "--quiet", "--out", str(out)]) == 0
+    assert "scanned 24 images" in capsys.readouterr().out
+    assert json.loads((out / "scan.json").read_text())["layers"] == index["layers"]
 
 
 def test_cli_scan_user_errors(tmp_path, capsys):

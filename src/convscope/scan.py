@@ -92,7 +92,7 @@ from . import render
 from ._io import atomic_path, save_json, save_npz, save_png
 from .capture import StopForward, frozen, recording
 from .datasets import ImageSet
-from .deconv import _catalogue_at  # traced per image size, cached per model (shared with rendering)
+from .deconv import Unit, _catalogue_at, project_units, render_projection_pair
 from .errors import ConvscopeError
 from .layers import Catalogue, LayerInfo
 from .models import LoadedModel, as_loaded
@@ -427,6 +427,7 @@ def scan(
     start: int = 0,
     stop: int | None = None,
     progress: bool = True,
+    meta: dict | None = None,
 ) -> ScanResult:
     """Find the ``top`` strongest examples of every channel of ``layers`` over ``images``.
 
@@ -444,6 +445,7 @@ def scan(
             uninterrupted scan.
         start, stop: scan only items ``start..stop`` (ids stay global): a shard whose
             :class:`TopK` merges with the others'.
+        meta: JSON-ready notes kept in the checkpoint (the CLI keeps its options there).
 
     Returns:
         a :class:`ScanResult`.
@@ -489,7 +491,8 @@ def scan(
         warnings.warn(f"no checkpoint at {checkpoint}; starting a new scan", stacklevel=2)
 
     def payload(state: TopK, next_index: int, n_skipped: int) -> dict:
-        return {"format": STATE_FORMAT, **identity, "next": next_index, "stop": stop, "batch_size": batch_size,
+        return {"format": STATE_FORMAT, **identity, "meta": meta or {}, "next": next_index, "stop": stop,
+                "batch_size": batch_size,
                 "skipped": [[i, r] for i, r in skipped[:n_skipped]], "topk": state.state_dict()}
 
     loader = images.loader(batch_size, workers, cursor, stop, pin_memory=device.type == "cuda")
@@ -666,8 +669,6 @@ def render_channels(
     Returns:
         ``channel -> re-run values`` (in example order).
     """
-    from .deconv import Unit, project_units, render_projection_pair
-
     layer = result.layer(layer)
     model, pre = result.model, result.model.preprocessing
     channels = list(range(layer.channels)) if channels is None else list(channels)
