@@ -34,8 +34,8 @@ since they call ``F.relu``/``F.hardtanh``), timm's ``BatchNormAct2d``, ``F.relu`
 Then :func:`audit_graph` walks the autograd graph from the layer back to the input and accepts
 only operations whose backward is linear in the signal (convolution, linear, batch norm in
 eval mode, pooling, padding, reshapes, sums, products with constants) and the rule's own
-nodes. A rectifier the mode did not see (``torch.ops`` calls, TorchScript, inside a custom
-autograd function) always raises :class:`ConvscopeError`; so does, unless ``strict=False``,
+nodes. A rectifier the mode did not see (inside a TorchScript function or a custom autograd
+function) always raises :class:`ConvscopeError`; so does, unless ``strict=False``,
 a nonlinearity that has no deconvnet/guided rule (GELU, SiLU, sigmoid gates, ``maximum``,
 ``where``, a product of two signals, group/layer norm). Never a silently wrong answer.
 """
@@ -108,6 +108,7 @@ def _number(value) -> float | None:
 
 def _parse_rectifier(name: str, args: tuple, kwargs: dict):
     """``(x, low, high, inplace)`` when the call is a rectifier ``clamp(x, 0, high)``, else None."""
+    name = name.lstrip("_")  # F.threshold is torch.nn.functional._threshold
     base = name.rstrip("_")
     inplace = name.endswith("_")
     x = args[0] if args else kwargs.get("input", kwargs.get("self"))
@@ -164,7 +165,7 @@ class RectifierRule(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
-        if name.rstrip("_") in _RECTIFIER_NAMES and torch.is_grad_enabled():
+        if name.strip("_") in _RECTIFIER_NAMES and torch.is_grad_enabled():
             parsed = _parse_rectifier(name, args, kwargs)
             if parsed is not None and parsed[0].requires_grad:
                 x, low, high, inplace = parsed
@@ -192,15 +193,13 @@ def backward_rule(rule: str) -> Iterator[RectifierRule]:
 
 
 def check_scriptable(module: nn.Module, method: str) -> None:
-    """Refuse TorchScript modules for the deconvnet and guided rules (their ops are invisible)."""
-    if method == "gradient":
-        return
+    """Refuse TorchScript modules: their layers cannot be hooked and their rectifiers are invisible."""
     for name, sub in module.named_modules():
         if isinstance(sub, torch.jit.ScriptModule):
             where = f" (submodule {name!r})" if name else ""
             raise ConvscopeError(
-                f"the model is TorchScript{where}: convscope cannot see its rectifiers to apply the {method} rule. "
-                "Load the Python nn.Module instead, or use method 'gradient'."
+                f"the model is TorchScript{where}: convscope can neither hook its layers nor see its rectifiers "
+                f"to apply the {method} rule. Load the Python nn.Module instead."
             )
 
 
@@ -273,7 +272,7 @@ def audit_graph(output: torch.Tensor, method: str, *, strict: bool = True) -> di
         names = ", ".join(f"{n} x{k}" for n, k in missed.items())
         raise ConvscopeError(
             f"the {method} rule could not reach every rectifier: the backward path still has plain {names}. "
-            "They were called in a way convscope cannot intercept (torch.ops, TorchScript, inside a custom "
+            "They were called in a way convscope cannot intercept (inside a TorchScript function or a custom "
             "autograd.Function). Use method 'gradient', or write those activations with nn.ReLU or F.relu."
         )
     if other and strict:

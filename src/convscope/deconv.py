@@ -258,14 +258,20 @@ def _project_crops(module, x, layer, units, plan: _CropPlan, method, strict, bat
         output = _layer_output(module, crops, layer, method, strict)
         positions = [(k, units[i].channel, units[i].row - plan.offsets[i][0] // plan.stride[0],
                       units[i].col - plan.offsets[i][1] // plan.stride[1]) for k, i in enumerate(idx)]
-        _check_positions(output, positions)
+        # A position outside the crop's map means a geometry convscope got wrong: leave it to
+        # the value check (NaN never agrees), which recomputes it on the whole image.
+        inside = [k for k, (_, _, r, q) in enumerate(positions) if 0 <= r < output.shape[2] and 0 <= q < output.shape[3]]
+        values[idx] = np.nan
+        if not inside:
+            continue
+        positions = [positions[k] for k in inside]
         (grad,) = torch.autograd.grad(output, crops, _seeds(output.shape, positions, output.dtype, output.device))
         picked = output.detach()[tuple(torch.tensor(positions, device=output.device).T)]
-        values[idx] = picked.float().cpu().numpy()
+        values[[idx[k] for k in inside]] = picked.float().cpu().numpy()
         grad = grad.float().cpu()
-        for k, i in enumerate(idx):
-            top, left = plan.offsets[i]
-            maps[i, :, top:top + sh, left:left + sw] = grad[k]
+        for k in inside:
+            top, left = plan.offsets[idx[k]]
+            maps[idx[k], :, top:top + sh, left:left + sw] = grad[k]
     return values
 
 
@@ -363,6 +369,7 @@ def project_units(
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
         raise ConvscopeError(f"images must be a normalised tensor of shape (B, 3, H, W), got {shape}")
     units = [u if isinstance(u, Unit) else Unit(*u) for u in units]
+    check_scriptable(loaded.module, method)
     hw = (int(images.shape[2]), int(images.shape[3]))
     info = _resolve_layer(loaded, layer, hw)
     for u in units:
@@ -372,7 +379,6 @@ def project_units(
             raise ConvscopeError(f"unit {u} is outside layer {info.label}, whose map is "
                                  f"{info.shape[0]}x{info.shape[1]}x{info.shape[2]} for a {hw[0]}x{hw[1]} image")
     module = loaded.module
-    check_scriptable(module, method)
     _check_batch_independent(module)
 
     boxes, clipped = [], []
@@ -437,7 +443,7 @@ def _disagree(crop_values: np.ndarray, values: np.ndarray, scales: dict[int, flo
     bad = []
     for i, u in enumerate(units):
         tol = 1e-3 * (abs(float(values[i])) + 1e-2 * scales[u.image_index]) + 1e-6
-        if abs(float(crop_values[i]) - float(values[i])) > tol:
+        if not abs(float(crop_values[i]) - float(values[i])) <= tol:  # NaN: not computed on its crop
             bad.append(i)
     return bad
 
@@ -599,8 +605,11 @@ def projection_sheet(
         images = [p.pair(i, photo, absolute=p.method == "gradient" and not signed)[0] for p in group]
         images.append(ref.pair(i, photo)[1])
         row = Image.new("RGB", (len(images) * slot_w + (len(images) - 1) * gap, slot_h), render.BACKGROUND)
+        draw = ImageDraw.Draw(row)
         for k, im in enumerate(images):
             row.paste(_resize(im, factor), (k * (slot_w + gap), 0))
+            if k < len(group) and not group[k].maps[i].any():
+                draw.text((k * (slot_w + gap) + 3, 2), "all 0", fill=(200, 0, 0), font=render.font(11))
         cells.append(render.label_image(row, _unit_label(ref, i), size=11))
     cols = cols or max(1, min(len(cells), 1600 // (cells[0].width + 8)))
     rows = [render.stack_horizontal(cells[k:k + cols], gap=8) for k in range(0, len(cells), cols)]
@@ -752,4 +761,9 @@ def deconv(
     notes = []
     if any(projections[methods[0]].clipped):
         notes.append("some receptive fields reach past the image border; their boxes are clipped")
+    for m, p in projections.items():
+        zero = sum(not p.maps[i].any() for i in range(len(p)))
+        if zero:
+            notes.append(f"{zero} of {len(p)} {m} maps are all zero: a rectifier on the path passes nothing back "
+                         "there (a ReLU6 unit saturated at 6, or a unit at 0, has no gradient; guided keeps that mask)")
     return DeconvResult(rgb, info, projections, loaded.title, notes)
