@@ -160,8 +160,8 @@ def main() -> None:
             print(f"  scan + JPEG reading      {r['scan_read']:8.1f} images/s   ratio {r['scan_read'] / r['bare']:.2f}x "
                   f"(decode and resize by {args.workers} worker(s) on the same cores)")
             hours = IMAGENET_TRAIN / r["scan_read"] / 3600
-            print(f"  1.3M ImageNet images at the end-to-end rate: {hours:.1f} h on this machine "
-                  f"(DeepVis Toolbox README: {DEEPVIS_HOURS:.0f} h for its top-9; ratio {DEEPVIS_HOURS / hours:.1f}x)")
+            print(f"  1.3M ImageNet images at the end-to-end rate: {hours:.1f} h on this machine; the DeepVis "
+                  f"Toolbox README reports {DEEPVIS_HOURS:.0f} h for its top-9 ({DEEPVIS_HOURS / hours:.2f}x its speed)")
 
         if counts:
             print(f"\nmemory: default model, scanning JPEG files, fresh process per count ({args.device})")
