@@ -170,7 +170,11 @@ class FolderImages(ImageSet):
         return len(self.files)
 
     def _read(self, index: int) -> np.ndarray:
-        return load_image(self.root / self.files[index])
+        path = self.root / self.files[index]
+        try:
+            return load_image(path)
+        except ConvscopeError as err:  # the reason is listed beside the path already
+            raise ConvscopeError(str(err).replace(f": {path}", "").replace(f" {path}", "")) from None
 
     def path(self, index: int) -> str:
         return self.files[index]

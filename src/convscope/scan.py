@@ -642,6 +642,8 @@ def channel_figure(
     lines = [f"{layer.label}  channel {channel}", f"top {len(examples)}{seen}; {model_title}",
              f"left: {method} projections (gray = 0, each stretched to its own max |v|)",
              f"right: image patches, receptive field {rf} px (white: outside the image)"]
+    # The default PIL font has no em dash or multiplication sign.
+    lines = [line.replace("\u2014", "-").replace("\u00d7", "x") for line in lines]
     font = render.font(12)
     width = max(sheets.width, max(int(font.getlength(line)) + 10 for line in lines))
     return render.stack_vertical([render.title_strip(width, lines, size=12), sheets])
