@@ -14,13 +14,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import model_state
 from torch import nn
 
 import convscope
 from convscope.attribution import audit_graph, backward_rule
 from convscope.deconv import Unit, project_units, strongest_units
 from convscope.errors import ConvscopeError
+
+from .conftest import model_state
 
 METHODS = ("deconvnet", "guided", "gradient")
 
@@ -404,7 +405,7 @@ def vgg_input(photos, vgg16):
 ])
 def test_vgg16_deconvnet_equals_explicit_zeiler_fergus(vgg16, vgg_input, layer, index):
     assert vgg16.catalogue.get(layer).name == f"features.{index}"
-    units = strongest_units(vgg16, vgg_input, layer, channels=[0, 5, 17])
+    units = strongest_units(vgg16, vgg_input, layer, channels=[0, 17])
     units.append(Unit(3, 0, 0))  # a corner unit, whatever its value
     for method, guided in (("deconvnet", False), ("guided", True)):
         p = project_units(vgg16, vgg_input, layer, units, method=method)

@@ -8,7 +8,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import model_state
 from PIL import Image
 from torch import nn
 
@@ -23,6 +22,8 @@ from convscope.deconv import (
     top_positions,
 )
 from convscope.errors import ConvscopeError
+
+from .conftest import model_state
 
 deconv_module = importlib.import_module("convscope.deconv")  # the attribute convscope.deconv is the function
 
@@ -58,6 +59,9 @@ def test_crops_equal_the_whole_image_for_interior_and_border_units(vgg16, vgg_x)
     assert crop.clipped[:5] == [False, True, True, True, True]
     _close(crop.maps, full.maps)
     np.testing.assert_allclose(crop.values, full.values, rtol=1e-5, atol=1e-6)
+    unchecked = project_units(vgg16, vgg_x, layer, units, method="deconvnet", strategy="crop", check_crops=False)
+    np.testing.assert_array_equal(unchecked.maps, crop.maps)
+    np.testing.assert_allclose(unchecked.values, full.values, rtol=1e-5, atol=1e-6)
 
 
 def test_crops_equal_the_whole_image_on_the_default_model(default_model, cat):

@@ -75,14 +75,17 @@ class RuleFunction(torch.autograd.Function):
     """``clamp(x, low, high)`` forward; the backward of ``rule`` (see the module docstring)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, low: float, high: float | None, rule: str) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, low: float, high: float | None, rule: str, inplace: bool = False) -> torch.Tensor:
         ctx.rule = rule
         if rule != "deconvnet":
-            # Save the 0/1 mask (not x): an in-place rectifier overwrites x right after this call.
+            # Save the 0/1 mask, not x, which an in-place rectifier overwrites.
             mask = x > low
             if high is not None:
                 mask &= x < high
             ctx.save_for_backward(mask)
+        if inplace:
+            ctx.mark_dirty(x)
+            return x.clamp_(min=low, max=high)
         return x.clamp(min=low, max=high)
 
     @staticmethod
@@ -92,7 +95,7 @@ class RuleFunction(torch.autograd.Function):
         else:
             (mask,) = ctx.saved_tensors
             out = grad.clamp(min=0) * mask if ctx.rule == "guided" else grad * mask
-        return out, None, None, None
+        return out, None, None, None, None
 
 
 _RULE_NODE = f"{RuleFunction.__name__}Backward"
@@ -169,11 +172,9 @@ class RectifierRule(TorchFunctionMode):
             parsed = _parse_rectifier(name, args, kwargs)
             if parsed is not None and parsed[0].requires_grad:
                 x, low, high, inplace = parsed
-                y = RuleFunction.apply(x, low, high, self.rule)
                 self.replaced += 1
-                # Keep in-place semantics (callers may use x afterwards); autograd routes
-                # the gradient of x through the copy into the rule's node.
-                return x.copy_(y) if inplace else y
+                # In-place calls stay in place (callers may keep using x), as torch's own relu_ does.
+                return RuleFunction.apply(x, low, high, self.rule, inplace)
         return func(*args, **kwargs)
 
 

@@ -16,7 +16,7 @@ Batching, and why it is done this way
 Three strategies compute exactly the same maps (``tests/test_deconv.py`` checks it):
 
 * ``"crop"``, for shallow and middle layers: each unit runs on its own receptive-field crop,
-  and all crops go through the network as one batch. A crop starts at a multiple of the
+  and the crops go through the network in batches. A crop starts at a multiple of the
   layer's cumulative stride ``J`` and its size is congruent to the image size modulo ``J``, so
   every intermediate map lines up with the full-image one and even TF-"same" padding (which
   depends on the input size) is what it is on the whole image. Crops are clipped at the image
@@ -69,9 +69,14 @@ Box = tuple[int, int, int, int]
 # per-unit forward passes on big crops cost more than one shared forward pass plus batched
 # backward passes (benchmarks/deconv.py measures both).
 CROP_AREA_LIMIT = 0.5
-# Default work per batch, in input pixels (about 8 full 224x224 images): keeps the memory of
-# one batched forward+backward near 1 GB on VGG16, and CPU batches large enough to be efficient.
-BATCH_PIXELS = 8 * 224 * 224
+# Default work per batch, in input pixels. On the CPU about one 224x224 image's worth: measured
+# (benchmarks/deconv.py), batches of 4-8 small crops ran up to 2x faster per crop than batches
+# of 64, whose activations no longer stay in cache; on a GPU, bigger batches fill the device.
+BATCH_PIXELS = {"cpu": 224 * 224, "cuda": 32 * 224 * 224}
+
+
+def _batch_pixels(device: torch.device) -> int:
+    return BATCH_PIXELS.get(torch.device(device).type, BATCH_PIXELS["cpu"])
 
 
 @dataclass(frozen=True)
@@ -333,6 +338,7 @@ def project_units(
     batch_size: int | None = None,
     strategy: str = "auto",
     strict: bool = True,
+    check_crops: bool = True,
     progress: bool = False,
 ) -> Projections:
     """Project each unit of ``layer`` back to input pixels with ``method``'s backward rule.
@@ -345,10 +351,14 @@ def project_units(
         units: the units; ``image_index`` picks the image of ``images``.
         method: ``"deconvnet"``, ``"guided"`` or ``"gradient"`` (signed; take ``abs`` to show saliency).
         batch_size: crops per batch (``crop``), or images per forward pass (``shared``);
-            default about 8 whole images' worth of pixels.
+            default about one 224x224 image's worth of pixels on the CPU (:data:`BATCH_PIXELS`).
         strategy: ``"auto"``, ``"crop"``, ``"shared"`` or ``"full"`` (module docstring); all give the same maps.
         strict: refuse nonlinearities without a rule (GELU, SiLU, gates) instead of
             backpropagating them plainly; see :func:`convscope.attribution.audit_graph`.
+        check_crops: compare each crop's unit value with a plain whole-image forward pass and
+            recompute disagreeing units on the whole image. With False, ``values`` come from
+            the crops; a caller that compares them with values it recorded itself (the dataset
+            scan does) keeps the same safety net and saves one whole-image forward pass per image.
         progress: show a tqdm bar.
 
     Shape:
@@ -402,10 +412,14 @@ def project_units(
     with frozen(module), torch.enable_grad():
         if n and use_crops:
             used.append("crop")
-            budget = batch_size or max(1, BATCH_PIXELS // (plan.size[0] * plan.size[1]))
+            budget = batch_size or max(1, _batch_pixels(x.device) // (plan.size[0] * plan.size[1]))
             crop_values = _project_crops(module, x, info.name, units, plan, method, strict, budget, maps, progress)
-            values[:], scales = _plain_values(module, x, info.name, units)
-            bad = _disagree(crop_values, values, scales, units)
+            if check_crops:
+                values[:], scales = _plain_values(module, x, info.name, units)
+                bad = _disagree(crop_values, values, scales, units)
+            else:
+                values[:] = crop_values
+                bad = [i for i in range(n) if not np.isfinite(crop_values[i])]
             if bad:
                 warnings.warn(
                     f"{len(bad)} of {n} units of {info.label} disagreed between their receptive-field crop and the "
@@ -413,15 +427,15 @@ def project_units(
                     stacklevel=2)
                 used.append("shared")
                 _project_shared(module, x, info.name, units, bad, method, strict,
-                                batch_size or max(1, BATCH_PIXELS // (hw[0] * hw[1])), maps, values, progress)
+                                batch_size or max(1, _batch_pixels(x.device) // (hw[0] * hw[1])), maps, values, progress)
         elif n and strategy == "full":
             used.append("full")
             _project_full(module, x, info.name, units, list(range(n)), method, strict, maps, values, progress)
         elif n:
             used.append("shared")
-            budget = batch_size or max(1, BATCH_PIXELS // (hw[0] * hw[1]))
+            budget = batch_size or max(1, _batch_pixels(x.device) // (hw[0] * hw[1]))
             _project_shared(module, x, info.name, units, list(range(n)), method, strict, budget, maps, values, progress)
-    out = maps.permute(0, 2, 3, 1).numpy()
+    out = np.ascontiguousarray(maps.permute(0, 2, 3, 1).numpy())
     if not np.isfinite(out).all():
         raise ConvscopeError("the projection contains NaN or infinity; check the input image and the model weights")
     return Projections(units, values, out, boxes, clipped, method, info.name, "+".join(used))
@@ -518,8 +532,15 @@ def top_positions(
 # --------------------------------------------------------------------------- pictures
 
 
+# The display stretch: ±(this percentile of |v| in the box) maps to 0 and 255. A few extreme
+# pixels (common in guided backprop) would otherwise leave the rest of the map flat gray;
+# the values beyond saturate. 100 gives the plain max.
+STRETCH_PERCENTILE = 99.5
+
+
 def render_projection_pair(
     projection: np.ndarray, photo: np.ndarray, box: Box, *, absolute: bool = False,
+    percentile: float = STRETCH_PERCENTILE,
 ) -> tuple[Image.Image, Image.Image]:
     """The projection and the photo patch, both cropped to ``box``, as in Zeiler & Fergus's figures.
 
@@ -528,11 +549,14 @@ def render_projection_pair(
         photo: ``(H, W, 3)`` uint8, the image the projection was computed on.
         box: ``(top, left, bottom, right)``, bottom/right exclusive.
         absolute: draw ``max_c |v|`` from black (0) to white (the saliency display) instead.
+        percentile: the stretch bound, a percentile of ``|v|`` inside the box (100: the max).
 
     Returns:
         ``(projection_image, patch_image)``: PIL RGB images of the box's size. The projection
-        is gray (128) where it is zero, stretched symmetrically so its largest ``|v|`` in the
-        box reaches 0 or 255.
+        is gray (128) where it is zero and stretched symmetrically: ``±bound`` reach 0 and 255.
+
+    Example:
+        >>> proj, patch = render_projection_pair(p.maps[0], rgb, p.boxes[0])
     """
     projection = np.asarray(projection, dtype=np.float32)
     photo = np.asarray(photo)
@@ -546,12 +570,21 @@ def render_projection_pair(
     crop = projection[top:bottom, left:right]
     if absolute:
         magnitude = np.abs(crop).max(axis=-1)
-        peak = float(magnitude.max())
+        peak = _bound(magnitude, percentile)
         gray = np.zeros_like(magnitude) if peak <= 0 else magnitude / peak
         proj = np.repeat((np.clip(gray, 0, 1) * 255 + 0.5).astype(np.uint8)[..., None], 3, axis=-1)
     else:
-        proj = render.signed_to_gray(crop)
+        proj = render.signed_to_gray(crop, _bound(crop, percentile))
     return Image.fromarray(proj), Image.fromarray(np.ascontiguousarray(photo[top:bottom, left:right]))
+
+
+def _bound(values: np.ndarray, percentile: float) -> float:
+    magnitude = np.abs(values)
+    nonzero = magnitude[magnitude > 0]
+    if not nonzero.size:
+        return 0.0
+    # the percentile of the nonzero values: a sparse map is not stretched by its zeros
+    return float(np.percentile(nonzero, percentile)) if percentile < 100 else float(nonzero.max())
 
 
 def _resize(image: Image.Image, factor: float) -> Image.Image:
@@ -568,7 +601,7 @@ def _unit_label(p: Projections, i: int) -> str:
 
 
 def _display_note(methods: Sequence[str], signed: bool) -> str:
-    note = "gray = 0; each projection stretched symmetrically to its own max |v|"
+    note = f"gray = 0; each projection stretched symmetrically to +-(its {STRETCH_PERCENTILE:g}th percentile of |v|)"
     if "gradient" in methods and not signed:
         note += "; gradient shown as max over RGB of |v|, black = 0"
     return note
@@ -580,7 +613,7 @@ def projection_sheet(
     *,
     title: str = "",
     signed: bool = False,
-    tile: int = 96,
+    tile: int | None = None,
     cols: int | None = None,
 ) -> Image.Image:
     """Each unit as a cell: its projection by each method, then the image patch, cropped to one box.
@@ -589,7 +622,8 @@ def projection_sheet(
         photo: ``(H, W, 3)`` uint8 image the projections were computed on.
         projections: one :class:`Projections`, or several of the same units (one per method).
         signed: show the gradient signed (like the others) instead of as ``|gradient|``.
-        tile: display size in pixels of the largest box; every box of the sheet shares one scale.
+        tile: display size in pixels of the largest box (default: the box's own size, kept
+            between 96 and 160); every box of the sheet shares one scale.
     """
     group = [projections] if isinstance(projections, Projections) else list(projections)
     if not group or not len(group[0]):
@@ -597,7 +631,8 @@ def projection_sheet(
     ref = group[0]
     heights = [b[2] - b[0] for b in ref.boxes]
     widths = [b[3] - b[1] for b in ref.boxes]
-    factor = tile / max(max(heights), max(widths))
+    largest = max(max(heights), max(widths))
+    factor = (tile or min(max(largest, 96), 160)) / largest
     slot_w, slot_h = math.ceil(max(widths) * factor), math.ceil(max(heights) * factor)
     gap = 2
     cells = []
@@ -693,7 +728,7 @@ class DeconvResult:
     def _title(self) -> str:
         return f"{self.layer.label} · {self.model_title}"
 
-    def sheet(self, *, signed: bool = False, tile: int = 96, cols: int | None = None) -> Image.Image:
+    def sheet(self, *, signed: bool = False, tile: int | None = None, cols: int | None = None) -> Image.Image:
         """All methods side by side for every unit, each beside its patch (a PIL image)."""
         return projection_sheet(self.image, list(self.projections.values()), title=self._title(),
                                 signed=signed, tile=tile, cols=cols)

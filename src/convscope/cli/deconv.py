@@ -39,7 +39,8 @@ def register(subparsers) -> None:
                    help="backward rule at the rectifiers; 'all' draws the three side by side")
     p.add_argument("--signed", action="store_true", help="draw the gradient signed instead of as |gradient|")
     p.add_argument("--size", default=None, help="N (shorter side) or HxW; default the model's input size")
-    p.add_argument("--tile", type=int, default=96, help="display size of the largest receptive-field box, px")
+    p.add_argument("--tile", type=int, default=None,
+                   help="display size of the largest receptive-field box, px (default: its size, within 96..160)")
     p.add_argument("--cols", type=int, default=None, help="cells per row of the sheet")
     p.add_argument("--batch-size", type=int, default=None, help="crops or images per batch (default: automatic)")
     p.add_argument("--not-strict", dest="strict", action="store_false",
@@ -50,7 +51,7 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def write_deconv_outputs(result: DeconvResult, out: Path, *, signed: bool = False, tile: int = 96,
+def write_deconv_outputs(result: DeconvResult, out: Path, *, signed: bool = False, tile: int | None = None,
                          cols: int | None = None, save_arrays: bool = False) -> dict:
     """Write the sheet, one whole-image sheet per method, the JSON index (and arrays); return the index."""
     stem = (result.layer.alias or result.layer.name).replace("/", "_")

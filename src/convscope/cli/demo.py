@@ -9,16 +9,20 @@ from pathlib import Path
 
 from .._io import save_json, save_png
 from ..activations import activations, predict
+from ..deconv import deconv
 from ..images import sample_photos
 from ..models import load_model
 from ._common import add_out_arg, out_dir
 from .activations import write_activation_outputs
+from .deconv import write_deconv_outputs
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("demo", help="run the main job on the default model and sample photos (offline)",
                               description="Predictions, feature-map grids, overlays and evolution strips for "
-                                          "scikit-image's chelsea, astronaut and coffee photos.",
+                                          "scikit-image's chelsea, astronaut and coffee photos, and deconvnet / "
+                                          "guided backprop / gradient sheets for a middle and a deep layer, and a dataset scan "
+                                          "(top 9 per channel) of the built-in sample windows.",
                               epilog="Example: convscope demo --out runs/demo")
     add_out_arg(p, "runs/demo")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -40,6 +44,24 @@ def step_activations(loaded, photos, out: Path) -> None:
     print(f"  feature-map grids: {out / 'activations'}")
 
 
+# A middle and a deep layer of the default model for the deconv step: the outputs of the linear
+# bottlenecks (conv + BN, no activation). At the blocks' ReLU6 outputs the strongest units sit at
+# the cap of 6, where guided backprop and the gradient are zero by definition (see
+# convscope.attribution); the sheet would show the deconvnet alone.
+DEMO_DECONV_LAYERS = ("blocks.3.0.bn3", "blocks.6.0.bn3")
+
+
+def step_deconv(loaded, photos, out: Path) -> None:
+    photo = photos.get("chelsea", next(iter(photos.values())))
+    for name in DEMO_DECONV_LAYERS:
+        if name not in loaded.catalogue:
+            continue
+        result = deconv(loaded, photo, name, top=8, method="all")
+        index = write_deconv_outputs(result, out / "deconv" / name)
+        print(f"  deconv {name}: {len(result.units)} units ({index['strategy']['deconvnet']}) -> "
+              f"{out / 'deconv' / name / index['files']['sheet']}")
+
+
 # The scan step: stride-4, -8 and -16 layers of the default model whose deconvnet projections are
 # quick (receptive fields up to 83 px), 8 channels each, over 128 windows of the sample set.
 DEMO_SCAN_LAYERS = "blocks.1.1.bn3,blocks.2.1.bn3,blocks.3.0.bn3"
@@ -58,7 +80,7 @@ def step_scan(loaded, photos, out: Path) -> None:
           f"{DEMO_SCAN_LAYERS.replace(',', ', ')}: {out / 'scan'}")
 
 
-STEPS = [step_predict, step_activations, step_scan]
+STEPS = [step_predict, step_activations, step_deconv, step_scan]
 
 
 def run(args) -> int:
