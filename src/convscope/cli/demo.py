@@ -21,7 +21,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("demo", help="run the main job on the default model and sample photos (offline)",
                               description="Predictions, feature-map grids, overlays and evolution strips for "
                                           "scikit-image's chelsea, astronaut and coffee photos, and deconvnet / "
-                                          "guided backprop / gradient sheets for a middle and a deep layer.",
+                                          "guided backprop / gradient sheets for a middle and a deep layer, and a dataset scan "
+                                          "(top 9 per channel) of the built-in sample windows.",
                               epilog="Example: convscope demo --out runs/demo")
     add_out_arg(p, "runs/demo")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -61,7 +62,25 @@ def step_deconv(loaded, photos, out: Path) -> None:
               f"{out / 'deconv' / name / index['files']['sheet']}")
 
 
-STEPS = [step_predict, step_activations, step_deconv]
+# The scan step: stride-4, -8 and -16 layers of the default model whose deconvnet projections are
+# quick (receptive fields up to 83 px), 8 channels each, over 128 windows of the sample set.
+DEMO_SCAN_LAYERS = "blocks.1.1.bn3,blocks.2.1.bn3,blocks.3.0.bn3"
+DEMO_SCAN_IMAGES = 128
+DEMO_SCAN_CHANNELS = range(8)
+
+
+def step_scan(loaded, photos, out: Path) -> None:
+    from ..datasets import SampleImages
+    from ..scan import scan, write_scan
+
+    images = SampleImages(loaded.preprocessing.input_size, loaded.preprocessing._resample, limit=DEMO_SCAN_IMAGES)
+    result = scan(loaded, images, DEMO_SCAN_LAYERS, top=9, batch_size=32, progress=False)
+    write_scan(result, out / "scan", channels=DEMO_SCAN_CHANNELS, progress=False)
+    print(f"  dataset scan: top 9 of {result.images_scanned} sample windows for channels 0-7 of "
+          f"{DEMO_SCAN_LAYERS.replace(',', ', ')}: {out / 'scan'}")
+
+
+STEPS = [step_predict, step_activations, step_deconv, step_scan]
 
 
 def run(args) -> int:
