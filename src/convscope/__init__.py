@@ -6,20 +6,23 @@ Example:
     >>> convscope.predict(model, "cat.jpg")[0]["name"]
     >>> res = convscope.activations(model, "cat.jpg")       # every conv layer after its activation
     >>> res.grid(res.layers[3])                             # a PIL image; shows inline in Jupyter
+    >>> convscope.visualize_features(model, "blocks.3.1.bn1", range(8)).sheet()   # what 8 filters want to see
 """
 
 from .activations import ActivationResult, activations, predict
 from .capture import capture, frozen, recording
 from .errors import ConvscopeError
+from .features import FeatureResult, visualize, visualize_classes, visualize_features
 from .images import load_image, sample_photos
 from .layers import Catalogue, LayerInfo, build_catalogue
 from .models import LoadedModel, Preprocessing, as_loaded, list_models, load_model
 from .render import channel_grid, overlay_heatmap
 
 __all__ = [
-    "ActivationResult", "Catalogue", "ConvscopeError", "LayerInfo", "LoadedModel", "Preprocessing",
+    "ActivationResult", "Catalogue", "ConvscopeError", "FeatureResult", "LayerInfo", "LoadedModel", "Preprocessing",
     "activations", "as_loaded", "build_catalogue", "capture", "channel_grid", "frozen", "list_models",
-    "load_image", "load_model", "overlay_heatmap", "predict", "recording", "sample_photos",
+    "load_image", "load_model", "overlay_heatmap", "predict", "recording", "sample_photos", "visualize",
+    "visualize_classes", "visualize_features",
 ]
 
 __version__ = "0.1.0"
