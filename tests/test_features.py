@@ -62,7 +62,8 @@ def test_element_i_depends_only_on_image_i(default_model):
 
 def test_a_channel_is_the_same_alone_or_in_a_batch_of_16(default_model, photos):
     layer, steps = "blocks.1.1.bn1", 18  # 16 steps with the redirected gradient, then plain
-    batch = visualize_features(default_model, layer, list(range(16)), steps=steps, size=32, seed=3, photos=photos)
+    batch = visualize_features(default_model, layer, list(range(16)), steps=steps, size=32, seed=3, photos=photos,
+                               max_batch=16)
     alone = visualize_features(default_model, layer, [9], steps=steps, size=32, seed=3, photos=photos)
     assert batch.chunk_size == 16 and alone.chunk_size == 1
     assert np.abs(batch.images[9].astype(int) - alone.images[0].astype(int)).max() <= 1

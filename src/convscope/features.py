@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,7 +47,7 @@ from .images import sample_photos
 from .layers import LayerInfo
 from .models import LoadedModel, as_loaded
 from .optvis import objectives as obj
-from .optvis.engine import Levers, Optimized, Recipe, make_recipe, optimize
+from .optvis.engine import Optimized, Recipe, make_recipe, optimize
 
 __all__ = ["FeatureResult", "visualize_features", "visualize_classes", "visualize", "DEAD_THRESHOLD"]
 
@@ -141,8 +141,10 @@ class FeatureResult:
         grid = Image.fromarray(render.tile(np.stack(tiles), cols, sep=2))
         height, width = self.recipe.size
         what = self.layer.label if self.layer else "classes"
+        # the default PIL font has no em dash (the RANDOM INIT marker uses one)
+        title = self.model_title.replace("\u2014", "-").replace("\u00d7", "x")
         lines = [
-            f"{what} - feature visualization - {self.model_title}",
+            f"{what} - feature visualization - {title}",
             f"recipe {self.recipe.name}: {self.recipe.steps} steps at {height}x{width}, seed {self.seed}, objective {self.objective}",
             "x = objective reached / best value of the same objective on the sample photos; "
             "a/0 = reached a, photos 0",
@@ -271,12 +273,6 @@ def _records(run: Optimized, units: list[int], variants: int, key: str, best: np
     return records
 
 
-def _run(loaded: LoadedModel, objective_for: Callable[[list[int]], obj.Objective], units: list[int], *,
-         recipe: Recipe, seed: int, variants: int, memory_budget, max_batch, progress, desc, levers) -> Optimized:
-    return optimize(loaded, objective_for, units, recipe=recipe, seed=seed, variants=variants,
-                    memory_budget=memory_budget, max_batch=max_batch, progress=progress, desc=desc, levers=levers)
-
-
 def visualize_features(
     model: LoadedModel | torch.nn.Module,
     layer: str | LayerInfo,
@@ -297,7 +293,6 @@ def visualize_features(
     max_batch: int | None = None,
     photos: dict[str, np.ndarray] | None = None,
     progress: bool = False,
-    _levers: Levers | None = None,
 ) -> FeatureResult:
     """One synthesized image per channel of ``layer``, all channels optimized together.
 
@@ -359,9 +354,9 @@ def visualize_features(
         def objective_for(chunk_units):
             return make(name, list(chunk_units))
         peak_layer = row
-    run = _run(loaded, objective_for, units, recipe=chosen_recipe, seed=seed, variants=variants,
-               memory_budget=memory_budget, max_batch=max_batch, progress=progress,
-               desc=f"features {row.alias or row.name}", levers=_levers)
+    run = optimize(loaded, objective_for, units, recipe=chosen_recipe, seed=seed, variants=variants,
+                   memory_budget=memory_budget, max_batch=max_batch, progress=progress,
+                   desc=f"features {row.alias or row.name}")
     element_units = [u for u in units for _ in range(variants)]
     best, peak, magnitude = _photo_stats(loaded, objective_for(element_units), len(element_units), peak_layer,
                                          element_units if peak_layer is not None else None, photos)
@@ -406,14 +401,14 @@ def visualize_classes(
         bad = [c for c in classes if not 0 <= c < count]
         if bad:
             raise ConvscopeError(f"class {bad[0]} is out of range: this model has classes 0..{count - 1}")
-    chosen_recipe = make_recipe(recipe, steps=steps, size=size, lr=lr, tv=tv, l2=l2, diversity=diversity)
     if diversity:
         raise ConvscopeError("the diversity term reads a layer; use it with visualize_features")
+    chosen_recipe = make_recipe(recipe, steps=steps, size=size, lr=lr, tv=tv, l2=l2)
 
     def objective_for(units):
         return obj.class_logit(list(units))
-    run = _run(loaded, objective_for, classes, recipe=chosen_recipe, seed=seed, variants=variants,
-               memory_budget=memory_budget, max_batch=max_batch, progress=progress, desc="classes", levers=None)
+    run = optimize(loaded, objective_for, classes, recipe=chosen_recipe, seed=seed, variants=variants,
+                   memory_budget=memory_budget, max_batch=max_batch, progress=progress, desc="classes")
     element_units = [u for u in classes for _ in range(variants)]
     best, _, _ = _photo_stats(loaded, objective_for(element_units), len(element_units), None, None, photos)
     records = _records(run, classes, variants, "class", best, None, DEAD_THRESHOLD, loaded.class_names)

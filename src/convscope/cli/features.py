@@ -79,6 +79,10 @@ def _channels(text: str | None, count: int) -> list[int]:
     return chosen
 
 
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
 def run(args) -> int:
     kind, classes = parse_objective(args.objective)
     size = parse_size(args.size)
@@ -127,7 +131,8 @@ def run(args) -> int:
         ratios = [r["ratio"] for r in result.records if r["ratio"] is not None]
         ratio = f"median x{sorted(ratios)[len(ratios) // 2]:.2f} of the best photo" if ratios else "no photo reference"
         dead = f"; dead {result.dead_count}/{len(result)}" if kind in ("channel", "neuron") else ""
-        print(f"  {label}: {len(result)} images in {seconds:.1f}s ({seconds / len(result):.2f}s each, "
+        print(f"  {label}: {_plural(len(result), 'image')} in {seconds:.1f}s ({seconds / len(result):.2f}s each, "
               f"chunks of {result.chunk_size}); {ratio}{dead}")
-    print(f"wrote {sum(len(r) for _, r, _ in results)} images, {len(results)} sheets and features.json to {out}")
+    total = sum(len(r) for _, r, _ in results)
+    print(f"wrote {_plural(total, 'image')}, {_plural(len(results), 'sheet')} and features.json to {out}")
     return 0

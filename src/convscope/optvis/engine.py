@@ -11,8 +11,8 @@ What makes it fast (each lever is measured in ``benchmarks/features.py``):
 * the forward pass stops at the target layer (``recording(..., stop_after_last=True)``);
 * the weights are frozen, so autograd computes no weight gradients;
 * the image is optimized at the size asked for (lucent upsamples to 224 first);
-* one chunk holds many channels, sized by a memory budget (it pays on a GPU; on a CPU the
-  cost per image stays about the same).
+* one chunk holds many channels, sized by a memory budget (it pays most on a GPU; on a CPU
+  it saves per-call overhead, up to :data:`CPU_MAX_CHUNK` images).
 
 Element ``i`` of a batch sees only its own image, its own random draws (seeded from
 ``(seed, unit, variant)``) and its own Adam state, so the batch gives each channel the same
@@ -168,6 +168,12 @@ def estimate_bytes_per_image(loaded: LoadedModel, layers: Sequence[LayerInfo], s
     return int(total * 4 * 3) + 3 * size[0] * size[1] * 4 * 8
 
 
+# On a CPU a bigger chunk saves only Python overhead, and past ~8 images of 142x142 the
+# activations fall out of cache: 16 per chunk measured ~1.4x slower per image than 8 on
+# one core of this project's machines (benchmarks/features.py). GPUs take what fits.
+CPU_MAX_CHUNK = 8
+
+
 def _default_budget(device: torch.device) -> int:
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
@@ -231,7 +237,8 @@ def optimize(
             generator seeded by ``(seed, unit, variant)``.
         variants: images per unit, consecutive; with ``recipe.diversity > 0`` they push apart.
         memory_budget: bytes for one chunk's forward and backward (default: 2 GiB on a CPU,
-            half the free memory on a GPU); ``max_batch`` caps the chunk size.
+            half the free memory on a GPU); ``max_batch`` caps the chunk size (default on a
+            CPU: :data:`CPU_MAX_CHUNK`).
         levers: benchmark switches (:class:`Levers`).
 
     Shape:
@@ -261,6 +268,8 @@ def optimize(
     chunk = max(1, budget // max(per_image, 1))
     if max_batch:
         chunk = min(chunk, max_batch)
+    elif device.type == "cpu":
+        chunk = min(chunk, CPU_MAX_CHUNK)
     chunk = max(variants, chunk // variants * variants)
     chunk = min(chunk, n)
     n_chunks = -(-n // chunk)
