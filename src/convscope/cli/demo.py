@@ -7,9 +7,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .. import render
 from .._io import save_json, save_png
 from ..activations import activations, predict
 from ..deconv import deconv
+from ..features import visualize_features
 from ..images import sample_photos
 from ..models import load_model
 from ._common import add_out_arg, out_dir
@@ -80,7 +82,33 @@ def step_scan(loaded, photos, out: Path) -> None:
           f"{DEMO_SCAN_LAYERS.replace(',', ', ')}: {out / 'scan'}")
 
 
-STEPS = [step_predict, step_activations, step_deconv, step_scan]
+# A shallow, a middle and a deep layer of the default model, a few channels each; modest
+# settings keep this step near a minute on 2 cores (`convscope features` has the full recipe).
+DEMO_FEATURE_LAYERS = ("blocks.1.0.bn1", "blocks.3.1.bn1", "blocks.5.3.bn1")
+DEMO_FEATURE_CHANNELS = range(6)
+DEMO_FEATURE_STEPS = 64
+DEMO_FEATURE_SIZE = 64
+
+
+def step_features(loaded, photos, out: Path) -> None:
+    sheets, index = [], []
+    for name in DEMO_FEATURE_LAYERS:
+        if name not in loaded.catalogue:
+            continue
+        result = visualize_features(loaded, name, list(DEMO_FEATURE_CHANNELS), steps=DEMO_FEATURE_STEPS,
+                                    size=DEMO_FEATURE_SIZE, photos=photos, progress=True)
+        entry = result.save(out / "features" / name.replace("/", "_"), cols=len(DEMO_FEATURE_CHANNELS))
+        index.append({"layer": name, "folder": f"features/{name}", "dead": entry["dead"], "count": entry["count"]})
+        sheets.append(result.sheet(cols=len(DEMO_FEATURE_CHANNELS)))
+        print(f"  features {name}: {entry['count']} channels, {entry['dead']} dead, "
+              f"median x{entry['median_ratio'] or 0:.1f} of the best photo ({result.seconds:.0f}s)")
+    if sheets:
+        save_png(render.stack_vertical(sheets), out / "features_sheet.png")
+        save_json({"model": loaded.describe(), "layers": index}, out / "features" / "features.json")
+        print(f"  feature sheet, shallow to deep: {out / 'features_sheet.png'}")
+
+
+STEPS = [step_predict, step_activations, step_features, step_deconv, step_scan]
 
 
 def run(args) -> int:
