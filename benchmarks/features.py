@@ -107,6 +107,7 @@ def main() -> int:
     parser.add_argument("--lever-channels", type=int, default=4)
     parser.add_argument("--lever-steps", type=int, default=32)
     parser.add_argument("--skip-lucent-frozen", action="store_true")
+    parser.add_argument("--skip-levers", action="store_true")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default torch's). On a machine shared with other jobs, 1 avoids "
                              "OpenMP oversubscription, which otherwise slows every run 10x or more")
@@ -169,6 +170,8 @@ def main() -> int:
           f"{ours_obj[:common].mean():.3f} / {lucent_obj.mean():.3f} = {ours_obj[:common].mean() / lucent_obj.mean():.2f} "
           f"(ours higher on {int((ours_obj[:common] >= lucent_obj).sum())} of {common})", flush=True)
 
+    if args.skip_levers:
+        return 0
     # levers, each switched off alone; the same share of redirected-gradient steps as the full run
     lever_channels = channels[: args.lever_channels]
     steps = args.lever_steps

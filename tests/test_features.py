@@ -161,6 +161,22 @@ def test_variants_with_diversity(photos, tmp_path):
     assert index["count"] == 2 and (tmp_path / "ch0000_v1.png").exists()
 
 
+def test_class_objective_uses_the_scores_before_a_softmax():
+    from convscope.optvis.engine import logits_layer, optimize
+    from convscope.optvis.objectives import class_logit
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 5), nn.Softmax(dim=1))
+    loaded = convscope.as_loaded(model)
+    assert logits_layer(loaded).name == "4"
+    assert logits_layer(convscope.as_loaded(_Tiny())) is None
+    run = optimize(loaded, lambda units: class_logit(units), [2], recipe=make_recipe("lucid", steps=3, size=24))
+    with torch.no_grad():
+        scores = model[:5](loaded.preprocessing.normalize(torch.from_numpy(run.images)))
+    assert run.final[0] == pytest.approx(float(scores[0, 2]), abs=1e-5)
+
+
 def test_model_left_untouched_and_no_hook_even_on_error(default_model):
     module = default_model.module
     module.train()

@@ -47,7 +47,7 @@ from .images import sample_photos
 from .layers import LayerInfo
 from .models import LoadedModel, as_loaded
 from .optvis import objectives as obj
-from .optvis.engine import Optimized, Recipe, make_recipe, optimize
+from .optvis.engine import Optimized, Recipe, make_recipe, optimize, resolve_layers
 
 __all__ = ["FeatureResult", "visualize_features", "visualize_classes", "visualize", "DEAD_THRESHOLD"]
 
@@ -204,11 +204,10 @@ def _photo_stats(loaded: LoadedModel, objective: obj.Objective, n: int, peak_lay
     """Over the photos: the best value of ``objective`` (N elements) and, per element's channel,
     the strongest unit and the largest magnitude (zero means the channel never fired)."""
     photos = sample_photos() if photos is None else photos
-    catalogue = loaded.catalogue
-    rows = {name: catalogue.get(name) for name in objective.layers if name != obj.LOGITS}
+    rows = resolve_layers(loaded, objective)
     if peak_layer is not None:
         rows.setdefault(peak_layer.name, peak_layer)
-    needs_logits = obj.LOGITS in objective.layers
+    needs_logits = obj.LOGITS in objective.layers and obj.LOGITS not in rows
     best = np.full(n, -np.inf, dtype=np.float64)
     track = peak_layer is not None and channels is not None
     peak = np.full(n, -np.inf, dtype=np.float64) if track else None

@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from ..capture import StopForward, frozen, recording
 from ..errors import ConvscopeError
@@ -41,7 +42,8 @@ from .objectives import INPUT, LOGITS, Objective, diversity, l2, total_variation
 from .redirect import redirected_rectifiers
 from .transforms import standard_transforms
 
-__all__ = ["Recipe", "RECIPES", "make_recipe", "optimize", "Optimized", "Levers", "estimate_bytes_per_image"]
+__all__ = ["Recipe", "RECIPES", "make_recipe", "optimize", "Optimized", "Levers", "estimate_bytes_per_image",
+           "logits_layer", "resolve_layers"]
 
 
 @dataclass(frozen=True)
@@ -196,9 +198,31 @@ def _eval_keep_grad(module: torch.nn.Module) -> Iterator[None]:
             p.grad = grad
 
 
-def _resolve_layers(loaded: LoadedModel, objective: Objective) -> dict[str, LayerInfo]:
+def logits_layer(loaded: LoadedModel) -> LayerInfo | None:
+    """The layer that gives the class scores when the model ends in a softmax, else None.
+
+    Class objectives maximize the score *before* any softmax (a softmax output rises just as
+    well by pushing the other classes down). None means the model's output is that score.
+    """
+    rows = loaded.catalogue.layers
+    soft = [i for i, row in enumerate(rows) if row.type in ("Softmax", "LogSoftmax")]
+    if not soft or any(row.kind != "block" for row in rows[soft[-1] + 1:]):
+        return None
+    before = rows[soft[-1] - 1] if soft[-1] > 0 else None
+    if before is None or before.kind == "block" or before.shape != rows[soft[-1]].shape:
+        return None
+    return before
+
+
+def resolve_layers(loaded: LoadedModel, objective: Objective) -> dict[str, LayerInfo]:
+    """``name used by the objective -> LayerInfo``; :data:`LOGITS` maps to the pre-softmax layer if any."""
     catalogue = loaded.catalogue
-    return {name: catalogue.get(name) for name in objective.layers if name != LOGITS}
+    rows = {name: catalogue.get(name) for name in objective.layers if name != LOGITS}
+    if LOGITS in objective.layers:
+        pre_softmax = logits_layer(loaded)
+        if pre_softmax is not None:
+            rows[LOGITS] = pre_softmax
+    return rows
 
 
 def _parameterize(recipe: Recipe, batch: int, rng: param_mod.ElementRNG, device):
@@ -252,10 +276,11 @@ def optimize(
     if n == 0:
         raise ConvscopeError("nothing to optimize: the list of channels/units is empty")
     probe = objective_for(element_units[: max(variants, 1)])
-    needs_logits = LOGITS in probe.layers
-    layer_rows = _resolve_layers(loaded, probe)
+    layer_rows = resolve_layers(loaded, probe)
+    needs_logits = LOGITS in probe.layers and LOGITS not in layer_rows  # the model's own output
     if not layer_rows and not needs_logits:
         raise ConvscopeError(f"objective {probe.name} reads no layer of the model")
+    layer_names = [name for name in layer_rows if name != LOGITS]
 
     work_size = recipe.size
     if recipe.transforms:
@@ -285,8 +310,6 @@ def optimize(
     redirected: Counter = Counter()
     t0 = time.perf_counter()
     guard = frozen(module) if levers.freeze else _eval_keep_grad(module)
-    from tqdm import tqdm
-
     with guard, torch.enable_grad(), recording(module, recorded, detach=False, clone=clone,
                                                 stop_after_last=stop) as store, \
             tqdm(total=recipe.steps * n_chunks, desc=desc, unit="step", disable=not progress, leave=False) as bar:
@@ -306,7 +329,7 @@ def optimize(
             for key, row in layer_rows.items():
                 if row.name not in store:
                     raise ConvscopeError(f"layer {row.label} did not run in the forward pass at size "
-                                         f"{tuple(x.shape[-2:])}; try a larger --size")
+                                         f"{tuple(x.shape[-2:])}; try a larger size")
                 acts[key] = store[row.name]
             if needs_logits:
                 if not isinstance(out, torch.Tensor):
@@ -321,7 +344,7 @@ def optimize(
             main = objective_for(element_units[begin:end])
             total = main
             if recipe.diversity:
-                layer_name = next(iter(layer_rows), None)
+                layer_name = next(iter(layer_names), None)
                 if layer_name is None:
                     raise ConvscopeError("the diversity term needs an objective that reads a layer")
                 total = total + recipe.diversity * diversity(layer_name, group_size=variants)
