@@ -13,12 +13,15 @@ from ..images import sample_photos
 from ..models import load_model
 from ._common import add_out_arg, out_dir
 from .activations import write_activation_outputs
+from .occlusion import summary_lines, write_occlusion_outputs
+from .probe import write_probe_outputs
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("demo", help="run the main job on the default model and sample photos (offline)",
                               description="Predictions, feature-map grids, overlays and evolution strips for "
-                                          "scikit-image's chelsea, astronaut and coffee photos.",
+                                          "scikit-image's chelsea, astronaut and coffee photos; occlusion maps for "
+                                          "chelsea; linear probes by depth on scikit-image's lfw_subset.",
                               epilog="Example: convscope demo --out runs/demo")
     add_out_arg(p, "runs/demo")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -40,7 +43,28 @@ def step_activations(loaded, photos, out: Path) -> None:
     print(f"  feature-map grids: {out / 'activations'}")
 
 
-STEPS = [step_predict, step_activations]
+def step_occlusion(loaded, photos, out: Path) -> None:
+    from ..occlusion import occlusion
+
+    result = occlusion(loaded, photos["chelsea"], patch=32, stride=8, progress=True)
+    write_occlusion_outputs(result, out / "occlusion", stem="chelsea")
+    for line in summary_lines(result):
+        print(f"  occlusion: {line}")
+    print(f"  occlusion maps: {out / 'occlusion'}")
+
+
+def step_probe(loaded, photos, out: Path) -> None:
+    from ..probe import default_layers, probe
+
+    # Cheap settings: 64x64 inputs and 5 layers; `convscope probe --samples` runs the full-size version.
+    layers = [layer.name for layer in default_layers(loaded, 5)]
+    result = probe(loaded, None, layers, folds=5, seed=0, size=64, progress=True)
+    write_probe_outputs(result, out / "probe")
+    print("  " + result.table().replace("\n", "\n  "))
+    print(f"  probe table and plot: {out / 'probe'}")
+
+
+STEPS = [step_predict, step_activations, step_occlusion, step_probe]
 
 
 def run(args) -> int:
