@@ -12,7 +12,7 @@ Each method runs ``--repeats`` times, interleaved; the best wall time is reporte
 machine may be shared: say so next to the figures), with the process CPU time beside it.
 
 Usage:
-    python benchmarks/occlusion.py [--threads 1] [--repeats 2] [--ppe 1,64]
+    python benchmarks/occlusion.py [--threads 1] [--repeats 2] [--ppe 1,32]
 """
 
 from __future__ import annotations
@@ -63,10 +63,12 @@ def main() -> None:
     parser.add_argument("--patch", type=int, default=32)
     parser.add_argument("--stride", type=int, default=8)
     parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: on a shared, oversubscribed CPU, OpenMP barriers make "
+                             "2 threads several times slower for every method; 0 = torch's default)")
     parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--ppe", default="1,64", help="captum perturbations_per_eval values to time")
-    parser.add_argument("--batch", type=int, default=64, help="our copies per forward pass")
+    parser.add_argument("--ppe", default="1,32", help="captum perturbations_per_eval values to time")
+    parser.add_argument("--batch", type=int, default=None, help="our copies per forward pass (default: automatic)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -87,7 +87,7 @@ def test_incremental_is_exact_in_float64(default_model, photos):
     module = copy.deepcopy(default_model.module).double()
     model64 = LoadedModel(module, "efficientnet_lite0 float64", default_model.weights, default_model.preprocessing,
                           default_model.class_names)
-    kwargs = dict(patch=24, stride=16, size=(80, 112), fill="blur")   # 5x7 positions, last row and column cut off
+    kwargs = dict(patch=24, stride=16, size=(64, 80), fill="blur")   # 4x5 positions, last row and column cut off
     fast = occlusion(model64, photos["chelsea"], **kwargs)
     plain = occlusion(model64, photos["chelsea"], method="plain", **kwargs)
     assert fast.probability.dtype == np.float64 and fast.method == "incremental"

@@ -212,8 +212,9 @@ class OcclusionResult:
         if len(classes) > len(shown):
             rows.append((colors[-1], f"{len(classes) - len(shown)} other classes: {counts[len(shown):].sum() / total:.0%}"))
         legend = _legend(rows, picture.height)
+        noun = "class" if len(classes) == 1 else "classes"
         return self._panel(picture, ["most probable class with the occluder centred at each point",
-                                     f"{len(classes)} classes; share of positions in the legend"], legend)
+                                     f"{len(classes)} {noun}; share of positions in the legend"], legend)
 
     def sheet(self) -> Image.Image:
         """Photo, probability map, label map and feature map side by side, under one title."""

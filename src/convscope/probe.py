@@ -131,12 +131,14 @@ class ProbeResult:
         accuracy: ``(layers, folds)`` accuracy of each fold, pretrained weights.
         baseline: the same for random-init weights, or None.
         feature_dims: pooled feature length per layer (2 x channels: mean and max).
+        shapes: each layer's output shape ``(C, h, w)`` at the probe's input size.
     """
 
     layers: list[LayerInfo]
     accuracy: np.ndarray
     baseline: np.ndarray | None
     feature_dims: list[int]
+    shapes: list[tuple[int, ...]]
     dataset: str
     class_counts: dict[str, int]
     folds: int
@@ -162,7 +164,7 @@ class ProbeResult:
         mean, std = self._stats(self.accuracy)
         rows = []
         for i, layer in enumerate(self.layers):
-            row = {"layer": layer.name, "alias": layer.alias, "shape": list(layer.shape),
+            row = {"layer": layer.name, "alias": layer.alias, "shape": list(self.shapes[i]),
                    "features": self.feature_dims[i], "accuracy_mean": float(mean[i]), "accuracy_std": float(std[i]),
                    "accuracy_folds": self.accuracy[i].tolist()}
             if self.baseline is not None:
@@ -241,8 +243,10 @@ def default_layers(loaded: LoadedModel, count: int = 8) -> list[LayerInfo]:
 
 
 def pooled_features(loaded: LoadedModel, images: list[np.ndarray], layers: list[LayerInfo],
-                    size: tuple[int, int], batch_size: int = 16, progress: bool = False) -> list[np.ndarray]:
-    """``(N, 2C)`` features per layer: each channel's spatial mean then its spatial max.
+                    size: tuple[int, int], batch_size: int = 16,
+                    progress: bool = False) -> tuple[list[np.ndarray], list[tuple[int, ...]]]:
+    """``(N, 2C)`` features per layer (each channel's spatial mean, then its spatial max), and the
+    layers' output shapes at this input size.
 
     Images are resized to ``size`` (the whole picture, as ``predict`` does).
     """
@@ -252,6 +256,7 @@ def pooled_features(loaded: LoadedModel, images: list[np.ndarray], layers: list[
     param = next(loaded.module.parameters(), None)
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     chunks: list[list[np.ndarray]] = [[] for _ in layers]
+    shapes: list[tuple[int, ...]] = [tuple(layer.shape) for layer in layers]
     starts = range(0, len(images), batch_size)
     for start in tqdm(starts, desc=f"features ({loaded.title[:40]})", unit="batch", disable=not progress, leave=False):
         batch = [pre.fit(img, size) for img in images[start:start + batch_size]]
@@ -259,13 +264,14 @@ def pooled_features(loaded: LoadedModel, images: list[np.ndarray], layers: list[
         outputs = capture(loaded.module, x, layers)
         for i, layer in enumerate(layers):
             out = outputs[layer.name].double()
+            shapes[i] = tuple(out.shape[1:])
             if out.dim() > 2:
                 flat = out.flatten(2)
                 pooled = torch.cat([flat.mean(2), flat.amax(2)], dim=1)
             else:
                 pooled = out.flatten(1)
             chunks[i].append(pooled.cpu().numpy())
-    return [np.concatenate(c) for c in chunks]
+    return [np.concatenate(c) for c in chunks], shapes
 
 
 def _cross_validate(features: list[np.ndarray], labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
@@ -337,7 +343,7 @@ def probe(
         size = (size, size)
     size = tuple(size) if size is not None else tuple(loaded.preprocessing.input_size)
 
-    feats = pooled_features(loaded, dataset.images, chosen, size, batch_size, progress)
+    feats, shapes = pooled_features(loaded, dataset.images, chosen, size, batch_size, progress)
     accuracy = _cross_validate(feats, dataset.labels, folds, seed)
     base_scores, base_title = None, None
     if baseline:
@@ -347,8 +353,8 @@ def probe(
         if missing:
             raise ConvscopeError(f"the random-init copy lacks layers {missing}")
         random_layers = [random_model.catalogue.get(layer.name) for layer in chosen]
-        base_feats = pooled_features(random_model, dataset.images, random_layers, size, batch_size, progress)
+        base_feats, _ = pooled_features(random_model, dataset.images, random_layers, size, batch_size, progress)
         base_scores = _cross_validate(base_feats, dataset.labels, folds, seed)
         base_title = random_model.title
-    return ProbeResult(chosen, accuracy, base_scores, [f.shape[1] for f in feats], dataset.name, dataset.counts,
-                       folds, seed, size, loaded.title, base_title)
+    return ProbeResult(chosen, accuracy, base_scores, [f.shape[1] for f in feats], shapes, dataset.name,
+                       dataset.counts, folds, seed, size, loaded.title, base_title)

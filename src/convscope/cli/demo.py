@@ -46,7 +46,8 @@ def step_activations(loaded, photos, out: Path) -> None:
 def step_occlusion(loaded, photos, out: Path) -> None:
     from ..occlusion import occlusion
 
-    result = occlusion(loaded, photos["chelsea"], patch=32, stride=8, progress=True)
+    # stride 16 keeps the demo quick (169 positions); `convscope occlusion` defaults to stride 8
+    result = occlusion(loaded, photos["chelsea"], patch=32, stride=16, progress=True)
     write_occlusion_outputs(result, out / "occlusion", stem="chelsea")
     for line in summary_lines(result):
         print(f"  occlusion: {line}")
