@@ -7,6 +7,8 @@ Example:
     >>> res = convscope.activations(model, "cat.jpg")       # every conv layer after its activation
     >>> res.grid(res.layers[3])                             # a PIL image; shows inline in Jupyter
     >>> convscope.visualize_features(model, "blocks.3.1.bn1", range(8)).sheet()   # what 8 filters want to see
+    >>> convscope.occlusion(model, "cat.jpg").sheet()       # occlusion maps (exact incremental inference)
+    >>> print(convscope.probe(model).table())               # linear probes by depth, pretrained vs random
 """
 
 from .activations import ActivationResult, activations, predict
@@ -28,16 +30,19 @@ from .features import FeatureResult, visualize, visualize_classes, visualize_fea
 from .images import load_image, sample_photos
 from .layers import Catalogue, LayerInfo, build_catalogue
 from .models import LoadedModel, Preprocessing, as_loaded, list_models, load_model
+from .occlusion import OcclusionResult, occlusion
+from .probe import ProbeDataset, ProbeResult, probe
 from .render import channel_grid, overlay_heatmap
 from .scan import ScanResult, TopK, scan, write_scan
 
 __all__ = [
     "ActivationResult", "Catalogue", "ConvscopeError", "DeconvResult", "FeatureResult", "FolderImages",
-    "LayerInfo", "LoadedModel", "Preprocessing", "Projections", "SampleImages", "ScanResult", "TensorImages",
-    "TopK", "Unit", "activations", "as_loaded", "backward_rule", "build_catalogue", "capture", "channel_grid",
-    "deconv", "frozen", "list_models", "load_image", "load_model", "overlay_heatmap", "predict",
-    "project_units", "recording", "render_projection_pair", "sample_photos", "scan", "strongest_units",
-    "top_positions", "visualize", "visualize_classes", "visualize_features", "write_scan",
+    "LayerInfo", "LoadedModel", "OcclusionResult", "Preprocessing", "ProbeDataset", "ProbeResult",
+    "Projections", "SampleImages", "ScanResult", "TensorImages", "TopK", "Unit", "activations", "as_loaded",
+    "backward_rule", "build_catalogue", "capture", "channel_grid", "deconv", "frozen", "list_models",
+    "load_image", "load_model", "occlusion", "overlay_heatmap", "predict", "probe", "project_units",
+    "recording", "render_projection_pair", "sample_photos", "scan", "strongest_units", "top_positions",
+    "visualize", "visualize_classes", "visualize_features", "write_scan",
 ]
 
 __version__ = "0.1.0"

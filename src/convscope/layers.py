@@ -367,7 +367,9 @@ def build_catalogue(model: nn.Module, input_size: tuple[int, int] = (224, 224), 
                 records.append((name if k == 0 else f"{name}@{k}", module, output))
         return hook
 
-    x = torch.zeros(1, 3, *input_size, device=device)
+    param = next(model.parameters(), None)
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    x = torch.zeros(1, 3, *input_size, device=device, dtype=dtype)  # a float64 model gets a float64 probe
     handles = []
     with frozen(model):
         try:

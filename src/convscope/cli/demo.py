@@ -17,14 +17,17 @@ from ..models import load_model
 from ._common import add_out_arg, out_dir
 from .activations import write_activation_outputs
 from .deconv import write_deconv_outputs
+from .occlusion import summary_lines, write_occlusion_outputs
+from .probe import write_probe_outputs
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("demo", help="run the main job on the default model and sample photos (offline)",
                               description="Predictions, feature-map grids, overlays and evolution strips for "
-                                          "scikit-image's chelsea, astronaut and coffee photos, and deconvnet / "
-                                          "guided backprop / gradient sheets for a middle and a deep layer, and a dataset scan "
-                                          "(top 9 per channel) of the built-in sample windows.",
+                                          "scikit-image's chelsea, astronaut and coffee photos; feature visualizations; deconvnet / "
+                                          "guided backprop / gradient sheets for a middle and a deep layer; a dataset scan "
+                                          "(top 9 per channel) of the built-in sample windows; occlusion maps for chelsea; "
+                                          "linear probes by depth on scikit-image's lfw_subset.",
                               epilog="Example: convscope demo --out runs/demo")
     add_out_arg(p, "runs/demo")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -108,7 +111,29 @@ def step_features(loaded, photos, out: Path) -> None:
         print(f"  feature sheet, shallow to deep: {out / 'features_sheet.png'}")
 
 
-STEPS = [step_predict, step_activations, step_features, step_deconv, step_scan]
+def step_occlusion(loaded, photos, out: Path) -> None:
+    from ..occlusion import occlusion
+
+    # stride 16 keeps the demo quick (169 positions); `convscope occlusion` defaults to stride 8
+    result = occlusion(loaded, photos["chelsea"], patch=32, stride=16, progress=True)
+    write_occlusion_outputs(result, out / "occlusion", stem="chelsea")
+    for line in summary_lines(result):
+        print(f"  occlusion: {line}")
+    print(f"  occlusion maps: {out / 'occlusion'}")
+
+
+def step_probe(loaded, photos, out: Path) -> None:
+    from ..probe import default_layers, probe
+
+    # Cheap settings: 64x64 inputs and 5 layers; `convscope probe --samples` runs the full-size version.
+    layers = [layer.name for layer in default_layers(loaded, 5)]
+    result = probe(loaded, None, layers, folds=5, seed=0, size=64, progress=True)
+    write_probe_outputs(result, out / "probe")
+    print("  " + result.table().replace("\n", "\n  "))
+    print(f"  probe table and plot: {out / 'probe'}")
+
+
+STEPS = [step_predict, step_activations, step_features, step_deconv, step_scan, step_occlusion, step_probe]
 
 
 def run(args) -> int:

@@ -1,0 +1,171 @@
+"""Occlusion maps on the real default model: what they show, their shapes, and exactness of the fast path."""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from convscope import ConvscopeError, LoadedModel
+from convscope.cli.main import main
+from convscope.occlusion import occluder_grid, occlusion
+
+from .conftest import model_state
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These runs are many small ops: on a shared, oversubscribed CPU, OpenMP barriers cost far more
+    than a second thread gains (20x slower measured here), so run them on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_occluding_the_head_lowers_the_cat_probability_more_than_a_background_corner(default_model, photos):
+    before = model_state(default_model.module)
+    res = occlusion(default_model, photos["chelsea"], patch=96, stride=64)   # 3x3 positions at 0, 64, 128
+    assert model_state(default_model.module) == before
+    assert "cat" in res.target_name.lower() and res.target == res.base_label
+    head = res.probability[1, 1]     # the occluder over both eyes and the nose
+    corner = res.probability[0, 2]   # top-right corner: mostly the blurred background
+    assert head < res.base_probability - 0.05
+    assert head < corner - 0.05, (head, corner)
+    assert res.method == "incremental"
+
+
+@pytest.mark.parametrize("size, patch, stride, shape", [
+    ((64, 96), 16, 16, (4, 6)),      # exact tiling
+    ((64, 96), 24, 16, (4, 6)),      # the last row and column are cut off by the border
+    ((64, 96), 64, 8, (1, 5)),       # the patch fills the height
+])
+def test_map_shapes_follow_patch_and_stride(default_model, photos, size, patch, stride, shape):
+    res = occlusion(default_model, photos["coffee"], patch=patch, stride=stride, size=size)
+    assert res.image.shape[:2] == size
+    for name in ("probability", "labels", "label_probability", "activity"):
+        assert getattr(res, name).shape == shape, name
+    assert list(res.tops) == list(range(0, shape[0] * stride, stride))
+    assert list(res.lefts) == list(range(0, shape[1] * stride, stride))
+    data = res.as_dict()
+    assert np.array(data["probability"]).shape == shape and np.array(data["activity"]).shape == shape
+    assert data["map_shape"] == list(shape)
+
+
+def test_batched_equals_unbatched(default_model, photos):
+    kwargs = dict(patch=48, stride=24, size=(96, 96))
+    one = occlusion(default_model, photos["astronaut"], batch_size=1, **kwargs)
+    many = occlusion(default_model, photos["astronaut"], batch_size=4, **kwargs)   # 9 copies: 3 uneven chunks
+    plain_one = occlusion(default_model, photos["astronaut"], method="plain", batch_size=1, **kwargs)
+    plain_many = occlusion(default_model, photos["astronaut"], method="plain", batch_size=9, **kwargs)
+    for res in (many, plain_one, plain_many):
+        # float32: batch size changes the convolution kernels' summation order, nothing more
+        np.testing.assert_allclose(res.probability, one.probability, atol=1e-5)
+        np.testing.assert_allclose(res.activity, one.activity, rtol=1e-4, atol=1e-5)
+        assert np.array_equal(res.labels, one.labels)
+
+
+def test_incremental_equals_plain_in_float32_at_224(default_model, photos):
+    kwargs = dict(patch=32, stride=48)           # 5x5 positions, corners and edges included
+    fast = occlusion(default_model, photos["chelsea"], **kwargs)
+    plain = occlusion(default_model, photos["chelsea"], method="plain", **kwargs)
+    assert fast.method == "incremental" and plain.method == "plain"
+    np.testing.assert_allclose(fast.probability, plain.probability, atol=1e-5)
+    np.testing.assert_allclose(fast.activity, plain.activity, rtol=1e-4, atol=1e-4)
+    assert np.array_equal(fast.labels, plain.labels)
+    # it really skipped work: TF-"same" pads, depthwise and strided convs all ran incrementally
+    assert fast.incremental["conv_mac_fraction"] < 0.75
+    assert fast.incremental["ops_without_rule"] == {}
+
+
+def test_incremental_is_exact_in_float64(default_model, photos):
+    """The proof of exactness: in float64 the incremental maps equal the plain occluded forward to ~1e-15."""
+    module = copy.deepcopy(default_model.module).double()
+    model64 = LoadedModel(module, "efficientnet_lite0 float64", default_model.weights, default_model.preprocessing,
+                          default_model.class_names)
+    kwargs = dict(patch=24, stride=16, size=(64, 80), fill="blur")   # 4x5 positions, last row and column cut off
+    fast = occlusion(model64, photos["chelsea"], **kwargs)
+    plain = occlusion(model64, photos["chelsea"], method="plain", **kwargs)
+    assert fast.probability.dtype == np.float64 and fast.method == "incremental"
+    assert np.abs(fast.probability - plain.probability).max() < 1e-12
+    assert np.abs(fast.activity - plain.activity).max() < 1e-10
+    assert np.array_equal(fast.labels, plain.labels)
+
+
+def test_fills_and_target_and_feature_choice(default_model, photos):
+    base = dict(patch=56, stride=56)
+    gray = occlusion(default_model, photos["chelsea"], **base)
+    for fill in ("mean", "blur"):
+        other = occlusion(default_model, photos["chelsea"], fill=fill, **base)
+        assert other.base_probability == pytest.approx(gray.base_probability)
+        assert not np.allclose(other.probability, gray.probability)
+    tabby = occlusion(default_model, photos["chelsea"], target="tabby", layer="blocks.5.0.bn2", channel=3, **base)
+    assert tabby.target_name == "tabby" and tabby.target == 281
+    assert tabby.layer.name == "blocks.5.0.bn2" and tabby.channel == 3
+    assert gray.layer.name == default_model.catalogue.features[-1].name   # default: the deepest feature layer
+
+
+def test_bad_input_gives_clear_errors(default_model, photos):
+    before = model_state(default_model.module)
+    with pytest.raises(ConvscopeError, match="larger than the image"):
+        occlusion(default_model, photos["chelsea"], patch=300)
+    with pytest.raises(ConvscopeError, match="fill"):
+        occlusion(default_model, photos["chelsea"], fill="pink")
+    with pytest.raises(ConvscopeError, match="Did you mean"):
+        occlusion(default_model, photos["chelsea"], patch=112, stride=112, target="tabby cta")
+    with pytest.raises(ConvscopeError, match="channel 5000 is out of range"):
+        occlusion(default_model, photos["chelsea"], patch=112, stride=112, channel=5000)
+    with pytest.raises(ConvscopeError, match="at least 1"):
+        occluder_grid(224, 224, 32, 0)
+    assert model_state(default_model.module) == before
+
+
+class _ReadsBatchSize(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = torch.nn.Linear(4, 10)
+
+    def forward(self, x):
+        y = torch.relu(self.conv(x)).mean((2, 3))
+        return self.fc(y.view(y.size(0), -1))
+
+
+def test_unsupported_model_falls_back_to_plain_and_says_so(photos):
+    torch.manual_seed(0)
+    module = _ReadsBatchSize()
+    before = model_state(module)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = occlusion(module, photos["coffee"], patch=16, stride=16, size=(32, 32))
+    plain = occlusion(module, photos["coffee"], patch=16, stride=16, size=(32, 32), method="plain")
+    assert res.method.startswith("plain (incremental inference fell back")
+    assert any("fell back" in str(w.message) for w in caught)
+    np.testing.assert_allclose(res.probability, plain.probability, atol=1e-6)
+    assert model_state(module) == before
+
+
+def test_drawings(default_model, photos):
+    res = occlusion(default_model, photos["chelsea"], patch=96, stride=64)
+    for picture in (res.probability_image(), res.label_image(), res.activity_image(), res.sheet()):
+        assert isinstance(picture, Image.Image) and picture.width > res.image.shape[1]
+
+
+def test_cli_writes_maps_and_pictures(tmp_path, photos, capsys):
+    photo = tmp_path / "cat.png"
+    Image.fromarray(photos["chelsea"]).save(photo)
+    out = tmp_path / "occ"
+    assert main(["occlusion", str(photo), "--patch", "96", "--stride", "64", "--out", str(out)]) == 0
+    data = json.loads((out / "occlusion.json").read_text())
+    assert np.array(data["probability"]).shape == (3, 3) and np.array(data["labels"]).shape == (3, 3)
+    for name in data["files"].values():
+        assert (out / name).exists()
+    assert "target:" in capsys.readouterr().out
+    assert main(["occlusion", str(photo), "--patch", "500", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "larger than the image" in err and "Traceback" not in err
