@@ -98,7 +98,7 @@ class ActivationResult:
             tiles.append(render.label_image(tile_img, f"{layer.alias or layer.name} ch{c}", size=10))
         row = render.stack_horizontal(tiles, gap=4)
         strip = render.title_strip(row.width, [
-            f"shallow → deep: the most active channel of each layer · {self.model_title}",
+            f"shallow to deep: the most active channel of each layer · {self.model_title}",
             "each tile scaled to its own min..max"])
         return render.stack_vertical([strip, row])
 
