@@ -81,8 +81,8 @@ class ActivationResult:
         ])
         return render.stack_vertical([strip, row])
 
-    def evolution(self, *, height: int = 128, cmap: str = "viridis") -> Image.Image:
-        """One row, shallow to deep: the photo, then each layer's most active channel."""
+    def evolution(self, *, height: int = 128, cmap: str = "viridis", per_row: int = 10) -> Image.Image:
+        """Shallow to deep: the photo, then each layer's most active channel, ``per_row`` to a row."""
         photo = Image.fromarray(self.image)
         photo = photo.resize((max(1, round(photo.width * height / photo.height)), height), Image.BILINEAR)
         tiles = [render.label_image(photo, "input")]
@@ -96,11 +96,12 @@ class ActivationResult:
             width = max(1, round(tile_img.width * height / tile_img.height))
             tile_img = tile_img.resize((width, height), Image.NEAREST)
             tiles.append(render.label_image(tile_img, f"{layer.alias or layer.name} ch{c}", size=10))
-        row = render.stack_horizontal(tiles, gap=4)
-        strip = render.title_strip(row.width, [
-            f"shallow to deep: the most active channel of each layer · {self.model_title}",
+        rows = [render.stack_horizontal(tiles[i:i + per_row], gap=4) for i in range(0, len(tiles), per_row)]
+        body = render.stack_vertical(rows)
+        strip = render.title_strip(body.width, [
+            f"shallow -> deep: the most active channel of each layer · {self.model_title}",
             "each tile scaled to its own min..max"])
-        return render.stack_vertical([strip, row])
+        return render.stack_vertical([strip, body])
 
 
 def activations(

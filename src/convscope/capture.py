@@ -6,7 +6,10 @@
   and removes every hook on exit. Outputs are cloned when recorded, so a later in-place
   op (``ReLU(inplace=True)`` after a conv) cannot corrupt them, and the forward pass can
   stop right after the last requested layer, which saves the rest of the network.
-* :func:`capture` is the one-call form: one forward pass, every requested layer.
+* :func:`capture` is the one-call form: one forward pass, every requested layer. It
+  records without copying and checks each tensor's version counter afterwards; only if an
+  in-place op did touch a recorded output (``out += identity`` in a ResNet block) does it
+  run a second pass that copies those layers. Copies cost as much as a conv layer here.
 """
 
 from __future__ import annotations
@@ -20,9 +23,21 @@ from torch import nn
 from .errors import ConvscopeError, suggest
 from .layers import LayerInfo, parse_layer_name
 
-__all__ = ["frozen", "recording", "capture", "StopForward", "LayerRef"]
+__all__ = ["frozen", "recording", "capture", "StopForward", "Recorded", "LayerRef"]
 
 LayerRef = str | LayerInfo
+
+
+class Recorded(dict):
+    """``name -> tensor`` as recorded, plus each tensor's autograd version at that moment."""
+
+    def __init__(self):
+        super().__init__()
+        self.versions: dict[str, int] = {}
+
+    def modified(self) -> list[str]:
+        """Names whose tensor was changed in place after it was recorded."""
+        return [name for name, tensor in self.items() if tensor._version != self.versions[name]]
 
 
 class StopForward(Exception):
@@ -58,7 +73,7 @@ def recording(
     clone: bool = True,
     detach: bool = True,
     stop_after_last: bool = False,
-) -> Iterator[dict[str, torch.Tensor]]:
+) -> Iterator[Recorded]:
     """Record the outputs of ``layers`` on every forward pass of ``model``.
 
     Args:
@@ -70,7 +85,7 @@ def recording(
             the forward call (``capture`` does).
 
     Yields:
-        a dict ``name -> tensor (B, C, H, W)``, refilled on each forward.
+        a :class:`Recorded` dict ``name -> tensor (B, C, H, W)``, refilled on each forward.
 
     Example:
         >>> with recording(model, ["features.1"]) as out:
@@ -88,7 +103,7 @@ def recording(
                 "Run `convscope layers` to list the names."
             )
         wanted.setdefault(module_name, {})[call] = name
-    store: dict[str, torch.Tensor] = {}
+    store = Recorded()
     calls: dict[str, int] = {}
 
     def reset(_module, _inputs):
@@ -104,6 +119,7 @@ def recording(
                 return
             value = output.detach() if detach else output
             store[name] = value.clone() if clone else value
+            store.versions[name] = store[name]._version
             if stop_after_last and len(store) == len(names):
                 raise StopForward
         return hook
@@ -132,10 +148,18 @@ def capture(
     Shape:
         x: ``(B, 3, H, W)`` already normalised for the model; outputs ``(B, C, h, w)``.
     """
-    with frozen(model), torch.no_grad(), recording(model, layers, stop_after_last=stop_after_last) as store:
-        with contextlib.suppress(StopForward):
-            model(x)
-        missing = [n for n in _names(layers) if n not in store]
-        if missing:
-            raise ConvscopeError(f"layers {missing} did not run in the forward pass (not reached for this input?)")
-        return dict(store)
+    names = _names(layers)
+    with frozen(model), torch.no_grad():
+        with recording(model, names, clone=False, stop_after_last=stop_after_last) as store:
+            with contextlib.suppress(StopForward):
+                model(x)
+            outputs, stale = dict(store), store.modified()
+        if stale:
+            with recording(model, stale, clone=True, stop_after_last=stop_after_last) as store:
+                with contextlib.suppress(StopForward):
+                    model(x)
+                outputs.update(store)
+    missing = [n for n in names if n not in outputs]
+    if missing:
+        raise ConvscopeError(f"layers {missing} did not run in the forward pass (not reached for this input?)")
+    return outputs

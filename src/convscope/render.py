@@ -4,6 +4,10 @@ Everything here is vectorised numpy on whole stacks of channels; a grid is one p
 one reshape, not a per-channel loop. Colour maps come from matplotlib's lookup tables.
 Scaling is always stated on the picture: per-channel scaling says so in the title strip,
 and a shared scale gets a colour bar.
+
+Channel grids are palette ("P" mode) images: one byte per pixel instead of three makes
+them faster to build and to encode as PNG and ~3x smaller, with 253 colour-map levels
+(``.convert("RGB")`` gives pixels).
 """
 
 from __future__ import annotations
@@ -15,11 +19,35 @@ from PIL import Image, ImageDraw, ImageFont
 
 __all__ = [
     "colorize", "normalize_channels", "tile", "channel_grid", "title_strip", "stack_vertical",
-    "stack_horizontal", "overlay_heatmap", "colorbar", "label_image", "signed_to_gray", "font",
+    "stack_horizontal", "overlay_heatmap", "colorbar", "label_image", "signed_to_gray", "font", "palette",
+    "quantize", "palette_image",
 ]
 
 SEPARATOR_COLOR = (32, 32, 32)
 BACKGROUND = (255, 255, 255)
+
+# Palette layout of grid images: colour-map levels, then the three fixed colours.
+LEVELS = 253
+SEPARATOR_INDEX, BACKGROUND_INDEX, TEXT_INDEX = 253, 254, 255
+
+
+@lru_cache(maxsize=16)
+def palette(cmap: str = "viridis") -> list[int]:
+    """A 256-entry PIL palette: ``LEVELS`` colour-map steps, then separator, background, text."""
+    table = _lut(cmap)[np.linspace(0, 255, LEVELS).round().astype(int)]
+    fixed = np.array([SEPARATOR_COLOR, BACKGROUND, (0, 0, 0)], np.uint8)
+    return np.concatenate([table, fixed]).reshape(-1).tolist()
+
+
+def quantize(values01: np.ndarray) -> np.ndarray:
+    """Values in [0, 1] → palette indices ``0 .. LEVELS-1`` (uint8)."""
+    return np.clip(np.nan_to_num(values01) * (LEVELS - 1) + 0.5, 0, LEVELS - 1).astype(np.uint8)
+
+
+def palette_image(indices: np.ndarray, cmap: str = "viridis") -> Image.Image:
+    image = Image.fromarray(indices, "P")
+    image.putpalette(palette(cmap))
+    return image
 
 
 @lru_cache(maxsize=16)
@@ -68,56 +96,73 @@ def normalize_channels(maps: np.ndarray, mode: str = "channel") -> tuple[np.ndar
     return scaled, lows, highs
 
 
-def tile(tiles: np.ndarray, cols: int, sep: int = 1, sep_value=SEPARATOR_COLOR) -> np.ndarray:
-    """Lay ``(N, H, W, 3)`` tiles out row-major in ``cols`` columns with ``sep``-pixel separators.
+def tile(tiles: np.ndarray, cols: int, sep: int = 1, sep_value=SEPARATOR_COLOR, background=BACKGROUND) -> np.ndarray:
+    """Lay ``(N, H, W[, C])`` tiles out row-major in ``cols`` columns with ``sep``-pixel separators.
 
     One pad and one reshape: tile ``i`` lands at row ``i // cols``, column ``i % cols``,
     its top-left pixel at ``(row * (H + sep) + sep, col * (W + sep) + sep)``.
     """
+    squeeze = tiles.ndim == 3
+    if squeeze:
+        tiles = tiles[..., None]
     n, h, w, c = tiles.shape
     cols = max(1, min(cols, n))
     rows = -(-n // cols)
-    fill = np.asarray(sep_value, dtype=tiles.dtype)
     padded = np.empty((rows * cols, h + sep, w + sep, c), dtype=tiles.dtype)
-    padded[...] = fill
+    padded[...] = np.asarray(sep_value, dtype=tiles.dtype)
     padded[:n, sep:, sep:] = tiles
     if n < rows * cols:
-        padded[n:, sep:, sep:] = np.asarray(BACKGROUND, dtype=tiles.dtype)
+        padded[n:, sep:, sep:] = np.asarray(background, dtype=tiles.dtype)
     grid = padded.reshape(rows, cols, h + sep, w + sep, c).transpose(0, 2, 1, 3, 4)
     grid = grid.reshape(rows * (h + sep), cols * (w + sep), c)
     # close the right and bottom edges with a separator line too
     out = np.empty((grid.shape[0] + sep, grid.shape[1] + sep, c), dtype=tiles.dtype)
-    out[...] = fill
+    out[...] = np.asarray(sep_value, dtype=tiles.dtype)
     out[: grid.shape[0], : grid.shape[1]] = grid
-    return out
+    return out[..., 0] if squeeze else out
 
 
-def title_strip(width: int, lines: list[str], size: int = 14) -> Image.Image:
-    """A white strip of ``width`` pixels holding ``lines`` of text."""
+def title_strip(width: int, lines: list[str], size: int = 14, cmap: str | None = None) -> Image.Image:
+    """A white strip of ``width`` pixels holding ``lines`` of text (a palette image when ``cmap``)."""
     line_height = size + 4
-    strip = Image.new("RGB", (max(width, 1), line_height * len(lines) + 6), BACKGROUND)
+    shape = (max(width, 1), line_height * len(lines) + 6)
+    if cmap:
+        strip = Image.new("P", shape, BACKGROUND_INDEX)
+        strip.putpalette(palette(cmap))
+        ink = TEXT_INDEX
+    else:
+        strip, ink = Image.new("RGB", shape, BACKGROUND), (0, 0, 0)
     draw = ImageDraw.Draw(strip)
     for i, line in enumerate(lines):
-        draw.text((4, 3 + i * line_height), line, fill=(0, 0, 0), font=font(size))
+        draw.text((4, 3 + i * line_height), line, fill=ink, font=font(size))
     return strip
 
 
-def stack_vertical(images: list[Image.Image], background=BACKGROUND) -> Image.Image:
-    width = max(im.width for im in images)
-    out = Image.new("RGB", (width, sum(im.height for im in images)), background)
+def _canvas(images: list[Image.Image], size: tuple[int, int]) -> Image.Image:
+    """A blank canvas in the first image's mode (keeping a shared palette), else RGB."""
+    first = images[0]
+    if first.mode == "P" and all(im.mode == "P" for im in images):
+        canvas = Image.new("P", size, BACKGROUND_INDEX)
+        canvas.putpalette(first.getpalette())
+        return canvas
+    return Image.new("RGB", size, BACKGROUND)
+
+
+def stack_vertical(images: list[Image.Image]) -> Image.Image:
+    out = _canvas(images, (max(im.width for im in images), sum(im.height for im in images)))
     y = 0
     for im in images:
-        out.paste(im, (0, y))
+        out.paste(im if out.mode == im.mode else im.convert(out.mode), (0, y))
         y += im.height
     return out
 
 
-def stack_horizontal(images: list[Image.Image], gap: int = 0, background=BACKGROUND) -> Image.Image:
+def stack_horizontal(images: list[Image.Image], gap: int = 0) -> Image.Image:
     height = max(im.height for im in images)
-    out = Image.new("RGB", (sum(im.width for im in images) + gap * (len(images) - 1), height), background)
+    out = _canvas(images, (sum(im.width for im in images) + gap * (len(images) - 1), height))
     x = 0
     for im in images:
-        out.paste(im, (x, 0))
+        out.paste(im if out.mode == im.mode else im.convert(out.mode), (x, 0))
         x += im.width + gap
     return out
 
@@ -132,7 +177,7 @@ def channel_grid(
     sep: int = 1,
     min_tile: int = 0,
 ) -> Image.Image:
-    """All channels of one layer as one picture, at native resolution.
+    """All channels of one layer as one palette image, at native resolution.
 
     Args:
         maps: ``(C, H, W)`` activations of one image.
@@ -149,15 +194,17 @@ def channel_grid(
     if min_tile and maps.shape[1] < min_tile:
         factor = -(-min_tile // maps.shape[1])
         scaled = scaled.repeat(factor, axis=1).repeat(factor, axis=2)
-    grid = Image.fromarray(tile(colorize(scaled, cmap), cols, sep))
+    indices = tile(quantize(scaled), cols, sep, SEPARATOR_INDEX, BACKGROUND_INDEX)
+    grid = palette_image(indices, cmap)
     c, h, w = maps.shape
     lines = [title or "", f"{c} channels x {h}x{w}"]
     if scale == "channel":
         lines.append(f"each tile scaled to its own min..max; raw range {lows.min():.3g} .. {highs.max():.3g}")
-        return stack_vertical([title_strip(grid.width, lines), grid])
+        return stack_vertical([title_strip(grid.width, lines, cmap=cmap), grid])
     lines.append(f"one scale for all tiles: {lows[0]:.3g} .. {highs[0]:.3g}")
     bar = colorbar(grid.height, float(lows[0]), float(highs[0]), cmap)
-    return stack_vertical([title_strip(grid.width + bar.width, lines), stack_horizontal([grid, bar])])
+    body = stack_horizontal([grid.convert("RGB"), bar])
+    return stack_vertical([title_strip(body.width, lines), body])
 
 
 def colorbar(height: int, low: float, high: float, cmap: str = "viridis", width: int = 16) -> Image.Image:

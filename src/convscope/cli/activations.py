@@ -8,6 +8,7 @@ from tqdm import tqdm
 
 from .._io import save_json, save_npz, save_png
 from ..activations import activations
+from ..images import load_image
 from ._common import add_model_args, add_out_arg, load_from_args, out_dir, parse_size
 
 
@@ -54,9 +55,10 @@ def write_activation_outputs(result, out: Path, *, cols=16, cmap="viridis", scal
 
 
 def run(args) -> int:
-    loaded = load_from_args(args)
     size = parse_size(args.size)
-    result = activations(loaded, args.image, args.layers, size=size)
+    image = load_image(args.image)  # fail on a bad image before loading a large model
+    loaded = load_from_args(args)
+    result = activations(loaded, image, args.layers, size=size)
     out = out_dir(args.out)
     write_activation_outputs(result, out, cols=args.cols, cmap=args.cmap, scale=args.scale,
                              overlay=args.overlay, save_arrays=args.save_npz)

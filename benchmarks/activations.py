@@ -1,0 +1,114 @@
+"""Benchmark: capture every conv layer + grids to PNG, vs a bare forward and vs the post's pipeline.
+
+Task: VGG19 (random init) and the default model at 224×224, all conv (feature) layers.
+Side by side in one process:
+  bare      a bare forward pass, plus PNG encoding of grid-sized images made beforehand;
+  ours      convscope.activations (one forward, hooks) + one grid PNG per layer;
+  post      the blog post's loop: per-channel copies into np.zeros, plt.imshow at figsize (25, 25), savefig.
+Targets: ours within 2x of bare; at least 5x faster than post.
+
+Run: .venv/bin/python benchmarks/activations.py [--repeat 3] [--post-layers N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import convscope  # noqa: E402
+from convscope._io import save_png  # noqa: E402
+from convscope.capture import capture  # noqa: E402
+from convscope.images import sample_photos  # noqa: E402
+
+
+def best_of(fn, repeat):
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def post_pipeline(maps: dict[str, np.ndarray], out: Path) -> None:
+    """The post's code, channels-first: a per-channel loop into np.zeros, then a 25x25-inch figure."""
+    for name, activation in maps.items():
+        num_channels, h, w = activation.shape
+        cols = 16
+        rows = math.ceil(num_channels / cols)
+        img_grid = np.zeros((h * rows, w * cols))
+        for c in range(num_channels):
+            f_r = math.ceil((c + 1) / cols)
+            f_c = (c + 1) if f_r == 1 else (c + 1 - (f_r - 1) * cols)
+            img_grid[(f_r - 1) * h:f_r * h, (f_c - 1) * w:f_c * w] = activation[c]
+        plt.figure(figsize=(25, 25))
+        plt.imshow(img_grid, aspect="equal", cmap="viridis")
+        plt.grid(False)
+        plt.title(name, fontsize=16)
+        plt.savefig(out / f"post_{name}.png")
+        plt.close()
+
+
+def bench(loaded, photo, repeat, post_layers, out: Path) -> dict:
+    layers = loaded.catalogue.features
+    x, rgb = loaded.tensor(photo, (224, 224))
+    last = layers[-1].name
+
+    def bare_forward():
+        capture(loaded.module, x, [last])  # forward to the deepest conv layer, nothing else kept
+
+    result = convscope.activations(loaded, rgb, size=(224, 224))
+    grids = [result.grid(layer) for layer in layers]  # the very pictures ours writes
+
+    def encode_only():
+        for i, grid in enumerate(grids):
+            grid.save(out / f"bare_{i}.png", compress_level=1)
+
+    def ours():
+        res = convscope.activations(loaded, rgb, size=(224, 224))
+        for layer in res.layers:
+            render_path = out / f"ours_{layer.name}.png"
+            save_png(res.grid(layer), render_path)
+
+    post_maps = {layer.name: result.maps[layer.name] for layer in layers[:post_layers]}
+    t_forward = best_of(bare_forward, repeat)
+    t_encode = best_of(encode_only, repeat)
+    t_ours = best_of(ours, repeat)
+    t_post_part = best_of(lambda: post_pipeline(post_maps, out), 1)
+    t_post = t_forward + t_post_part * len(layers) / len(post_maps)  # scaled to all layers
+    return {"model": loaded.title, "layers": len(layers), "forward": t_forward, "bare": t_forward + t_encode,
+            "ours": t_ours, "post": t_post, "post_measured_layers": len(post_maps)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--post-layers", type=int, default=6,
+                        help="layers the post's pipeline draws (its time is scaled to all layers)")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    photo = sample_photos(("astronaut",))["astronaut"]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, 224x224, all feature layers")
+    with tempfile.TemporaryDirectory() as tmp:
+        for loaded in (convscope.load_model("vgg19", random=True, device="cpu"), convscope.load_model(device="cpu")):
+            r = bench(loaded, photo, args.repeat, args.post_layers, Path(tmp))
+            print(f"\n{r['model']}: {r['layers']} layers")
+            print(f"  bare forward                 {r['forward']:7.3f} s")
+            print(f"  bare forward + PNG encoding  {r['bare']:7.3f} s")
+            print(f"  ours: capture + grids + PNG  {r['ours']:7.3f} s   ratio to bare {r['ours'] / r['bare']:.2f}x (target <= 2x)")
+            print(f"  post's pipeline (plt)        {r['post']:7.3f} s   (measured on {r['post_measured_layers']} layers, scaled)")
+            print(f"  speed-up over the post       {r['post'] / r['ours']:.1f}x (target >= 5x)")
+
+
+if __name__ == "__main__":
+    main()

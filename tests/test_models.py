@@ -1,0 +1,118 @@
+import urllib.error
+
+import pytest
+import torch
+from torch import nn
+
+import convscope
+from convscope.activations import predict
+from convscope.errors import ConvscopeError
+from convscope.models import map_state_dict_by_order
+
+
+def test_default_model_real_weights_cat_and_espresso(default_model, photos):
+    cat = predict(default_model, photos["chelsea"])
+    assert cat[0]["name"] == "Egyptian cat"
+    assert cat[0]["probability"] > 0.6
+    coffee = predict(default_model, photos["coffee"])
+    assert coffee[0]["name"] == "espresso"
+    assert coffee[0]["probability"] > 0.7
+
+
+def test_default_model_carries_preprocessing_and_classes(default_model):
+    pre = default_model.preprocessing
+    assert pre.input_size == (224, 224)
+    assert pre.value_range == pytest.approx((-1.0, 1.0))
+    assert len(default_model.class_names) == 1000
+    assert default_model.class_names[285] == "Egyptian cat"
+
+
+def test_unknown_model_suggests_close_names():
+    with pytest.raises(ConvscopeError, match="vgg19"):
+        convscope.load_model("vgg91")
+
+
+def test_offline_torchvision_names_weights_and_random(monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(ConvscopeError) as err:
+        convscope.load_model("alexnet", device="cpu")
+    assert "--weights" in str(err.value) and "--random" in str(err.value)
+
+
+def test_random_init_says_so_in_title():
+    loaded = convscope.load_model("alexnet", random=True, device="cpu")
+    assert "RANDOM" in loaded.title and loaded.random_init
+
+
+def test_local_state_dict_loads_weights_only(tmp_path):
+    torch.manual_seed(3)
+    source = convscope.load_model("alexnet", random=True, device="cpu").module
+    path = tmp_path / "alexnet.pth"
+    torch.save({"state_dict": source.state_dict()}, path)
+    loaded = convscope.load_model("alexnet", weights=str(path), device="cpu")
+    for a, b in zip(source.state_dict().values(), loaded.module.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_state_dict_for_wrong_architecture_is_a_clear_error(tmp_path):
+    path = tmp_path / "w.pth"
+    torch.save(nn.Linear(3, 4).state_dict(), path)
+    with pytest.raises(ConvscopeError, match="do not fit"):
+        convscope.load_model("alexnet", weights=str(path), device="cpu")
+
+
+class _Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(x).relu()
+
+
+def tiny_factory():
+    return _Tiny()
+
+
+def test_pickled_module_needs_trust_file(tmp_path):
+    path = tmp_path / "tiny.pt"
+    torch.save(_Tiny(), path)
+    with pytest.raises(ConvscopeError, match="--trust-file"):
+        convscope.load_model(str(path), device="cpu")
+    loaded = convscope.load_model(str(path), trust_file=True, device="cpu")
+    assert isinstance(loaded.module, _Tiny)
+
+
+def test_torchscript_file_and_factory(tmp_path):
+    path = tmp_path / "tiny.ts"
+    torch.jit.script(_Tiny()).save(str(path))
+    assert convscope.load_model(str(path), device="cpu").module(torch.zeros(1, 3, 8, 8)).shape == (1, 4, 8, 8)
+    loaded = convscope.load_model("tests.test_models:tiny_factory", device="cpu")
+    assert type(loaded.module).__name__ == "_Tiny"
+
+
+def test_state_dict_file_as_model_says_use_weights(tmp_path):
+    path = tmp_path / "sd.pt"
+    torch.save(_Tiny().state_dict(), path)
+    with pytest.raises(ConvscopeError, match="--weights"):
+        convscope.load_model(str(path), device="cpu")
+
+
+def test_map_state_dict_by_order_checks_shapes():
+    target = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 5, 1)).state_dict()
+    good = {f"x{i}": v.clone() + 1 for i, v in enumerate(target.values())}
+    mapped = map_state_dict_by_order(good, target)
+    assert all(torch.equal(mapped[k], v) for k, v in zip(target, good.values()))
+    bad = dict(good)
+    bad["x0"] = torch.zeros(4, 3, 5, 5)
+    with pytest.raises(ConvscopeError, match="shape mismatch"):
+        map_state_dict_by_order(bad, target)
+
+
+def test_as_loaded_does_not_touch_a_user_module():
+    module = _Tiny().train()
+    loaded = convscope.as_loaded(module)
+    assert loaded.module is module and module.training
