@@ -11,7 +11,6 @@ from urllib.parse import unquote, urlsplit
 import numpy as np
 import pytest
 import torch
-from conftest import model_state
 from PIL import Image
 from torch import nn
 
@@ -22,8 +21,12 @@ from convscope.atlas.store import slugify, unique_slugs
 from convscope.cli.main import main
 from convscope.serve import start_server
 
+from .conftest import model_state
+
 SMALL = AtlasSettings(layers="bn1,blocks.2.0.bn2,blocks.5.0.bn3", channels_per_layer=3, steps=8,
                       feature_size=48, top=3)
+# Tests of the build machinery run only the cheap stages.
+CHEAP = ("features", "scan", "deconv")
 EVIL = '<script>alert("x")</script>'
 
 
@@ -149,7 +152,7 @@ def test_rebuild_reuses_every_record(small_atlas, default_model, photos):
 
 
 def test_a_changed_setting_rebuilds_only_what_it_changes(default_model, one_photo, tmp_path):
-    settings = AtlasSettings(layers="blocks.5.0.bn3,blocks.6.0.bn3", channels_per_layer=2)
+    settings = AtlasSettings(layers="blocks.5.0.bn3,blocks.6.0.bn3", channels_per_layer=2, skip=CHEAP)
     build_atlas(default_model, one_photo, tmp_path, settings, progress=False)
     again = build_atlas(default_model, one_photo, tmp_path, AtlasSettings(**{**settings.__dict__, "cmap": "magma"}),
                         progress=False)
@@ -158,7 +161,7 @@ def test_a_changed_setting_rebuilds_only_what_it_changes(default_model, one_phot
 
 
 def test_a_crash_loses_only_the_layer_in_progress(default_model, one_photo, tmp_path, monkeypatch):
-    settings = AtlasSettings(layers="blocks.4.2.bn3,blocks.5.0.bn3,blocks.6.0.bn3", channels_per_layer=2)
+    settings = AtlasSettings(layers="blocks.4.2.bn3,blocks.5.0.bn3,blocks.6.0.bn3", channels_per_layer=2, skip=CHEAP)
     original = ActivationsStage._render_layer
     calls = []
 
@@ -181,7 +184,7 @@ def test_a_crash_loses_only_the_layer_in_progress(default_model, one_photo, tmp_
 
 
 def test_a_missing_record_file_is_rebuilt(default_model, one_photo, tmp_path):
-    settings = AtlasSettings(layers="blocks.6.0.bn3", channels_per_layer=2)
+    settings = AtlasSettings(layers="blocks.6.0.bn3", channels_per_layer=2, skip=CHEAP)
     build_atlas(default_model, one_photo, tmp_path, settings, progress=False)
     next((tmp_path / "data/activations/blocks.6.0.bn3").glob("*.jpg")).unlink()
     build = build_atlas(default_model, one_photo, tmp_path, settings, progress=False)
@@ -217,7 +220,8 @@ def test_layer_and_file_names_are_escaped(tmp_path):
     Image.fromarray(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)).save(folder / evil_file)
     Image.fromarray(rng.integers(0, 255, (50, 50, 3), dtype=np.uint8)).save(folder / "plain.png")
     out = tmp_path / "atlas"
-    build = build_atlas(net, folder, out, AtlasSettings(channels_per_layer=2), progress=False)
+    build = build_atlas(net, folder, out, AtlasSettings(channels_per_layer=2, steps=4, feature_size=32, top=2),
+                        progress=False)
     assert model_state(net) == before and net.training
 
     manifest = json.loads((out / "atlas.json").read_text())
@@ -282,7 +286,7 @@ class _FakeDeconv(Stage):
 class _Missing(Stage):
     name = "scan"
 
-    def unavailable(self):
+    def unavailable(self, ctx):
         return "no scan <here>"
 
 
@@ -322,7 +326,7 @@ def test_non_spatial_layers_and_bad_skips_are_user_errors(default_model, photos,
 def test_cli_atlas_and_serve_errors(tmp_path, capsys):
     out = tmp_path / "cli"
     assert main(["atlas", "--layers", "blocks.6.0.bn3", "--channels-per-layer", "1", "--photos", "1", "--out", str(out),
-                 "--json"]) == 0
+                 "--skip", "features,deconv", "--json"]) == 0
     report = json.loads(capsys.readouterr().out.split("\n", 1)[1])
     assert Path(report["index"]).is_file() and report["stages"]["activations"]["built"] == 1
     assert main(["atlas", "--skip", "nope", "--out", str(out)]) == 2
@@ -343,3 +347,118 @@ def test_server_listens_on_loopback_only(small_atlas):
     finally:
         server.shutdown()
         server.server_close()
+
+
+# ------------------------------------------------------------------------------ the real stages
+
+def _missing_stages() -> list[str]:
+    import importlib.util
+
+    return [m for m in ("convscope.features", "convscope.scan", "convscope.deconv") if importlib.util.find_spec(m) is None]
+
+
+# TEMPORARY until issues 3, 4 and 5 land on main (then this mark goes).
+pytestmark_stages = pytest.mark.skipif(bool(_missing_stages()), reason=f"not landed yet: {_missing_stages()}")
+
+@pytest.fixture(scope="module")
+def scan_folder(photos, tmp_path_factory):
+    """A small image set for the scan: 4 crops of each sample photo."""
+    folder = tmp_path_factory.mktemp("scan-set")
+    for name, rgb in photos.items():
+        h, w = rgb.shape[:2]
+        for i, (top, left) in enumerate([(0, 0), (0, w // 3), (h // 3, 0), (h // 3, w // 3)]):
+            Image.fromarray(rgb[top:top + 2 * h // 3, left:left + 2 * w // 3]).save(folder / f"{name}_{i}.png")
+    return folder
+
+
+FULL = AtlasSettings(layers="blocks.1.0.bn2,blocks.4.0.bn1", channels_per_layer=2, steps=16, feature_size=48,
+                     top=4)
+
+
+@pytest.fixture(scope="module")
+def full_atlas(default_model, photos, scan_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("full-atlas")
+    settings = AtlasSettings(**{**FULL.__dict__, "scan_images": str(scan_folder)})
+    before = model_state(default_model.module)
+    build = build_atlas(default_model, photos, out, settings, progress=False)
+    assert model_state(default_model.module) == before
+    return build, settings
+
+
+def _record(out: Path, stage: str, slug: str) -> dict:
+    return json.loads((out / "records" / stage / f"{slug}.json").read_text())
+
+
+@pytestmark_stages
+def test_all_stages_build_and_every_page_resolves(full_atlas):
+    build, _ = full_atlas
+    assert {name: info["status"] for name, info in build.stages.items()} == {
+        "photos": "built", "activations": "built", "features": "built", "scan": "built", "deconv": "built",
+        "pages": "built"}
+    check_site(build.out)
+    page = (build.out / "L/blocks.4.0.bn1/1.html").read_text()
+    assert "Top 4 deconvnet projections beside their patches" in page
+    assert page.count('class="example"') == 4 and page.count('class="rf"') == 4
+    assert 'class="zoom feature"' in page
+
+
+@pytestmark_stages
+def test_feature_records_rise_and_flag_dead(full_atlas):
+    build, _ = full_atlas
+    for slug in ("blocks.1.0.bn2", "blocks.4.0.bn1"):
+        record = _record(build.out, "features", slug)
+        assert sorted(record["per_channel"], key=int) == ["0", "1"]
+        for entry in record["per_channel"].values():
+            assert isinstance(entry["dead"], bool)
+            if not entry["dead"]:
+                assert entry["objective"] > entry["start"]      # the optimization raised the channel
+        assert record["sheet"]["full"].endswith("sheet.png")
+
+
+@pytestmark_stages
+def test_scan_and_deconv_records_agree(full_atlas, scan_folder):
+    build, _ = full_atlas
+    scan = _record(build.out, "scan", "blocks.4.0.bn1")
+    deconv = _record(build.out, "deconv", "blocks.4.0.bn1")
+    assert scan["images_scanned"] == 12 and deconv["from"] == "scan"
+    for c, examples in scan["per_channel"].items():
+        values = [e["value"] for e in examples]
+        assert values == sorted(values, reverse=True) and len(examples) == 4
+        assert len({e["image_id"] for e in examples}) == 4                 # one maximum per image
+        for e in examples:
+            top, left, bottom, right = e["box"]
+            assert 0 <= top < bottom <= e["image_size"][0] and 0 <= left < right <= e["image_size"][1]
+            with Image.open(build.out / e["patch"]["full"]) as patch:
+                assert patch.size == (right - left, bottom - top)
+        projected = deconv["per_channel"][c]
+        assert [e["image_id"] for e in projected] == [e["image_id"] for e in examples]
+        np.testing.assert_allclose([e["rerun_value"] for e in projected], values, rtol=2e-3, atol=1e-3)
+
+
+@pytestmark_stages
+def test_deconv_without_a_scan_projects_the_photos_strongest_units(default_model, one_photo, tmp_path):
+    settings = AtlasSettings(layers="blocks.2.0.bn2", channels_per_layer=3, top=9, skip=("features",))
+    build = build_atlas(default_model, one_photo, tmp_path, settings, progress=False)
+    assert build.stages["scan"]["status"] == "unavailable" and "--scan" in build.stages["scan"]["reason"]
+    acts = _record(tmp_path, "activations", "blocks.2.0.bn2")
+    deconv = _record(tmp_path, "deconv", "blocks.2.0.bn2")
+    assert deconv["from"] == "photos"
+    for c in range(3):
+        (example,) = deconv["per_channel"][str(c)]                          # one photo, one unit
+        assert example["value"] == pytest.approx(acts["peaks"][0][c], rel=1e-3)
+        assert [example["row"], example["col"]] == acts["photos"]["coffee"]["channels"][str(c)]["argmax"]
+    check_site(tmp_path)
+
+
+@pytestmark_stages
+def test_a_changed_budget_rebuilds_only_the_stages_it_touches(full_atlas, default_model, photos):
+    build, settings = full_atlas
+    fewer_steps = AtlasSettings(**{**settings.__dict__, "steps": 12})
+    again = build_atlas(default_model, photos, build.out, fewer_steps, progress=False)
+    built = {name: info.get("built") for name, info in again.stages.items()}
+    assert built == {"photos": 0, "activations": 0, "features": 2, "scan": 0, "deconv": 0, "pages": 1}
+    again = build_atlas(default_model, photos, build.out, AtlasSettings(**{**fewer_steps.__dict__, "top": 3}),
+                        progress=False)
+    built = {name: info.get("built") for name, info in again.stages.items()}
+    assert built == {"photos": 0, "activations": 0, "features": 0, "scan": 2, "deconv": 2, "pages": 1}
+    check_site(build.out)

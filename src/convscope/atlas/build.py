@@ -25,6 +25,7 @@ A stage whose code is not installed is reported as unavailable and its part of t
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import time
 from collections.abc import Iterable, Sequence
@@ -150,6 +151,8 @@ class BuildContext:
         self.slugs = dict(zip((layer.name for layer in layers), unique_slugs([layer.name for layer in layers])))
         self.keys: dict[tuple[str, str], str] = {}
         self.photos_key = make_key(photos=[(p.name, p.digest) for p in photos])
+        self.sources: dict[str, Picture] = {}  # shared source-image pictures already written this build
+        self.scan_set = None  # the scan stage's ImageSet, made once
 
     # ------------------------------------------------------------------ naming
     def slug(self, layer: LayerInfo) -> str:
@@ -223,8 +226,8 @@ class Stage:
     name: ClassVar[str] = ""
     version: ClassVar[int] = 1
 
-    def unavailable(self) -> str | None:
-        """Why this stage cannot run in this installation (its code has not landed), or None."""
+    def unavailable(self, ctx: BuildContext) -> str | None:
+        """Why this stage cannot run here (its code is not installed, nothing to work on), or None."""
         return None
 
     def settings(self, ctx: BuildContext, layer: LayerInfo) -> dict:
@@ -372,7 +375,7 @@ class ActivationsStage(Stage):
         scale_low, scale_high = lows.min(axis=0), peaks.max(axis=0)
         photos: dict[str, dict] = {}
         for i, (photo, maps) in enumerate(zip(ctx.photos, stack)):
-            title = f"{layer.label} on {photo.name} · {ctx.loaded.title}"
+            title = f"{layer.label} on {photo.name}"
             cols = _grid_columns(count, *maps.shape[1:])
             grid = render.channel_grid(maps, cols=cols, cmap="viridis", title=title, min_tile=8)
             result = ActivationResult(photo.rgb, [layer], {layer.name: maps}, ctx.loaded.title)
@@ -408,15 +411,24 @@ class ActivationsStage(Stage):
 
 # ---------------------------------------------------------------------------------- features
 
+# Channels optimized per call of visualize_features: a crash loses at most one such chunk.
+FEATURE_CHUNK = 16
+
+
 class FeaturesStage(Stage):
-    """Feature visualization of each visualised channel (issue 3), with its ``dead`` flag."""
+    """Feature visualization of each visualised channel (issue 3), with its ``dead`` flag.
+
+    The dead test and the ratio use the atlas photos as the reference photos. Channels are
+    optimized in chunks of :data:`FEATURE_CHUNK`, each cached on its own (a channel's image does
+    not depend on which channels share its batch), so an interrupted layer resumes mid-way.
+    """
 
     name = "features"
     version = 1
 
-    def unavailable(self):
+    def unavailable(self, ctx):
         try:
-            from .. import visualize_features  # noqa: F401
+            from ..features import visualize_features  # noqa: F401
         except ImportError:
             return "feature visualization (issue 3) is not part of this convscope yet"
         return None
@@ -426,53 +438,318 @@ class FeaturesStage(Stage):
         return {"steps": s.steps, "size": s.feature_size, "recipe": s.recipe, "seed": s.seed,
                 "photos": ctx.photos_key}
 
-    def run(self, ctx, layers):  # pragma: no cover - written against issue 3's API when it lands
-        raise NotImplementedError
+    def run(self, ctx, layers):
+        from ..features import visualize_features
+
+        photos = {p.slug: p.rgb for p in ctx.photos}
+        s = ctx.settings
+        bar = ctx.bar(self.name, sum(len(ctx.channels(layer)) for layer in layers), "ch")
+        with bar:
+            for layer in layers:
+                start = time.perf_counter()
+                key = ctx.key(self, layer)
+                channels = ctx.channels(layer)
+                per_channel: dict[str, dict] = {}
+                parts = []
+                recipe = None
+                for first in range(0, len(channels), FEATURE_CHUNK):
+                    chunk = channels[first:first + FEATURE_CHUNK]
+                    part = ctx.record_path(self.name, layer).with_suffix(f".part{first}.json")
+                    parts.append(part)
+                    cached = read_json(part)
+                    if (cached and cached.get("key") == key
+                            and all((ctx.out / f).is_file() for f in record_files(cached["per_channel"]))):
+                        per_channel.update(cached["per_channel"])
+                        recipe = cached.get("recipe")
+                        bar.update(len(chunk))
+                        continue
+                    bar.set_postfix_str(f"{layer.alias or layer.name} {chunk[0]}-{chunk[-1]}", refresh=True)
+                    result = visualize_features(ctx.loaded, layer, chunk, recipe=s.recipe or "lucid", steps=s.steps,
+                                                size=s.feature_size, seed=s.seed, photos=photos)
+                    recipe = result.recipe.name if hasattr(result.recipe, "name") else str(s.recipe or "lucid")
+                    done = {}
+                    for image, rec in zip(result.images, result.records):
+                        c = int(rec["channel"])
+                        done[str(c)] = {
+                            "image": ctx.picture(ctx.data_path(self.name, layer, f"c{c:04d}.png"), image),
+                            "objective": _sig1(rec.get("objective")), "start": _sig1(rec.get("start")),
+                            "ratio": _sig1(rec.get("ratio")), "photo_best": _sig1(rec.get("photo_best")),
+                            "dead": bool(rec.get("dead")),
+                        }
+                    write_record(part, {"key": key, "recipe": recipe, "per_channel": done})
+                    per_channel.update(done)
+                    bar.update(len(chunk))
+                sheet = self._sheet(ctx, layer, per_channel, recipe)
+                ctx.save_record(self, layer, {
+                    "per_channel": per_channel, "sheet": sheet, "recipe": recipe, "steps": s.steps,
+                    "size": s.feature_size, "seed": s.seed,
+                    "dead": sorted(int(c) for c, v in per_channel.items() if v["dead"]),
+                }, seconds=time.perf_counter() - start)
+                for part in parts:
+                    part.unlink(missing_ok=True)
+
+    @staticmethod
+    def _sheet(ctx: BuildContext, layer: LayerInfo, per_channel: dict[str, dict], recipe: str | None) -> Picture:
+        """All visualised channels of the layer as one picture, labelled with their numbers."""
+        from PIL import Image
+
+        tiles = []
+        for c in sorted(per_channel, key=int):
+            entry = per_channel[c]
+            with Image.open(ctx.out / entry["image"]["full"]) as im:
+                tile = im.convert("RGB")
+            tiles.append(render.label_image(tile, f"{c} dead" if entry["dead"] else c, size=11))
+        width = max(t.width for t in tiles)
+        height = max(t.height for t in tiles)
+        stack = np.stack([np.asarray(t.resize((width, height))) for t in tiles])
+        grid = Image.fromarray(render.tile(stack, cols=min(8, len(tiles)), sep=2, sep_value=(255, 255, 255)))
+        strip = render.title_strip(grid.width, [f"{layer.label}: feature visualization, {recipe} recipe",
+                                                ctx.loaded.title])
+        return ctx.picture(ctx.data_path("features", layer, "sheet.png"), render.stack_vertical([strip, grid]))
+
+
+def _sig1(value: Any) -> float | None:
+    return None if value is None else float(f"{float(value):.4g}")
 
 
 # ---------------------------------------------------------------------------------- scan
 
+def _scan_images(ctx: BuildContext):
+    """The scan's image set for ``settings.scan_images`` (None when no scan was asked for)."""
+    from ..datasets import FolderImages, SampleImages
+
+    spec = ctx.settings.scan_images
+    if spec is None:
+        return None
+    if ctx.scan_set is None:
+        size = tuple(ctx.loaded.preprocessing.input_size)
+        if str(spec) == "samples":
+            ctx.scan_set = SampleImages(size)
+        elif not Path(spec).is_dir():
+            raise ConvscopeError(f"--scan {spec}: not a folder (or use --scan samples for the built-in set)")
+        else:
+            ctx.scan_set = FolderImages(spec, size)
+    return ctx.scan_set
+
+
+def _source_picture(ctx: BuildContext, kind: str, image_id: str, load) -> Picture:
+    """One shared copy per source image (``data/<kind>-images/``), written the first time it is needed."""
+    rel = f"data/{kind}-images/{image_id}.jpg"
+    cached = ctx.sources.get(rel)
+    if cached is None:
+        path = ctx.out / rel
+        if path.is_file():
+            from PIL import Image
+
+            with Image.open(path) as im:
+                cached = {"src": rel, "full": rel, "width": im.width, "height": im.height}
+        else:
+            cached = ctx.picture(rel, load(), fmt="jpeg")
+        ctx.sources[rel] = cached
+    return cached
+
+
 class ScanStage(Stage):
-    """The top-k images of each channel over a data set (issue 5)."""
+    """The top-k images of each channel over a data set (issue 5), with their patches.
+
+    One streaming pass over the image set serves every layer that needs it; the scan's own
+    checkpoint makes an interrupted pass resumable.
+    """
 
     name = "scan"
     version = 1
 
-    def unavailable(self):
+    def unavailable(self, ctx):
         try:
-            from .. import scan  # noqa: F401
+            from ..datasets import FolderImages  # noqa: F401
+            from ..scan import scan  # noqa: F401
         except ImportError:
             return "the dataset scan (issue 5) is not part of this convscope yet"
+        if ctx.settings.scan_images is None:
+            return "no image set to scan was given (--scan DIR, or --scan samples for the built-in set)"
         return None
 
     def settings(self, ctx, layer):
-        return {"images": ctx.settings.scan_images, "top": ctx.settings.top}
+        images = _scan_images(ctx)
+        return {"images": images.describe(), "top": ctx.settings.top}
 
-    def run(self, ctx, layers):  # pragma: no cover - written against issue 5's API when it lands
-        raise NotImplementedError
+    def run(self, ctx, layers):
+        from ..scan import scan as scan_images
+
+        images = _scan_images(ctx)
+        keys = sorted(ctx.key(self, layer) for layer in layers)
+        checkpoint = ctx.out / "records" / self.name / f"state-{make_key(keys=keys)}.pt"
+        start = time.perf_counter()
+        result = scan_images(ctx.loaded, images, [layer.name for layer in layers], top=ctx.settings.top,
+                             checkpoint=checkpoint, resume=checkpoint.exists(), progress=ctx.progress)
+        per_layer = (time.perf_counter() - start) / len(layers)
+        source = images.describe()
+        described = source.get("root") if source.get("kind") == "folder" else "the built-in sample set"
+        load = functools.lru_cache(maxsize=64)(images.load)  # the top images recur across channels
+        for layer in layers:
+            start = time.perf_counter()
+            per_channel = {}
+            for c in ctx.channels(layer):
+                entries = []
+                for example in result.examples(layer, c):
+                    pixels = load(example.image)
+                    top, left, bottom, right = example.box
+                    entries.append({
+                        "rank": example.rank, "image_id": example.image, "image": example.path,
+                        "value": float(f"{example.value:.4g}"), "row": example.row, "col": example.col,
+                        "box": list(example.box), "clipped": bool(example.clipped),
+                        "image_size": list(images.size),
+                        "source": _source_picture(ctx, self.name, str(example.image), lambda p=pixels: p),
+                        "patch": ctx.picture(ctx.data_path(self.name, layer, f"c{c:04d}_{example.rank}.png"),
+                                             pixels[top:bottom, left:right]),
+                    })
+                per_channel[str(c)] = entries
+            ctx.save_record(self, layer, {
+                "per_channel": per_channel, "images_scanned": result.images_scanned,
+                "skipped": len(result.skipped), "top": ctx.settings.top,
+                "description": f"The {ctx.settings.top} images (of {result.images_scanned} scanned from "
+                               f"{described}) where the channel fires hardest, one maximum per image.",
+            }, seconds=per_layer + time.perf_counter() - start)
+        checkpoint.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------- deconv
 
+# Distinct images per project_units call (they are batched inside; this bounds the memory).
+DECONV_IMAGES = 32
+
+
 class DeconvStage(Stage):
-    """Deconvnet projections beside their patches for each visualised channel's top units (issue 4)."""
+    """Deconvnet projections beside their patches for each visualised channel's top units (issue 4).
+
+    With a scan, the units are the scan's top-k examples. Without one, each photo's strongest
+    unit of the channel, strongest photos first.
+    """
 
     name = "deconv"
     version = 1
+    method = "deconvnet"
 
-    def unavailable(self):
+    def unavailable(self, ctx):
         try:
-            from ..deconv import project_units, render_projection_pair  # noqa: F401
+            from ..deconv import Unit, project_units, render_projection_pair  # noqa: F401
         except ImportError:
             return "the deconvnet (issue 4) is not part of this convscope yet"
         return None
 
     def settings(self, ctx, layer):
         scan = ctx.keys.get(("scan", layer.name)) if ctx.record("scan", layer) else None
-        return {"top": ctx.settings.top, "photos": ctx.photos_key, "scan": scan}
+        acts = ctx.keys.get(("activations", layer.name))
+        return {"top": ctx.settings.top, "method": self.method, "scan": scan, "activations": acts}
 
-    def run(self, ctx, layers):  # pragma: no cover - written against issue 4's API when it lands
-        raise NotImplementedError
+    def run(self, ctx, layers):
+        total = sum(len(ctx.channels(layer)) for layer in layers)
+        bar = ctx.bar(self.name, total, "ch")
+        with bar:
+            for layer in layers:
+                start = time.perf_counter()
+                scan = ctx.record("scan", layer)
+                if scan is not None:
+                    data = self._from_scan(ctx, layer, scan, bar)
+                else:
+                    data = self._from_photos(ctx, layer, bar)
+                ctx.save_record(self, layer, data, seconds=time.perf_counter() - start)
+
+    def _project(self, ctx, layer, pixels: list[np.ndarray], units):
+        from ..deconv import project_units
+
+        x = ctx.loaded.preprocessing.to_tensor(pixels, ctx.loaded.device)
+        return project_units(ctx.loaded, x, layer, units, method=self.method)
+
+    def _projection_picture(self, ctx, layer, name, projection, photo, box) -> Picture:
+        from ..deconv import render_projection_pair
+
+        image, _ = render_projection_pair(projection, photo, box)
+        return ctx.picture(ctx.data_path(self.name, layer, name), image)
+
+    def _from_scan(self, ctx, layer, scan: dict, bar) -> dict:
+        from ..deconv import Unit
+
+        images = _scan_images(ctx)
+        per_channel = {c: [dict(e) for e in entries] for c, entries in scan["per_channel"].items()}
+        channels = sorted(per_channel, key=int)
+        # Chunks of channels whose examples come from at most DECONV_IMAGES distinct images.
+        chunks, current, ids = [], [], set()
+        for c in channels:
+            mine = {e["image_id"] for e in per_channel[c]}
+            if current and len(ids | mine) > DECONV_IMAGES:
+                chunks.append(current)
+                current, ids = [], set()
+            current.append(c)
+            ids |= mine
+        if current:
+            chunks.append(current)
+        drift = 0.0
+        for chunk in chunks:
+            order = sorted({e["image_id"] for c in chunk for e in per_channel[c]})
+            slot = {image_id: i for i, image_id in enumerate(order)}
+            pixels = [images.load(image_id) for image_id in order]
+            units = [Unit(int(c), e["row"], e["col"], slot[e["image_id"]]) for c in chunk for e in per_channel[c]]
+            if units:
+                proj = self._project(ctx, layer, pixels, units)
+                at = 0
+                for c in chunk:
+                    for e in per_channel[c]:
+                        e["projection"] = self._projection_picture(
+                            ctx, layer, f"c{int(c):04d}_{e['rank']}.png", proj.maps[at], pixels[slot[e["image_id"]]],
+                            e["box"])
+                        e["rerun_value"] = float(f"{float(proj.values[at]):.4g}")
+                        scale = max(abs(per_channel[c][0]["value"]), 1e-6)
+                        drift = max(drift, abs(e["rerun_value"] - e["value"]) / scale)
+                        at += 1
+            bar.update(len(chunk))
+        return {"per_channel": per_channel, "from": "scan", "method": self.method, "max_drift": drift,
+                "description": f"{scan.get('description', '')} Each {self.method} projection (gray = 0, "
+                               "stretched symmetrically) beside the image patch it came from, both cropped to "
+                               "the unit's receptive field."}
+
+    def _from_photos(self, ctx, layer, bar) -> dict:
+        from ..deconv import Unit
+
+        acts = ctx.record("activations", layer)
+        channels = ctx.channels(layer)
+        candidates: dict[int, list[dict]] = {c: [] for c in channels}
+        photos_record = read_json(ctx.out / "records" / "photos.json") or {}
+        photo_pics = {p["slug"]: p["image"] for p in photos_record.get("photos", [])}
+        for photo in ctx.photos:
+            if acts is not None:
+                entry = acts["photos"][photo.slug]["channels"]
+                units = [Unit(c, *entry[str(c)]["argmax"]) for c in channels]
+            else:
+                from ..deconv import strongest_units
+
+                x = ctx.loaded.preprocessing.to_tensor(photo.rgb, ctx.loaded.device)
+                units = strongest_units(ctx.loaded, x, layer, channels)
+            proj = self._project(ctx, layer, [photo.rgb], units)
+            for i, unit in enumerate(units):
+                box = [int(v) for v in proj.boxes[i]]
+                top, left, bottom, right = box
+                candidates[unit.channel].append({
+                    "value": float(f"{float(proj.values[i]):.4g}"), "image": photo.name, "row": unit.row,
+                    "col": unit.col, "box": box, "clipped": bool(proj.clipped[i]),
+                    "image_size": list(photo.rgb.shape[:2]),
+                    "source": photo_pics.get(photo.slug) or ctx.picture(f"data/photos/{photo.slug}.jpg", photo.rgb,
+                                                                         fmt="jpeg"),
+                    "patch": ctx.picture(ctx.data_path(self.name, layer, f"c{unit.channel:04d}_{photo.slug}_patch.png"),
+                                         photo.rgb[top:bottom, left:right]),
+                    "projection": self._projection_picture(
+                        ctx, layer, f"c{unit.channel:04d}_{photo.slug}.png", proj.maps[i], photo.rgb, box),
+                })
+        per_channel = {}
+        for c in channels:
+            ranked = sorted(candidates[c], key=lambda e: -e["value"])[:ctx.settings.top]
+            per_channel[str(c)] = [{**e, "rank": k} for k, e in enumerate(ranked)]
+            bar.update(1)
+        return {"per_channel": per_channel, "from": "photos", "method": self.method,
+                "description": f"No dataset scan in this atlas: the channel's strongest unit on each photo, "
+                               f"strongest first. Each {self.method} projection (gray = 0, stretched "
+                               "symmetrically) beside the image patch it came from, both cropped to the unit's "
+                               "receptive field."}
 
 
 STAGES: list[Stage] = [ActivationsStage(), FeaturesStage(), ScanStage(), DeconvStage()]
@@ -539,7 +816,7 @@ def build_atlas(
                                           "reused": int(bool(photos_record.get("_reused")))}}
     manifest_stages: dict[str, dict] = {}
     for stage in stages if stages is not None else STAGES:
-        reason = stage.unavailable()
+        reason = stage.unavailable(ctx)
         if reason:
             report[stage.name] = {"status": "unavailable", "reason": reason}
             manifest_stages[stage.name] = {**report[stage.name], "records": {}}

@@ -102,23 +102,25 @@ def save_picture(out: Path, rel: str, image: Image.Image | np.ndarray, *, fmt: s
     """
     if isinstance(image, np.ndarray):
         image = Image.fromarray(image)
-    image = image.convert("RGB")
+    if image.mode not in ("RGB", "L", "P"):
+        image = image.convert("RGB")
     if fmt == "png":
-        save_png(image, out / rel)
+        save_png(image, out / rel)  # palette grids stay palette PNGs: a third of the bytes
     else:
         _save_jpeg(image, out / rel)
     picture: Picture = {"src": rel, "full": rel, "width": image.width, "height": image.height}
     if image.width > screen_width:
         small_rel = str(Path(rel).with_suffix("")) + ".screen.jpg"
         height = max(1, round(image.height * screen_width / image.width))
-        _save_jpeg(image.resize((screen_width, height), Image.LANCZOS), out / small_rel)
+        _save_jpeg(image.convert("RGB").resize((screen_width, height), Image.BILINEAR, reducing_gap=2.0),
+                   out / small_rel)
         picture.update(src=small_rel, width=screen_width, height=height)
     return picture
 
 
 def _save_jpeg(image: Image.Image, path: Path) -> None:
     with atomic_path(path) as tmp:
-        image.save(tmp, format="JPEG", quality=88)
+        image.convert("RGB").save(tmp, format="JPEG", quality=88)
 
 
 def iter_pictures(data: Any) -> Iterator[Picture]:
