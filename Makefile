@@ -1,4 +1,6 @@
 # Two entry points: `make demo` (the main job) and `make test` (the suite). Both set up .venv first.
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -9,8 +11,9 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	# torch and torchvision first, pinned to the releases this kind of machine serves from disk.
-	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e '.[test,bench]'
+	# (grep drops pip's "Location ... is ignored" notes about this machine's local indexes)
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1 2>&1 | { grep -v 'is ignored: it is neither' || true; }
+	$(PY) -m pip install -q -e '.[test,bench]' 2>&1 | { grep -v 'is ignored: it is neither' || true; }
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .errors import ConvscopeError, suggest
-from .layers import LayerInfo, parse_layer_name
+from .layers import LayerInfo, named_layers, parse_layer_name
 
 __all__ = ["frozen", "recording", "capture", "StopForward", "Recorded", "LayerRef"]
 
@@ -93,13 +93,13 @@ def recording(
         >>> out["features.1"].shape
     """
     names = _names(layers)
-    modules = dict(model.named_modules())
+    modules = named_layers(model)
     wanted: dict[str, dict[int, str]] = {}
     for name in names:
         module_name, call = parse_layer_name(name)
-        if module_name not in modules or not module_name:
+        if module_name not in modules:
             raise ConvscopeError(
-                f"unknown layer {name!r}.{suggest(module_name, [n for n in modules if n])} "
+                f"unknown layer {name!r}.{suggest(module_name, modules)} "
                 "Run `convscope layers` to list the names."
             )
         wanted.setdefault(module_name, {})[call] = name

@@ -25,7 +25,7 @@ from torch.overrides import TorchFunctionMode
 
 from .errors import ConvscopeError, suggest
 
-__all__ = ["LayerInfo", "Catalogue", "build_catalogue", "parse_layer_name"]
+__all__ = ["LayerInfo", "Catalogue", "build_catalogue", "parse_layer_name", "named_layers"]
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
@@ -155,6 +155,17 @@ class LayerInfo:
             "channels": self.channels, "stride": self.stride, "rf_size": self.rf_size,
             "rf_start": self.rf_start, "kind": self.kind, "is_feature": self.is_feature,
         }
+
+
+def named_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The addressable layers of ``model``: qualified name -> module, without the root.
+
+    The one place that enumerates a model's layers, for the catalogue and for every hook.
+    PyTorch models use ``named_modules()``. A Keras 3 model on the torch backend is an
+    ``nn.Module`` too, but its layers are ``model.layers`` named by ``layer.name``; that
+    source (and its channels-last tensors) plugs in here.
+    """
+    return {name: module for name, module in model.named_modules() if name}
 
 
 def parse_layer_name(name: str) -> tuple[str, int]:
@@ -360,9 +371,8 @@ def build_catalogue(model: nn.Module, input_size: tuple[int, int] = (224, 224), 
     handles = []
     with frozen(model):
         try:
-            for name, module in model.named_modules():
-                if name:
-                    handles.append(module.register_forward_hook(make_hook(name)))
+            for name, module in named_layers(model).items():
+                handles.append(module.register_forward_hook(make_hook(name)))
             with _FieldTracer(x) as tracer:
                 model(x)
         finally:
