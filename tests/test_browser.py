@@ -57,7 +57,9 @@ def page(browser):
     page.on("console", lambda msg: page.problems.append(f"console {msg.type}: {msg.text}")
             if msg.type == "error" else None)
     page.on("pageerror", lambda err: page.problems.append(f"page error: {err}"))
-    page.on("requestfailed", lambda req: page.problems.append(f"request failed: {req.url}"))
+    # A request cancelled because the test navigated away (net::ERR_ABORTED) is not a failure.
+    page.on("requestfailed", lambda req: page.problems.append(f"request failed: {req.url} {req.failure}")
+            if "ERR_ABORTED" not in (req.failure or "") else None)
     page.on("response", lambda res: page.problems.append(f"HTTP {res.status}: {res.url}") if res.status >= 400 else None)
     yield page
     context.close()
