@@ -18,7 +18,7 @@ from ..models import load_model
 from ._common import add_out_arg, out_dir
 
 # The demo's budget: every conv layer of the default model, the first 6 channels of each.
-DEMO_SETTINGS = AtlasSettings(layers=None, channels_per_layer=6, steps=64, feature_size=96, top=9)
+DEMO_SETTINGS = AtlasSettings(layers=None, channels_per_layer=6, steps=64, feature_size=96, top=9, scan_images="samples")
 
 
 def register(subparsers) -> None:
