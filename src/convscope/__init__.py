@@ -9,7 +9,18 @@ Example:
 """
 
 from .activations import ActivationResult, activations, predict
+from .attribution import backward_rule
 from .capture import capture, frozen, recording
+from .deconv import (
+    DeconvResult,
+    Projections,
+    Unit,
+    deconv,
+    project_units,
+    render_projection_pair,
+    strongest_units,
+    top_positions,
+)
 from .errors import ConvscopeError
 from .images import load_image, sample_photos
 from .layers import Catalogue, LayerInfo, build_catalogue
@@ -17,9 +28,10 @@ from .models import LoadedModel, Preprocessing, as_loaded, list_models, load_mod
 from .render import channel_grid, overlay_heatmap
 
 __all__ = [
-    "ActivationResult", "Catalogue", "ConvscopeError", "LayerInfo", "LoadedModel", "Preprocessing",
-    "activations", "as_loaded", "build_catalogue", "capture", "channel_grid", "frozen", "list_models",
-    "load_image", "load_model", "overlay_heatmap", "predict", "recording", "sample_photos",
+    "ActivationResult", "Catalogue", "ConvscopeError", "DeconvResult", "LayerInfo", "LoadedModel", "Preprocessing",
+    "Projections", "Unit", "activations", "as_loaded", "backward_rule", "build_catalogue", "capture", "channel_grid",
+    "deconv", "frozen", "list_models", "load_image", "load_model", "overlay_heatmap", "predict", "project_units",
+    "recording", "render_projection_pair", "sample_photos", "strongest_units", "top_positions",
 ]
 
 __version__ = "0.1.0"

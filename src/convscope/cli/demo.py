@@ -1,32 +1,40 @@
 """``convscope demo``: the main job on the embedded default model and scikit-image's photos.
 
-The main job is the atlas (:mod:`convscope.atlas`): predictions, feature-map grids, overlays and
-evolution strips, feature visualizations, deconvnet projections and the dataset scan, as
-browsable pages. Each step is one function taking ``(loaded, photos, out)``; the atlas step's
-budget (:data:`DEMO_SETTINGS`) keeps the whole demo to a few minutes on 2 CPU cores.
+The main job is the atlas (:mod:`convscope.atlas`): browsable model, layer and channel pages with
+predictions, feature-map grids and overlays, evolution strips, feature visualizations, the
+dataset scan of the sample set and deconvnet projections. Each step is one function taking
+``(loaded, photos, out)``. The atlas step's budget (:data:`DEMO_SETTINGS`, every 4th conv layer)
+keeps the whole demo to a few minutes on 2 CPU cores; re-running reuses what is built.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from .._io import save_json
-from ..activations import predict
+from .._io import save_json, save_png
+from ..activations import activations, predict
 from ..atlas import AtlasSettings, build_atlas
+from ..deconv import deconv
 from ..images import sample_photos
 from ..models import load_model
 from ._common import add_out_arg, out_dir
+from .activations import write_activation_outputs
+from .deconv import write_deconv_outputs
 
-# The demo's budget: every conv layer of the default model, the first 6 channels of each.
-DEMO_SETTINGS = AtlasSettings(layers=None, channels_per_layer=6, steps=64, feature_size=96, top=9, scan_images="samples")
+# The atlas budget of the demo: 6 channels per layer, short feature visualizations, a scan of
+# the built-in sample set. The layers are every 4th conv layer (set in step_atlas).
+DEMO_SETTINGS = AtlasSettings(channels_per_layer=6, steps=64, feature_size=96, top=9, scan_images="samples")
+DEMO_LAYER_STEP = 4
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("demo", help="build the atlas of the default model over the sample photos (offline)",
-                              description="Predictions, then the atlas (model, layer and channel pages: "
-                                          "feature-map grids and overlays, evolution strips, and every other "
-                                          "stage installed) for scikit-image's chelsea, astronaut and coffee "
-                                          "photos. Re-running reuses what is already built.",
+                              description="Predictions, feature-map grids, overlays and evolution strips for "
+                                          "scikit-image's chelsea, astronaut and coffee photos, deconvnet / "
+                                          "guided backprop / gradient sheets for a middle and a deep layer, and "
+                                          "the atlas: browsable pages of every 4th conv layer with feature "
+                                          "visualizations, the sample-set scan and deconvnet projections. "
+                                          "Prints the path of the atlas's index.html.",
                               epilog="Example: convscope demo --out runs/demo")
     add_out_arg(p, "runs/demo")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -40,13 +48,48 @@ def step_predict(loaded, photos, out: Path) -> None:
         print(f"  {name:<10} → {top[0]['name']} ({top[0]['probability']:.2f})")
 
 
+def step_activations(loaded, photos, out: Path) -> None:
+    for name, photo in photos.items():
+        result = activations(loaded, photo)
+        write_activation_outputs(result, out / "activations" / name, overlay=True)
+        save_png(result.evolution(), out / f"evolution_{name}.png")
+    print(f"  feature-map grids: {out / 'activations'}")
+
+
+# A middle and a deep layer of the default model for the deconv step: the outputs of the linear
+# bottlenecks (conv + BN, no activation). At the blocks' ReLU6 outputs the strongest units sit at
+# the cap of 6, where guided backprop and the gradient are zero by definition (see
+# convscope.attribution); the sheet would show the deconvnet alone.
+DEMO_DECONV_LAYERS = ("blocks.3.0.bn3", "blocks.6.0.bn3")
+
+
+def step_deconv(loaded, photos, out: Path) -> None:
+    photo = photos.get("chelsea", next(iter(photos.values())))
+    for name in DEMO_DECONV_LAYERS:
+        if name not in loaded.catalogue:
+            continue
+        result = deconv(loaded, photo, name, top=8, method="all")
+        index = write_deconv_outputs(result, out / "deconv" / name)
+        print(f"  deconv {name}: {len(result.units)} units ({index['strategy']['deconvnet']}) -> "
+              f"{out / 'deconv' / name / index['files']['sheet']}")
+
+
+def demo_layers(loaded) -> list[str]:
+    """Every :data:`DEMO_LAYER_STEP`-th conv layer, first and last included."""
+    features = [layer.name for layer in loaded.catalogue.features if layer.is_spatial]
+    chosen = features[::DEMO_LAYER_STEP]
+    if features and features[-1] not in chosen:
+        chosen.append(features[-1])
+    return chosen
+
+
 def step_atlas(loaded, photos, out: Path) -> None:
-    build = build_atlas(loaded, photos, out / "atlas", DEMO_SETTINGS)
+    settings = AtlasSettings(**{**DEMO_SETTINGS.__dict__, "layers": ",".join(demo_layers(loaded))})
+    build = build_atlas(loaded, photos, out / "atlas", settings)
     print("\n".join(build.summary_lines()))
-    print(f"atlas: {build.index.resolve()}")
 
 
-STEPS = [step_predict, step_atlas]
+STEPS = [step_predict, step_activations, step_deconv, step_atlas]
 
 
 def run(args) -> int:
@@ -57,5 +100,5 @@ def run(args) -> int:
     for step in STEPS:
         step(loaded, photos, out)
     print(f"demo output: {out.resolve()}")
-    print(f"open: {(out / 'atlas' / 'index.html').resolve()}")
+    print(f"atlas: {(out / 'atlas' / 'index.html').resolve()}")
     return 0

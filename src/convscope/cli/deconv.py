@@ -1,0 +1,104 @@
+"""``convscope deconv IMAGE --layer L``: project units back to pixels, each beside its image patch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .._io import save_json, save_npz, save_png
+from ..attribution import METHODS
+from ..deconv import DeconvResult, deconv
+from ._common import add_model_args, add_out_arg, load_from_args, out_dir, parse_channels, parse_size
+
+EPILOG = """examples:
+  convscope deconv photo.jpg --layer block4_conv1 --channels 0-31 --model vgg16
+  convscope deconv photo.jpg --layer block5_conv3 --top 9 --method guided --model vgg16
+  convscope deconv photo.jpg --layer features.28 --channels 7 --method all --model vgg16
+  convscope deconv photo.jpg --layer blocks.3.0.bn3 --channels 5 --positions 8
+"""
+
+
+def register(subparsers) -> None:
+    import argparse
+
+    p = subparsers.add_parser(
+        "deconv", help="deconvnet / guided backprop / saliency: project units back to pixels",
+        description="Take each chosen channel's strongest unit (or the strongest positions of one channel), "
+                    "project it back to pixel space and draw it beside the image patch it sees (Zeiler & Fergus "
+                    "2013). Writes a PNG sheet, whole-image sheets and a JSON index.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("image")
+    p.add_argument("--layer", required=True, help="name or alias (see `convscope layers`)")
+    p.add_argument("--channels", default=None, help="channels whose strongest unit is projected, e.g. 0-31 or 3,7")
+    p.add_argument("--top", type=int, default=None,
+                   help="the N channels with the highest peaks (default 16 when --channels is not given)")
+    p.add_argument("--positions", type=int, default=None, metavar="N",
+                   help="instead, the N strongest positions of one channel (give one --channels, or --top 1)")
+    p.add_argument("--method", default="deconvnet", choices=(*METHODS, "all"),
+                   help="backward rule at the rectifiers; 'all' draws the three side by side")
+    p.add_argument("--signed", action="store_true", help="draw the gradient signed instead of as |gradient|")
+    p.add_argument("--size", default=None, help="N (shorter side) or HxW; default the model's input size")
+    p.add_argument("--tile", type=int, default=None,
+                   help="display size of the largest receptive-field box, px (default: its size, within 96..160)")
+    p.add_argument("--cols", type=int, default=None, help="cells per row of the sheet")
+    p.add_argument("--batch-size", type=int, default=None, help="crops or images per batch (default: automatic)")
+    p.add_argument("--not-strict", dest="strict", action="store_false",
+                   help="backpropagate nonlinearities without a rule (GELU, SiLU, gates) plainly instead of refusing")
+    p.add_argument("--save-npz", action="store_true", help="keep the raw projections (projections.npz)")
+    add_out_arg(p, "runs/deconv")
+    add_model_args(p)
+    p.set_defaults(func=run)
+
+
+def write_deconv_outputs(result: DeconvResult, out: Path, *, signed: bool = False, tile: int | None = None,
+                         cols: int | None = None, save_arrays: bool = False) -> dict:
+    """Write the sheet, one whole-image sheet per method, the JSON index (and arrays); return the index."""
+    stem = (result.layer.alias or result.layer.name).replace("/", "_")
+    methods = list(result.projections)
+    label = "all" if len(methods) > 1 else methods[0]
+    files = {"sheet": f"{stem}_{label}.png"}
+    save_png(result.sheet(signed=signed, tile=tile, cols=cols), out / files["sheet"])
+    for method in methods:
+        files[f"whole_{method}"] = f"{stem}_{method}_whole.png"
+        save_png(result.whole(method, signed=signed), out / files[f"whole_{method}"])
+    index = {**result.index(), "files": files}
+    if save_arrays:
+        first = result.projections[methods[0]]
+        index["arrays"] = f"{stem}_projections.npz"
+        save_npz(out / index["arrays"],
+                 units=np.array([[u.channel, u.row, u.col, u.image_index] for u in first.units], np.int64).reshape(-1, 4),
+                 values=first.values, boxes=np.array(first.boxes, np.int64).reshape(-1, 4),
+                 clipped=np.array(first.clipped, bool), image=result.image,
+                 **{m: p.maps for m, p in result.projections.items()})
+    save_json(index, out / "deconv.json")
+    return index
+
+
+def run(args) -> int:
+    loaded = load_from_args(args)
+    size = parse_size(args.size)
+    layer = loaded.catalogue.get(args.layer)
+    channels = parse_channels(args.channels, layer.channels)
+    top = args.top if args.top is not None or channels is not None else 16
+    method = "all" if args.method == "all" else args.method
+    result = deconv(loaded, args.image, layer, channels=channels, top=top, positions=args.positions,
+                    method=method, size=size, batch_size=args.batch_size, strict=args.strict, progress=True)
+    out = out_dir(args.out)
+    index = write_deconv_outputs(result, out, signed=args.signed, tile=args.tile, cols=args.cols,
+                                 save_arrays=args.save_npz)
+    print(f"model: {loaded.title}")
+    strategies = ", ".join(f"{m} {s}" for m, s in index["strategy"].items())
+    print(f"layer {result.layer.label}: {len(result.units)} units, image {result.image.shape[0]}x{result.image.shape[1]} "
+          f"({strategies})")
+    for record in index["units"][:20]:
+        mark = " clipped" if record["clipped"] else ""
+        print(f"  ch {record['channel']:>4} at ({record['row']},{record['col']})  value {record['value']:9.4g}  "
+              f"box {tuple(record['box'])}{mark}")
+    if len(index["units"]) > 20:
+        print(f"  ... {len(index['units']) - 20} more in deconv.json")
+    for note in result.notes:
+        print(f"note: {note}")
+    print(f"wrote {', '.join(index['files'].values())}{', ' + index['arrays'] if 'arrays' in index else ''} "
+          f"and deconv.json to {out}")
+    return 0
