@@ -560,13 +560,13 @@ class ScanStage(Stage):
     version = 1
 
     def unavailable(self, ctx):
+        if ctx.settings.scan_images is None:
+            return "no image set to scan was given (--scan DIR, or --scan samples for the built-in set)"
         try:
             from ..datasets import FolderImages  # noqa: F401
             from ..scan import scan  # noqa: F401
         except ImportError:
             return "the dataset scan (issue 5) is not part of this convscope yet"
-        if ctx.settings.scan_images is None:
-            return "no image set to scan was given (--scan DIR, or --scan samples for the built-in set)"
         return None
 
     def settings(self, ctx, layer):

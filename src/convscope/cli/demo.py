@@ -9,6 +9,7 @@ keeps the whole demo to a few minutes on 2 CPU cores; re-running reuses what is 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from .._io import save_json, save_png
@@ -84,7 +85,7 @@ def demo_layers(loaded) -> list[str]:
 
 
 def step_atlas(loaded, photos, out: Path) -> None:
-    settings = AtlasSettings(**{**DEMO_SETTINGS.__dict__, "layers": ",".join(demo_layers(loaded))})
+    settings = replace(DEMO_SETTINGS, layers=",".join(demo_layers(loaded)))
     build = build_atlas(loaded, photos, out / "atlas", settings)
     print("\n".join(build.summary_lines()))
 
