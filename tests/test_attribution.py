@@ -14,13 +14,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import model_state
 from torch import nn
 
 import convscope
 from convscope.attribution import audit_graph, backward_rule
 from convscope.deconv import Unit, project_units, strongest_units
 from convscope.errors import ConvscopeError
+
+from .conftest import model_state
 
 METHODS = ("deconvnet", "guided", "gradient")
 

@@ -8,7 +8,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import model_state
 from PIL import Image
 from torch import nn
 
@@ -23,6 +22,8 @@ from convscope.deconv import (
     top_positions,
 )
 from convscope.errors import ConvscopeError
+
+from .conftest import model_state
 
 deconv_module = importlib.import_module("convscope.deconv")  # the attribute convscope.deconv is the function
 
