@@ -400,7 +400,10 @@ def test_all_stages_build_and_every_page_resolves(full_atlas):
         "pages": "built"}
     check_site(build.out)
     page = (build.out / "L/blocks.4.0.bn1/1.html").read_text()
-    assert "Top 4 deconvnet projections beside their patches" in page
+    # no max-pooling in this model: "auto" projects with guided backprop, and the page says why
+    assert "Top 4 guided-backprop projections beside their patches" in page
+    assert "no max-pooling" in page
+    assert _record(build.out, "deconv", "blocks.4.0.bn1")["method"] == "guided"
     assert page.count('class="example"') == 4 and page.count('class="rf"') == 4
     assert 'class="zoom feature"' in page
 
@@ -443,13 +446,26 @@ def test_deconv_without_a_scan_projects_the_photos_strongest_units(default_model
     settings = AtlasSettings(layers="blocks.2.0.bn2", channels_per_layer=3, top=9, skip=("features",))
     build = build_atlas(default_model, one_photo, tmp_path, settings, progress=False)
     assert build.stages["scan"]["status"] == "unavailable" and "--scan" in build.stages["scan"]["reason"]
+    from convscope.deconv import Unit, project_units
+
+    photo_rgb = default_model.preprocessing.fit(one_photo["coffee"])
     acts = _record(tmp_path, "activations", "blocks.2.0.bn2")
     deconv = _record(tmp_path, "deconv", "blocks.2.0.bn2")
     assert deconv["from"] == "photos"
+    assert deconv["method"] == "guided"                                     # no max-pooling in this model
     for c in range(3):
         (example,) = deconv["per_channel"][str(c)]                          # one photo, one unit
         assert example["value"] == pytest.approx(acts["peaks"][0][c], rel=1e-3)
         assert [example["row"], example["col"]] == acts["photos"]["coffee"]["channels"][str(c)]["argmax"]
+        # a zero guided projection (always so at the ReLU6 cap, where the forward mask is closed)
+        # is shown with the deconvnet and marked
+        guided = project_units(default_model, default_model.preprocessing.to_tensor(photo_rgb), "blocks.2.0.bn2",
+                               [Unit(c, example["row"], example["col"])], method="guided")
+        assert example["fallback"] == (not np.abs(guided.maps).any())
+        assert example["fallback"] or example["value"] < 6.0
+        with Image.open(tmp_path / example["projection"]["full"]) as im:
+            assert np.ptp(np.asarray(im)) > 0                               # never a blank gray tile
+    assert any(e["fallback"] for entries in deconv["per_channel"].values() for e in entries)
     check_site(tmp_path)
 
 

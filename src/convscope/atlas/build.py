@@ -82,6 +82,8 @@ class AtlasSettings:
             None to scan nothing (the deconv stage then projects the photos' strongest units).
         skip: stages not to run; records they already have with a matching key are still shown.
         cmap: colour map of the heat-map overlays.
+        deconv_method: ``"auto"`` (the deconvnet for models with max-pooling, else guided
+            backprop; see :class:`DeconvStage`), ``"deconvnet"``, ``"guided"`` or ``"gradient"``.
     """
 
     layers: str | None = None
@@ -95,6 +97,7 @@ class AtlasSettings:
     scan_images: str | None = None
     skip: tuple[str, ...] = ()
     cmap: str = "jet"
+    deconv_method: str = "auto"
 
     def as_dict(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
@@ -619,16 +622,30 @@ class ScanStage(Stage):
 DECONV_IMAGES = 32
 
 
+DECONV_METHODS = ("auto", "deconvnet", "guided", "gradient")
+
+
+def _has_max_pooling(loaded: LoadedModel) -> bool:
+    return any(layer.type.startswith(("MaxPool", "AdaptiveMaxPool")) for layer in loaded.catalogue)
+
+
 class DeconvStage(Stage):
-    """Deconvnet projections beside their patches for each visualised channel's top units (issue 4).
+    """Projections beside their patches for each visualised channel's top units (issue 4).
 
     With a scan, the units are the scan's top-k examples. Without one, each photo's strongest
     unit of the channel, strongest photos first.
+
+    The method (``settings.deconv_method``): ``"auto"`` takes Zeiler & Fergus's deconvnet when
+    the model has max-pooling, and guided backprop otherwise. Why: the deconvnet's rectifier rule
+    ignores the forward pass, so in a network without max-pooling switches (EfficientNet, most
+    modern nets) a unit's deconvnet projection is the same for every image, only shifted with the
+    unit's position. Guided backprop keeps the forward masks. A unit whose guided (or gradient)
+    projection is all zero, as at the cap of a ReLU6 (where the forward mask is closed by
+    definition), is shown with the deconvnet instead, and the page says so.
     """
 
     name = "deconv"
-    version = 1
-    method = "deconvnet"
+    version = 2
 
     def unavailable(self, ctx):
         try:
@@ -637,10 +654,19 @@ class DeconvStage(Stage):
             return "the deconvnet (issue 4) is not part of this convscope yet"
         return None
 
+    @staticmethod
+    def method(ctx: BuildContext) -> str:
+        method = ctx.settings.deconv_method
+        if method not in DECONV_METHODS:
+            raise ConvscopeError(f"unknown projection method {method!r}; use one of {', '.join(DECONV_METHODS)}")
+        if method == "auto":
+            return "deconvnet" if _has_max_pooling(ctx.loaded) else "guided"
+        return method
+
     def settings(self, ctx, layer):
         scan = ctx.keys.get(("scan", layer.name)) if ctx.record("scan", layer) else None
         acts = ctx.keys.get(("activations", layer.name))
-        return {"top": ctx.settings.top, "method": self.method, "scan": scan, "activations": acts}
+        return {"top": ctx.settings.top, "method": self.method(ctx), "scan": scan, "activations": acts}
 
     def run(self, ctx, layers):
         total = sum(len(ctx.channels(layer)) for layer in layers)
@@ -653,13 +679,43 @@ class DeconvStage(Stage):
                     data = self._from_scan(ctx, layer, scan, bar)
                 else:
                     data = self._from_photos(ctx, layer, bar)
+                data["method"] = self.method(ctx)
+                data["description"] = f"{data['description']} {self._method_note(ctx)}"
                 ctx.save_record(self, layer, data, seconds=time.perf_counter() - start)
 
+    def _method_note(self, ctx) -> str:
+        method = self.method(ctx)
+        shown = {"deconvnet": "deconvnet projection (Zeiler & Fergus)", "guided": "guided-backprop projection",
+                 "gradient": "gradient (saliency)"}[method]
+        note = (f"Each {shown}, gray for zero and stretched symmetrically, is cropped to the unit's receptive "
+                "field, like the image patch beside it.")
+        if method == "deconvnet" and not _has_max_pooling(ctx.loaded):
+            note += (" This model has no max-pooling, so the deconvnet's projection of a unit does not depend on "
+                     "the image (its rectifier rule ignores the forward pass): use guided backprop for "
+                     "image-specific projections.")
+        elif method != "deconvnet":
+            if ctx.settings.deconv_method == "auto":
+                note += (" Guided backprop, not the deconvnet: this model has no max-pooling, so the deconvnet's "
+                         "projection would be the same for every image.")
+            note += (" Where a unit sits at its activation's cap (ReLU6 = 6) the guided projection is zero by "
+                     "definition; such units are shown with the deconvnet and marked.")
+        return note
+
     def _project(self, ctx, layer, pixels: list[np.ndarray], units):
+        """Projections with the stage's method; all-zero ones redone with the deconvnet (``fallback``)."""
         from ..deconv import project_units
 
+        method = self.method(ctx)
         x = ctx.loaded.preprocessing.to_tensor(pixels, ctx.loaded.device)
-        return project_units(ctx.loaded, x, layer, units, method=self.method)
+        proj = project_units(ctx.loaded, x, layer, units, method=method)
+        fallback = np.zeros(len(units), dtype=bool)
+        if method != "deconvnet" and len(units):
+            fallback = np.abs(proj.maps).reshape(len(units), -1).max(axis=1) == 0
+            if fallback.any():
+                redo = [units[i] for i in np.flatnonzero(fallback)]
+                again = project_units(ctx.loaded, x, layer, redo, method="deconvnet")
+                proj.maps[fallback] = again.maps
+        return proj, fallback
 
     def _projection_picture(self, ctx, layer, name, projection, photo, box) -> Picture:
         from ..deconv import render_projection_pair
@@ -691,22 +747,21 @@ class DeconvStage(Stage):
             pixels = [images.load(image_id) for image_id in order]
             units = [Unit(int(c), e["row"], e["col"], slot[e["image_id"]]) for c in chunk for e in per_channel[c]]
             if units:
-                proj = self._project(ctx, layer, pixels, units)
+                proj, fallback = self._project(ctx, layer, pixels, units)
                 at = 0
                 for c in chunk:
                     for e in per_channel[c]:
                         e["projection"] = self._projection_picture(
                             ctx, layer, f"c{int(c):04d}_{e['rank']}.png", proj.maps[at], pixels[slot[e["image_id"]]],
                             e["box"])
+                        e["fallback"] = bool(fallback[at])
                         e["rerun_value"] = float(f"{float(proj.values[at]):.4g}")
                         scale = max(abs(per_channel[c][0]["value"]), 1e-6)
                         drift = max(drift, abs(e["rerun_value"] - e["value"]) / scale)
                         at += 1
             bar.update(len(chunk))
-        return {"per_channel": per_channel, "from": "scan", "method": self.method, "max_drift": drift,
-                "description": f"{scan.get('description', '')} Each {self.method} projection (gray = 0, "
-                               "stretched symmetrically) beside the image patch it came from, both cropped to "
-                               "the unit's receptive field."}
+        return {"per_channel": per_channel, "from": "scan", "max_drift": drift,
+                "description": scan.get("description", "")}
 
     def _from_photos(self, ctx, layer, bar) -> dict:
         from ..deconv import Unit
@@ -725,13 +780,13 @@ class DeconvStage(Stage):
 
                 x = ctx.loaded.preprocessing.to_tensor(photo.rgb, ctx.loaded.device)
                 units = strongest_units(ctx.loaded, x, layer, channels)
-            proj = self._project(ctx, layer, [photo.rgb], units)
+            proj, fallback = self._project(ctx, layer, [photo.rgb], units)
             for i, unit in enumerate(units):
                 box = [int(v) for v in proj.boxes[i]]
                 top, left, bottom, right = box
                 candidates[unit.channel].append({
                     "value": float(f"{float(proj.values[i]):.4g}"), "image": photo.name, "row": unit.row,
-                    "col": unit.col, "box": box, "clipped": bool(proj.clipped[i]),
+                    "col": unit.col, "box": box, "clipped": bool(proj.clipped[i]), "fallback": bool(fallback[i]),
                     "image_size": list(photo.rgb.shape[:2]),
                     "source": photo_pics.get(photo.slug) or ctx.picture(f"data/photos/{photo.slug}.jpg", photo.rgb,
                                                                          fmt="jpeg"),
@@ -745,11 +800,9 @@ class DeconvStage(Stage):
             ranked = sorted(candidates[c], key=lambda e: -e["value"])[:ctx.settings.top]
             per_channel[str(c)] = [{**e, "rank": k} for k, e in enumerate(ranked)]
             bar.update(1)
-        return {"per_channel": per_channel, "from": "photos", "method": self.method,
-                "description": f"No dataset scan in this atlas: the channel's strongest unit on each photo, "
-                               f"strongest first. Each {self.method} projection (gray = 0, stretched "
-                               "symmetrically) beside the image patch it came from, both cropped to the unit's "
-                               "receptive field."}
+        return {"per_channel": per_channel, "from": "photos",
+                "description": "No dataset scan in this atlas: the channel's strongest unit on each photo, "
+                               "strongest first."}
 
 
 STAGES: list[Stage] = [ActivationsStage(), FeaturesStage(), ScanStage(), DeconvStage()]

@@ -30,6 +30,9 @@ def register(subparsers) -> None:
     p.add_argument("--scan", default=None, metavar="DIR",
                    help="folder of images for the dataset scan, or 'samples' for the built-in sample set "
                         "(default: no scan; the deconvnet then projects the photos' strongest units)")
+    p.add_argument("--deconv-method", default="auto", choices=("auto", "deconvnet", "guided", "gradient"),
+                   help="projection of the top units: auto = the deconvnet for models with max-pooling, else "
+                        "guided backprop (without max-pooling the deconvnet does not depend on the image)")
     p.add_argument("--skip", default="", metavar="STAGES",
                    help=f"comma-separated stages not to run: {', '.join(STAGE_NAMES)}")
     p.add_argument("--json", action="store_true", help="print the per-stage report as JSON")
@@ -47,7 +50,8 @@ def settings_from_args(args) -> AtlasSettings:
     skip = tuple(s.strip() for s in args.skip.split(",") if s.strip())
     return AtlasSettings(layers=args.layers, channels_per_layer=args.channels_per_layer, steps=args.steps,
                          feature_size=args.size, recipe=args.recipe, seed=args.seed, top=args.top,
-                         max_photos=args.photos, scan_images=args.scan, skip=skip)
+                         max_photos=args.photos, scan_images=args.scan, skip=skip,
+                         deconv_method=args.deconv_method)
 
 
 def run(args) -> int:

@@ -3,7 +3,7 @@
 The main job is the atlas (:mod:`convscope.atlas`): browsable model, layer and channel pages with
 predictions, feature-map grids and overlays, evolution strips, feature visualizations, the
 dataset scan of the sample set and deconvnet projections. Each step is one function taking
-``(loaded, photos, out)``. The atlas step's budget (:data:`DEMO_SETTINGS`, every 4th conv layer)
+``(loaded, photos, out)``. The atlas step's budget (:data:`DEMO_SETTINGS` on :data:`DEMO_LAYERS`)
 keeps the whole demo to a few minutes on 2 CPU cores; re-running reuses what is built.
 """
 
@@ -23,9 +23,14 @@ from .activations import write_activation_outputs
 from .deconv import write_deconv_outputs
 
 # The atlas budget of the demo: 6 channels per layer, short feature visualizations, a scan of
-# the built-in sample set. The layers are every 4th conv layer (set in step_atlas).
+# the built-in sample set, on DEMO_LAYERS.
 DEMO_SETTINGS = AtlasSettings(channels_per_layer=6, steps=64, feature_size=96, top=9, scan_images="samples")
-DEMO_LAYER_STEP = 4
+# The default model's stem, the output of each of its 7 stages, and its head. The stage outputs
+# are linear bottlenecks (conv + BN, no ReLU6): their strongest units are not tied at the cap of 6,
+# so the scan's top 9 are distinct and guided backprop is not zero there (issues 4 and 5 chose
+# these layers for the same reasons).
+DEMO_LAYERS = ("bn1", "blocks.0.0.bn2", "blocks.1.1.bn3", "blocks.2.1.bn3", "blocks.3.2.bn3", "blocks.4.2.bn3",
+               "blocks.5.3.bn3", "blocks.6.0.bn3", "bn2")
 
 
 def register(subparsers) -> None:
@@ -33,7 +38,7 @@ def register(subparsers) -> None:
                               description="Predictions, feature-map grids, overlays and evolution strips for "
                                           "scikit-image's chelsea, astronaut and coffee photos, deconvnet / "
                                           "guided backprop / gradient sheets for a middle and a deep layer, and "
-                                          "the atlas: browsable pages of every 4th conv layer with feature "
+                                          "the atlas: browsable pages of the stem, each stage's output and the head, with feature "
                                           "visualizations, the sample-set scan and deconvnet projections. "
                                           "Prints the path of the atlas's index.html.",
                               epilog="Example: convscope demo --out runs/demo")
@@ -76,12 +81,11 @@ def step_deconv(loaded, photos, out: Path) -> None:
 
 
 def demo_layers(loaded) -> list[str]:
-    """Every :data:`DEMO_LAYER_STEP`-th conv layer, first and last included."""
+    """:data:`DEMO_LAYERS`, or every 4th conv layer of a model that lacks them."""
+    if all(name in loaded.catalogue for name in DEMO_LAYERS):
+        return list(DEMO_LAYERS)
     features = [layer.name for layer in loaded.catalogue.features if layer.is_spatial]
-    chosen = features[::DEMO_LAYER_STEP]
-    if features and features[-1] not in chosen:
-        chosen.append(features[-1])
-    return chosen
+    return features[::4] + ([features[-1]] if features and (len(features) - 1) % 4 else [])
 
 
 def step_atlas(loaded, photos, out: Path) -> None:
