@@ -408,7 +408,7 @@ def test_all_stages_build_and_every_page_resolves(full_atlas):
     assert 'class="zoom feature"' in page
 
 
-@pytestmark_stages
+@_needs("features")
 def test_feature_records_rise_and_flag_dead(full_atlas):
     build, _ = full_atlas
     for slug in ("blocks.1.0.bn2", "blocks.4.0.bn1"):
@@ -421,7 +421,7 @@ def test_feature_records_rise_and_flag_dead(full_atlas):
         assert record["sheet"]["full"].endswith("sheet.png")
 
 
-@pytestmark_stages
+@_needs("scan", "deconv")
 def test_scan_and_deconv_records_agree(full_atlas, scan_folder):
     build, _ = full_atlas
     scan = _record(build.out, "scan", "blocks.4.0.bn1")

@@ -11,6 +11,7 @@ Example:
 from .activations import ActivationResult, activations, predict
 from .attribution import backward_rule
 from .capture import capture, frozen, recording
+from .datasets import FolderImages, SampleImages, TensorImages
 from .deconv import (
     DeconvResult,
     Projections,
@@ -26,12 +27,15 @@ from .images import load_image, sample_photos
 from .layers import Catalogue, LayerInfo, build_catalogue
 from .models import LoadedModel, Preprocessing, as_loaded, list_models, load_model
 from .render import channel_grid, overlay_heatmap
+from .scan import ScanResult, TopK, scan, write_scan
 
 __all__ = [
     "ActivationResult", "Catalogue", "ConvscopeError", "DeconvResult", "LayerInfo", "LoadedModel", "Preprocessing",
     "Projections", "Unit", "activations", "as_loaded", "backward_rule", "build_catalogue", "capture", "channel_grid",
     "deconv", "frozen", "list_models", "load_image", "load_model", "overlay_heatmap", "predict", "project_units",
     "recording", "render_projection_pair", "sample_photos", "strongest_units", "top_positions",
+    # dataset scan (issue 5)
+    "FolderImages", "SampleImages", "ScanResult", "TensorImages", "TopK", "scan", "write_scan",
 ]
 
 __version__ = "0.1.0"

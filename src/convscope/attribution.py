@@ -76,25 +76,29 @@ class RuleFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, low: float, high: float | None, rule: str, inplace: bool = False) -> torch.Tensor:
-        ctx.rule = rule
-        if rule != "deconvnet":
-            # Save the 0/1 mask, not x, which an in-place rectifier overwrites.
-            mask = x > low
-            if high is not None:
-                mask &= x < high
-            ctx.save_for_backward(mask)
+        ctx.rule, ctx.low, ctx.high = rule, low, high
         if inplace:
             ctx.mark_dirty(x)
-            return x.clamp_(min=low, max=high)
-        return x.clamp(min=low, max=high)
+            y = x.clamp_(min=low, max=high)
+        else:
+            y = x.clamp(min=low, max=high)
+        if rule != "deconvnet":
+            # The output carries the forward mask: low < y < high exactly where low < x < high.
+            # (torch's own relu saves its result too.)
+            ctx.save_for_backward(y)
+        return y
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         if ctx.rule == "deconvnet":
-            out = grad.clamp(min=0)
+            return grad.clamp(min=0), None, None, None, None
+        (y,) = ctx.saved_tensors
+        signal = grad.clamp(min=0) if ctx.rule == "guided" else grad
+        # torch's fused backward kernels apply the mask: zero where y <= low (or y >= high)
+        if ctx.high is None:
+            out = torch.ops.aten.threshold_backward(signal, y, ctx.low)
         else:
-            (mask,) = ctx.saved_tensors
-            out = grad.clamp(min=0) * mask if ctx.rule == "guided" else grad * mask
+            out = torch.ops.aten.hardtanh_backward(signal, y, ctx.low, ctx.high)
         return out, None, None, None, None
 
 

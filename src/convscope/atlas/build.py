@@ -80,6 +80,7 @@ class AtlasSettings:
         max_photos: photos taken from ``images`` (sorted by path).
         scan_images: folder the scan stage streams; ``"samples"`` for the built-in sample set;
             None to scan nothing (the deconv stage then projects the photos' strongest units).
+        scan_limit: scan only the first N images of the set (None: all).
         skip: stages not to run; records they already have with a matching key are still shown.
         cmap: colour map of the heat-map overlays.
         deconv_method: ``"auto"`` (the deconvnet for models with max-pooling, else guided
@@ -98,6 +99,7 @@ class AtlasSettings:
     skip: tuple[str, ...] = ()
     cmap: str = "jet"
     deconv_method: str = "auto"
+    scan_limit: int | None = None
 
     def as_dict(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
@@ -525,13 +527,14 @@ def _scan_images(ctx: BuildContext):
     if spec is None:
         return None
     if ctx.scan_set is None:
-        size = tuple(ctx.loaded.preprocessing.input_size)
+        pre = ctx.loaded.preprocessing
+        size = tuple(pre.input_size)
         if str(spec) == "samples":
-            ctx.scan_set = SampleImages(size)
+            ctx.scan_set = SampleImages(size, pre._resample)
         elif not Path(spec).is_dir():
             raise ConvscopeError(f"--scan {spec}: not a folder (or use --scan samples for the built-in set)")
         else:
-            ctx.scan_set = FolderImages(spec, size)
+            ctx.scan_set = FolderImages(spec, size, pre._resample)
     return ctx.scan_set
 
 
@@ -574,7 +577,7 @@ class ScanStage(Stage):
 
     def settings(self, ctx, layer):
         images = _scan_images(ctx)
-        return {"images": images.describe(), "top": ctx.settings.top}
+        return {"images": images.describe(), "top": ctx.settings.top, "limit": ctx.settings.scan_limit}
 
     def run(self, ctx, layers):
         from ..scan import scan as scan_images
@@ -584,7 +587,8 @@ class ScanStage(Stage):
         checkpoint = ctx.out / "records" / self.name / f"state-{make_key(keys=keys)}.pt"
         start = time.perf_counter()
         result = scan_images(ctx.loaded, images, [layer.name for layer in layers], top=ctx.settings.top,
-                             checkpoint=checkpoint, resume=checkpoint.exists(), progress=ctx.progress)
+                             checkpoint=checkpoint, resume=checkpoint.exists(), stop=ctx.settings.scan_limit,
+                             progress=ctx.progress)
         per_layer = (time.perf_counter() - start) / len(layers)
         source = images.describe()
         described = source.get("root") if source.get("kind") == "folder" else "the built-in sample set"

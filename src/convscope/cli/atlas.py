@@ -30,6 +30,7 @@ def register(subparsers) -> None:
     p.add_argument("--scan", default=None, metavar="DIR",
                    help="folder of images for the dataset scan, or 'samples' for the built-in sample set "
                         "(default: no scan; the deconvnet then projects the photos' strongest units)")
+    p.add_argument("--scan-limit", type=int, default=None, metavar="N", help="scan only the first N images")
     p.add_argument("--deconv-method", default="auto", choices=("auto", "deconvnet", "guided", "gradient"),
                    help="projection of the top units: auto = the deconvnet for models with max-pooling, else "
                         "guided backprop (without max-pooling the deconvnet does not depend on the image)")
@@ -45,13 +46,14 @@ def settings_from_args(args) -> AtlasSettings:
     for flag, value in (("--photos", args.photos), ("--steps", args.steps), ("--size", args.size), ("--top", args.top)):
         if value < 1:
             raise ConvscopeError(f"{flag} must be at least 1, got {value}")
-    if args.channels_per_layer is not None and args.channels_per_layer < 1:
-        raise ConvscopeError(f"--channels-per-layer must be at least 1, got {args.channels_per_layer}")
+    for flag, value in (("--channels-per-layer", args.channels_per_layer), ("--scan-limit", args.scan_limit)):
+        if value is not None and value < 1:
+            raise ConvscopeError(f"{flag} must be at least 1, got {value}")
     skip = tuple(s.strip() for s in args.skip.split(",") if s.strip())
     return AtlasSettings(layers=args.layers, channels_per_layer=args.channels_per_layer, steps=args.steps,
                          feature_size=args.size, recipe=args.recipe, seed=args.seed, top=args.top,
                          max_photos=args.photos, scan_images=args.scan, skip=skip,
-                         deconv_method=args.deconv_method)
+                         deconv_method=args.deconv_method, scan_limit=args.scan_limit)
 
 
 def run(args) -> int:

@@ -45,7 +45,7 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="crops or images per batch (default: automatic)")
     p.add_argument("--not-strict", dest="strict", action="store_false",
                    help="backpropagate nonlinearities without a rule (GELU, SiLU, gates) plainly instead of refusing")
-    p.add_argument("--save-npz", action="store_true", help="keep the raw projections (projections.npz)")
+    p.add_argument("--save-npz", action="store_true", help="keep the raw projections (LAYER_projections.npz)")
     add_out_arg(p, "runs/deconv")
     add_model_args(p)
     p.set_defaults(func=run)

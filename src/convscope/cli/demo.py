@@ -23,8 +23,9 @@ from .activations import write_activation_outputs
 from .deconv import write_deconv_outputs
 
 # The atlas budget of the demo: 6 channels per layer, short feature visualizations, a scan of
-# the built-in sample set, on DEMO_LAYERS.
-DEMO_SETTINGS = AtlasSettings(channels_per_layer=6, steps=64, feature_size=96, top=9, scan_images="samples")
+# 256 windows of the built-in sample set, on DEMO_LAYERS.
+DEMO_SETTINGS = AtlasSettings(channels_per_layer=6, steps=64, feature_size=96, top=9, scan_images="samples",
+                              scan_limit=256)
 # The default model's stem, the output of each of its 7 stages, and its head. The stage outputs
 # are linear bottlenecks (conv + BN, no ReLU6): their strongest units are not tied at the cap of 6,
 # so the scan's top 9 are distinct and guided backprop is not zero there (issues 4 and 5 chose
@@ -80,6 +81,24 @@ def step_deconv(loaded, photos, out: Path) -> None:
               f"{out / 'deconv' / name / index['files']['sheet']}")
 
 
+# The scan step: stride-4, -8 and -16 layers of the default model whose deconvnet projections are
+# quick (receptive fields up to 83 px), 8 channels each, over 128 windows of the sample set.
+DEMO_SCAN_LAYERS = "blocks.1.1.bn3,blocks.2.1.bn3,blocks.3.0.bn3"
+DEMO_SCAN_IMAGES = 128
+DEMO_SCAN_CHANNELS = range(8)
+
+
+def step_scan(loaded, photos, out: Path) -> None:
+    from ..datasets import SampleImages
+    from ..scan import scan, write_scan
+
+    images = SampleImages(loaded.preprocessing.input_size, loaded.preprocessing._resample, limit=DEMO_SCAN_IMAGES)
+    result = scan(loaded, images, DEMO_SCAN_LAYERS, top=9, batch_size=32, progress=False)
+    write_scan(result, out / "scan", channels=DEMO_SCAN_CHANNELS, progress=False)
+    print(f"  dataset scan: top 9 of {result.images_scanned} sample windows for channels 0-7 of "
+          f"{DEMO_SCAN_LAYERS.replace(',', ', ')}: {out / 'scan'}")
+
+
 def demo_layers(loaded) -> list[str]:
     """:data:`DEMO_LAYERS`, or every 4th conv layer of a model that lacks them."""
     if all(name in loaded.catalogue for name in DEMO_LAYERS):
@@ -94,7 +113,7 @@ def step_atlas(loaded, photos, out: Path) -> None:
     print("\n".join(build.summary_lines()))
 
 
-STEPS = [step_predict, step_activations, step_deconv, step_atlas]
+STEPS = [step_predict, step_activations, step_deconv, step_scan, step_atlas]
 
 
 def run(args) -> int:
