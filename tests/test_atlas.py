@@ -328,7 +328,9 @@ def test_cli_atlas_and_serve_errors(tmp_path, capsys):
     out = tmp_path / "cli"
     assert main(["atlas", "--layers", "blocks.6.0.bn3", "--channels-per-layer", "1", "--photos", "1", "--out", str(out),
                  "--skip", "features,deconv", "--json"]) == 0
-    report = json.loads(capsys.readouterr().out.split("\n", 1)[1])
+    printed = capsys.readouterr().out
+    assert "plan: 1 layers, 1 channels" in printed
+    report = json.loads(printed[printed.index("\n{") + 1:])
     assert Path(report["index"]).is_file() and report["stages"]["activations"]["built"] == 1
     assert main(["atlas", "--skip", "nope", "--out", str(out)]) == 2
     assert "unknown stage 'nope'" in capsys.readouterr().err

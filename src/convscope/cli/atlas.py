@@ -24,7 +24,7 @@ def register(subparsers) -> None:
                         "each layer (default: all)")
     p.add_argument("--steps", type=int, default=256, help="feature-visualization steps (default 256)")
     p.add_argument("--size", type=int, default=128, metavar="PX", help="feature-visualization image size (default 128)")
-    p.add_argument("--recipe", default=None, help="feature-visualization recipe (default: its default)")
+    p.add_argument("--recipe", default=None, help="feature-visualization recipe: lucid (default) or post")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--top", type=int, default=9, help="examples per channel from the scan and deconvnet (default 9)")
     p.add_argument("--scan", default=None, metavar="DIR",
@@ -61,6 +61,11 @@ def run(args) -> int:
     loaded = load_from_args(args)
     out = out_dir(args.out)
     print(f"model: {loaded.title}")
+    layers = [layer for layer in loaded.catalogue.resolve(settings.layers) if layer.is_spatial]
+    channels = sum(min(layer.channels, settings.channels_per_layer or layer.channels) for layer in layers)
+    print(f"plan: {len(layers)} layers, {channels} channels with pages, feature visualizations ({settings.steps} "
+          f"steps at {settings.feature_size} px) and top-{settings.top} projections; valid results in {out} are "
+          "reused (budget with --layers, --channels-per-layer, --steps)")
     build = build_atlas(loaded, args.images, out, settings)
     if args.json:
         print_json({"index": str(build.index.resolve()), "stages": build.stages})
