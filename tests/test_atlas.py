@@ -483,3 +483,18 @@ def test_a_changed_budget_rebuilds_only_the_stages_it_touches(full_atlas, defaul
     built = {name: info.get("built") for name, info in again.stages.items()}
     assert built == {"photos": 0, "activations": 0, "features": 0, "scan": 2, "deconv": 2, "pages": 1}
     check_site(build.out)
+
+
+def test_vgg_aliases_reach_the_table_and_the_search(vgg16, one_photo, tmp_path):
+    settings = AtlasSettings(layers="block1_conv2,block5_conv3", channels_per_layer=1, skip=CHEAP)
+    build = build_atlas(vgg16, one_photo, tmp_path, settings, progress=False)
+    index = build.index.read_text()
+    assert "RANDOM INIT" in index
+    assert '<a href="L/features.3/index.html">block1_conv2</a>' in index
+    search = json.loads((tmp_path / "search-index.js").read_text().removeprefix("window.ATLAS_INDEX = ")
+                        .rstrip().rstrip(";"))
+    assert [(layer["alias"], layer["name"]) for layer in search["layers"]] == [
+        ("block1_conv2", "features.3"), ("block5_conv3", "features.29")]
+    layer = (tmp_path / "L/features.29/index.html").read_text()
+    assert "block5_conv3" in layer and "features.29" in layer
+    check_site(tmp_path)
