@@ -330,7 +330,7 @@ class ActivationsStage(Stage):
     """Grids, overlays and per-channel heat maps of each layer on each photo, and channel peaks."""
 
     name = "activations"
-    version = 1
+    version = 2
 
     def settings(self, ctx, layer):
         return {"photos": ctx.photos_key, "cmap": ctx.settings.cmap}
@@ -376,8 +376,11 @@ class ActivationsStage(Stage):
         peaks = np.stack([m.reshape(count, -1).max(axis=1) for m in stack])   # (photos, C)
         lows = np.stack([m.reshape(count, -1).min(axis=1) for m in stack])
         means = np.stack([m.reshape(count, -1).mean(axis=1) for m in stack])
-        # One scale per channel, shared by all photos, so the photos can be compared.
-        scale_low, scale_high = lows.min(axis=0), peaks.max(axis=0)
+        # One scale per channel, shared by all photos, so the photos can be compared. It starts at 0
+        # when the channel fires at all: the overlay shows where it fires, and a signed (linear)
+        # layer's negative values would otherwise tint the whole photo. The page states the scale.
+        raw_low, scale_high = lows.min(axis=0), peaks.max(axis=0)
+        scale_low = np.where(scale_high > 0, np.maximum(raw_low, 0.0), raw_low)
         photos: dict[str, dict] = {}
         for i, (photo, maps) in enumerate(zip(ctx.photos, stack)):
             title = f"{layer.label} on {photo.name}"
@@ -408,7 +411,7 @@ class ActivationsStage(Stage):
             "photo_order": [p.slug for p in ctx.photos],
             "peaks": [_sig(row) for row in peaks],
             "means": [_sig(row) for row in means],
-            "scale": {str(c): [float(f"{scale_low[c]:.4g}"), float(f"{scale_high[c]:.4g}")] for c in channels},
+            "scale": {str(c): _sig([scale_low[c], scale_high[c], raw_low[c]]) for c in channels},
             "silent": [int(c) for c in silent],
             "num_channels": count,
         }
