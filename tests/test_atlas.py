@@ -354,17 +354,6 @@ def test_server_listens_on_loopback_only(small_atlas):
 
 # ------------------------------------------------------------------------------ the real stages
 
-def _needs(*modules: str):
-    """TEMPORARY until issues 3 and 5 land on main: skip a test whose stage modules are missing."""
-    import importlib.util
-
-    missing = [m for m in modules if importlib.util.find_spec(f"convscope.{m}") is None]
-    return pytest.mark.skipif(bool(missing), reason=f"not landed yet: {missing}")
-
-
-pytestmark_stages = _needs("features", "scan", "deconv")
-
-
 @pytest.fixture(scope="module")
 def scan_folder(photos, tmp_path_factory):
     """A small image set for the scan: 4 crops of each sample photo."""
@@ -394,7 +383,6 @@ def _record(out: Path, stage: str, slug: str) -> dict:
     return json.loads((out / "records" / stage / f"{slug}.json").read_text())
 
 
-@pytestmark_stages
 def test_all_stages_build_and_every_page_resolves(full_atlas):
     build, _ = full_atlas
     assert {name: info["status"] for name, info in build.stages.items()} == {
@@ -410,7 +398,6 @@ def test_all_stages_build_and_every_page_resolves(full_atlas):
     assert 'class="zoom feature"' in page
 
 
-@_needs("features")
 def test_feature_records_rise_and_flag_dead(full_atlas):
     build, _ = full_atlas
     for slug in ("blocks.1.0.bn2", "blocks.4.0.bn1"):
@@ -423,7 +410,6 @@ def test_feature_records_rise_and_flag_dead(full_atlas):
         assert record["sheet"]["full"].endswith("sheet.png")
 
 
-@_needs("scan", "deconv")
 def test_scan_and_deconv_records_agree(full_atlas, scan_folder):
     build, _ = full_atlas
     scan = _record(build.out, "scan", "blocks.4.0.bn1")
@@ -443,7 +429,6 @@ def test_scan_and_deconv_records_agree(full_atlas, scan_folder):
         np.testing.assert_allclose([e["rerun_value"] for e in projected], values, rtol=2e-3, atol=1e-3)
 
 
-@_needs("deconv")
 def test_deconv_without_a_scan_projects_the_photos_strongest_units(default_model, one_photo, tmp_path):
     settings = AtlasSettings(layers="blocks.2.0.bn2", channels_per_layer=3, top=9, skip=("features",))
     build = build_atlas(default_model, one_photo, tmp_path, settings, progress=False)
@@ -471,7 +456,6 @@ def test_deconv_without_a_scan_projects_the_photos_strongest_units(default_model
     check_site(tmp_path)
 
 
-@pytestmark_stages
 def test_a_changed_budget_rebuilds_only_the_stages_it_touches(full_atlas, default_model, photos):
     build, settings = full_atlas
     fewer_steps = replace(settings, steps=12)

@@ -6,6 +6,7 @@ Example:
     >>> convscope.predict(model, "cat.jpg")[0]["name"]
     >>> res = convscope.activations(model, "cat.jpg")       # every conv layer after its activation
     >>> res.grid(res.layers[3])                             # a PIL image; shows inline in Jupyter
+    >>> convscope.visualize_features(model, "blocks.3.1.bn1", range(8)).sheet()   # what 8 filters want to see
 """
 
 from .activations import ActivationResult, activations, predict
@@ -23,6 +24,7 @@ from .deconv import (
     top_positions,
 )
 from .errors import ConvscopeError
+from .features import FeatureResult, visualize, visualize_classes, visualize_features
 from .images import load_image, sample_photos
 from .layers import Catalogue, LayerInfo, build_catalogue
 from .models import LoadedModel, Preprocessing, as_loaded, list_models, load_model
@@ -30,12 +32,12 @@ from .render import channel_grid, overlay_heatmap
 from .scan import ScanResult, TopK, scan, write_scan
 
 __all__ = [
-    "ActivationResult", "Catalogue", "ConvscopeError", "DeconvResult", "LayerInfo", "LoadedModel", "Preprocessing",
-    "Projections", "Unit", "activations", "as_loaded", "backward_rule", "build_catalogue", "capture", "channel_grid",
-    "deconv", "frozen", "list_models", "load_image", "load_model", "overlay_heatmap", "predict", "project_units",
-    "recording", "render_projection_pair", "sample_photos", "strongest_units", "top_positions",
-    # dataset scan (issue 5)
-    "FolderImages", "SampleImages", "ScanResult", "TensorImages", "TopK", "scan", "write_scan",
+    "ActivationResult", "Catalogue", "ConvscopeError", "DeconvResult", "FeatureResult", "FolderImages",
+    "LayerInfo", "LoadedModel", "Preprocessing", "Projections", "SampleImages", "ScanResult", "TensorImages",
+    "TopK", "Unit", "activations", "as_loaded", "backward_rule", "build_catalogue", "capture", "channel_grid",
+    "deconv", "frozen", "list_models", "load_image", "load_model", "overlay_heatmap", "predict",
+    "project_units", "recording", "render_projection_pair", "sample_photos", "scan", "strongest_units",
+    "top_positions", "visualize", "visualize_classes", "visualize_features", "write_scan",
 ]
 
 __version__ = "0.1.0"

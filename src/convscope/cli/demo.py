@@ -12,10 +12,12 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+from .. import render
 from .._io import save_json, save_png
 from ..activations import activations, predict
 from ..atlas import AtlasSettings, build_atlas
 from ..deconv import deconv
+from ..features import visualize_features
 from ..images import sample_photos
 from ..models import load_model
 from ._common import add_out_arg, out_dir
@@ -37,11 +39,11 @@ DEMO_LAYERS = ("bn1", "blocks.0.0.bn2", "blocks.1.1.bn3", "blocks.2.1.bn3", "blo
 def register(subparsers) -> None:
     p = subparsers.add_parser("demo", help="build the atlas of the default model over the sample photos (offline)",
                               description="Predictions, feature-map grids, overlays and evolution strips for "
-                                          "scikit-image's chelsea, astronaut and coffee photos, deconvnet / "
-                                          "guided backprop / gradient sheets for a middle and a deep layer, and "
-                                          "the atlas: browsable pages of the stem, each stage's output and the head, with feature "
-                                          "visualizations, the sample-set scan and deconvnet projections. "
-                                          "Prints the path of the atlas's index.html.",
+                                          "scikit-image's chelsea, astronaut and coffee photos; feature sheets, "
+                                          "deconvnet / guided backprop / gradient sheets and a sample-set scan "
+                                          "for a few layers; then the atlas of the stem, each stage's output and "
+                                          "the head (feature visualizations, the sample-set scan, projections), "
+                                          "whose index.html it prints.",
                               epilog="Example: convscope demo --out runs/demo")
     add_out_arg(p, "runs/demo")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -99,6 +101,32 @@ def step_scan(loaded, photos, out: Path) -> None:
           f"{DEMO_SCAN_LAYERS.replace(',', ', ')}: {out / 'scan'}")
 
 
+# A shallow, a middle and a deep layer of the default model, a few channels each; modest
+# settings keep this step near a minute on 2 cores (`convscope features` has the full recipe).
+DEMO_FEATURE_LAYERS = ("blocks.1.0.bn1", "blocks.3.1.bn1", "blocks.5.3.bn1")
+DEMO_FEATURE_CHANNELS = range(6)
+DEMO_FEATURE_STEPS = 64
+DEMO_FEATURE_SIZE = 64
+
+
+def step_features(loaded, photos, out: Path) -> None:
+    sheets, index = [], []
+    for name in DEMO_FEATURE_LAYERS:
+        if name not in loaded.catalogue:
+            continue
+        result = visualize_features(loaded, name, list(DEMO_FEATURE_CHANNELS), steps=DEMO_FEATURE_STEPS,
+                                    size=DEMO_FEATURE_SIZE, photos=photos, progress=True)
+        entry = result.save(out / "features" / name.replace("/", "_"), cols=len(DEMO_FEATURE_CHANNELS))
+        index.append({"layer": name, "folder": f"features/{name}", "dead": entry["dead"], "count": entry["count"]})
+        sheets.append(result.sheet(cols=len(DEMO_FEATURE_CHANNELS)))
+        print(f"  features {name}: {entry['count']} channels, {entry['dead']} dead, "
+              f"median x{entry['median_ratio'] or 0:.1f} of the best photo ({result.seconds:.0f}s)")
+    if sheets:
+        save_png(render.stack_vertical(sheets), out / "features_sheet.png")
+        save_json({"model": loaded.describe(), "layers": index}, out / "features" / "features.json")
+        print(f"  feature sheet, shallow to deep: {out / 'features_sheet.png'}")
+
+
 def demo_layers(loaded) -> list[str]:
     """:data:`DEMO_LAYERS`, or every 4th conv layer of a model that lacks them."""
     if all(name in loaded.catalogue for name in DEMO_LAYERS):
@@ -113,7 +141,7 @@ def step_atlas(loaded, photos, out: Path) -> None:
     print("\n".join(build.summary_lines()))
 
 
-STEPS = [step_predict, step_activations, step_deconv, step_scan, step_atlas]
+STEPS = [step_predict, step_activations, step_features, step_deconv, step_scan, step_atlas]
 
 
 def run(args) -> int:

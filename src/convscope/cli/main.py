@@ -14,7 +14,7 @@ import sys
 from ..errors import ConvscopeError
 
 # Subcommand modules, in the order `convscope --help` lists them.
-COMMANDS = ("predict", "layers", "activations", "deconv", "scan", "atlas", "serve", "demo")
+COMMANDS = ("predict", "layers", "activations", "features", "deconv", "scan", "atlas", "serve", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:

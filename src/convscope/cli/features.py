@@ -1,0 +1,138 @@
+"""``convscope features``: what each filter wants to see, synthesized by gradient ascent."""
+
+from __future__ import annotations
+
+import re
+import time
+
+from .._io import save_json
+from ..errors import ConvscopeError
+from ..features import visualize_classes, visualize_features
+from ..optvis.objectives import parse_objective
+from ._common import add_model_args, add_out_arg, load_from_args, out_dir, parse_channels, parse_size
+
+EPILOG = """Examples:
+  convscope features --model vgg16 --layer block3_conv3 --channels 0-63 --out runs/vgg-b3
+  convscope features --model vgg19 --random --layer block1_conv2 --recipe post
+  convscope features --objective class:281 --steps 512          # what the model thinks a tabby cat looks like
+  convscope features --layer blocks.3.1.bn1 --channels 0-15 --steps 128 --size 96
+"""
+
+
+def register(subparsers) -> None:
+    import argparse
+
+    p = subparsers.add_parser(
+        "features", help="synthesize the image each channel responds to most (feature visualization)",
+        description="One image per channel, optimized from noise by gradient ascent, all channels of a layer in "
+                    "one batched optimization; one PNG per channel, a sheet per layer and features.json. "
+                    "Channels that are zero on every sample photo and cannot be raised are reported dead.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layer", default=None,
+                   help="layer names, aliases or patterns, comma-separated (see `convscope layers`)")
+    p.add_argument("--channels", default=None, help="e.g. 0-63 or 3,7,12, or 'all' (default: the first 16)")
+    p.add_argument("--objective", default="channel",
+                   help="channel (mean of the channel, default), neuron (its centre unit), layer (DeepDream L2 of "
+                        "the whole layer) or class:N[,M] (a class logit; no --layer)")
+    p.add_argument("--recipe", default="lucid", choices=("lucid", "post"),
+                   help="lucid: FFT + decorrelated colour + transforms + Adam (default); "
+                        "post: the blog post's plain gradient ascent from gray noise")
+    p.add_argument("--steps", type=int, default=None, help="default 256 (lucid) or 40 (post)")
+    p.add_argument("--size", default=None, help="N or HxW; default 128 (lucid) or 150 (post)")
+    p.add_argument("--seed", type=int, default=0, help="the same seed gives the same images (default 0)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default 0.05 lucid, 1/255 post)")
+    p.add_argument("--variants", type=int, default=1, help="images per channel (use with --diversity)")
+    p.add_argument("--diversity", type=float, default=None, help="weight of the diversity term between variants")
+    p.add_argument("--tv", type=float, default=None, help="weight of a total-variation penalty")
+    p.add_argument("--l2", type=float, default=None, help="weight of an L2 penalty")
+    p.add_argument("--memory", default=None, metavar="SIZE",
+                   help="memory budget per chunk, e.g. 512MB or 4GB (default 2GB on CPU, half the free GPU memory)")
+    p.add_argument("--batch", type=int, default=None, help="at most this many channels per chunk")
+    p.add_argument("--cols", type=int, default=8, help="tiles per row on the sheet")
+    add_out_arg(p, "runs/features")
+    add_model_args(p)
+    p.set_defaults(func=run)
+
+
+def parse_memory(text: str | None) -> int | None:
+    """``"512MB"`` / ``"4GB"`` / ``"300"`` (MB) → bytes."""
+    if text is None:
+        return None
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)i?b?\s*", text.lower())
+    if not match:
+        raise ConvscopeError(f"bad --memory {text!r}: use e.g. 512MB or 4GB")
+    value, unit = float(match.group(1)), match.group(2) or "m"
+    size = int(value * 1024 ** "kmgt".index(unit) * 1024)
+    if size < 1 << 20:
+        raise ConvscopeError(f"--memory {text!r} is too small: give at least 1MB")
+    return size
+
+
+def _channels(text: str | None, count: int) -> list[int]:
+    if text is None:
+        return list(range(min(16, count)))
+    if text.strip().lower() == "all":
+        return list(range(count))
+    chosen = parse_channels(text, count)
+    if not chosen:
+        raise ConvscopeError(f"no channels in {text!r}")
+    return chosen
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def run(args) -> int:
+    kind, classes = parse_objective(args.objective)
+    size = parse_size(args.size)
+    if isinstance(size, int):
+        size = (size, size)
+    memory = parse_memory(args.memory)
+    if kind == "class" and args.layer:
+        raise ConvscopeError("--objective class:N maximizes a class logit at the model's output; drop --layer")
+    if kind != "class" and not args.layer:
+        raise ConvscopeError(f"--objective {kind} needs --layer (see `convscope layers`), e.g. --layer blocks.3.1.bn1")
+    loaded = load_from_args(args)
+    out = out_dir(args.out)
+    common = dict(recipe=args.recipe, steps=args.steps, size=size, seed=args.seed, lr=args.lr,
+                  variants=args.variants, diversity=args.diversity, tv=args.tv, l2=args.l2,
+                  memory_budget=memory, max_batch=args.batch, progress=True)
+    print(f"model: {loaded.title}")
+    index = {"model": loaded.describe(), "objective": args.objective, "layers": []}
+    results = []
+    if kind == "class":
+        names = loaded.class_names or []
+        bad = [c for c in classes if names and not 0 <= c < len(names)]
+        if bad:
+            raise ConvscopeError(f"class {bad[0]} is out of range: this model has classes 0..{len(names) - 1}")
+        t0 = time.perf_counter()
+        result = visualize_classes(loaded, classes, **common)
+        entry = result.save(out / "classes", cols=args.cols)
+        index["layers"].append({"layer": None, "folder": "classes", "sheet": "classes/sheet.png",
+                                "count": entry["count"], "dead": 0})
+        results.append(("classes", result, time.perf_counter() - t0))
+    else:
+        layers = loaded.catalogue.resolve(args.layer)
+        plans = [(layer, _channels(args.channels, layer.channels) if kind != "layer" else None) for layer in layers]
+        for layer, channels in plans:
+            t0 = time.perf_counter()
+            result = visualize_features(loaded, layer, channels, objective=kind, **common)
+            stem = (layer.alias or layer.name).replace("/", "_")
+            entry = result.save(out / stem, cols=args.cols)
+            index["layers"].append({"layer": layer.name, "alias": layer.alias, "folder": stem,
+                                    "sheet": f"{stem}/sheet.png", "count": entry["count"], "dead": entry["dead"],
+                                    "dead_channels": entry["dead_channels"]})
+            results.append((layer.label, result, time.perf_counter() - t0))
+    index["recipe"] = results[0][1].recipe.as_dict()
+    index["seed"] = args.seed
+    save_json(index, out / "features.json")
+    for label, result, seconds in results:
+        ratios = [r["ratio"] for r in result.records if r["ratio"] is not None]
+        ratio = f"median x{sorted(ratios)[len(ratios) // 2]:.2f} of the best photo" if ratios else "no photo reference"
+        dead = f"; dead {result.dead_count}/{len(result)}" if kind in ("channel", "neuron") else ""
+        print(f"  {label}: {_plural(len(result), 'image')} in {seconds:.1f}s ({seconds / len(result):.2f}s each, "
+              f"chunks of {result.chunk_size}); {ratio}{dead}")
+    total = sum(len(r) for _, r, _ in results)
+    print(f"wrote {_plural(total, 'image')}, {_plural(len(results), 'sheet')} and features.json to {out}")
+    return 0

@@ -1,0 +1,450 @@
+"""Feature visualization: the image each filter wants to see, by gradient ascent from noise.
+
+Part 2 of the mission. :func:`visualize_features` optimizes one image per channel of a
+layer, all channels in one batched optimization (see :mod:`convscope.optvis.engine`), and
+says honestly which channels are **dead**: zero on every sample photo *and* not raised above
+a small threshold by the optimization. The post saw such channels in deep layers as pure
+noise images; here they are flagged and counted instead.
+
+Two recipes:
+
+* ``"lucid"`` (default), after Olah et al., "Feature Visualization" (Distill 2017): a 1/f
+  FFT image with decorrelated colour and a sigmoid, random pad/jitter/scale/rotation each
+  step, Adam, and redirected ReLU gradients for the first 16 steps.
+* ``"post"``: the blog post's plain method (Chollet's notebook): gray plus small noise,
+  40 steps of ``x += g / rms(g)`` on raw pixels, shown after the post's contrast stretch.
+  One deliberate difference: the model's own preprocessing runs on the pixels (the notebook
+  fed raw 0..255 values to a VGG16 that expects mean-subtracted BGR).
+
+Each record compares the objective reached with the same objective's best value over the
+sample photos (``convscope.images.sample_photos()``, each at the model's input size).
+
+Example:
+    >>> lm = convscope.load_model()
+    >>> res = convscope.visualize_features(lm, "blocks.3.1.bn1", [0, 5, 7], steps=128, size=96)
+    >>> res.images.shape, res.records[0]["ratio"], res.dead_count
+    ((3, 96, 96, 3), 2.7, 0)
+    >>> res.sheet().save("sheet.png")
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import render
+from ._io import save_json, save_png
+from .capture import StopForward, capture, frozen, recording
+from .errors import ConvscopeError
+from .images import sample_photos
+from .layers import LayerInfo
+from .models import LoadedModel, as_loaded
+from .optvis import objectives as obj
+from .optvis.engine import Optimized, Recipe, make_recipe, optimize
+
+__all__ = ["FeatureResult", "visualize_features", "visualize_classes", "visualize", "DEAD_THRESHOLD"]
+
+# A channel whose objective the optimization cannot lift above this (and that is zero on
+# every sample photo) is reported dead. Live channels of trained nets reach 0.1-6 here.
+DEAD_THRESHOLD = 1e-3
+
+
+@dataclass
+class FeatureResult:
+    """Synthesized images and what they reached.
+
+    Attributes:
+        images: ``(N, H, W, 3)`` uint8, one per record.
+        records: one dict per image: ``channel`` (or ``class``), ``variant``, ``objective``
+            (reached, on the image without transforms), ``start``, ``photo_best`` (the same
+            objective's best over the sample photos), ``ratio`` (objective / photo_best, None
+            when photo_best <= 0), ``peak`` (the channel's strongest unit on the image),
+            ``photo_peak`` (the channel's strongest unit on any photo), ``dead``.
+        layer: the layer (None for class objectives).
+        objective: ``"channel"``, ``"neuron"``, ``"layer"``, ``"class"`` or a custom objective's name.
+        recipe: the :class:`~convscope.optvis.engine.Recipe` used.
+        seed: the seed; the same seed gives the same images.
+        model_title: model name and weights (says RANDOM INIT when so).
+    """
+
+    images: np.ndarray
+    records: list[dict]
+    layer: LayerInfo | None
+    objective: str
+    recipe: Recipe
+    seed: int
+    model_title: str
+    dead_threshold: float = DEAD_THRESHOLD
+    seconds: float = 0.0
+    chunk_size: int = 0
+    history: np.ndarray | None = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def dead_count(self) -> int:
+        return sum(bool(r["dead"]) for r in self.records)
+
+    @property
+    def dead_channels(self) -> list[int]:
+        return [r["channel"] for r in self.records if r["dead"] and "channel" in r]
+
+    def image(self, i: int) -> Image.Image:
+        return Image.fromarray(self.images[i])
+
+    def settings(self) -> dict:
+        """Everything that determines the images (a cache key for callers such as the atlas)."""
+        return {"objective": self.objective, "layer": self.layer.name if self.layer else None,
+                "recipe": self.recipe.as_dict(), "seed": self.seed, "model": self.model_title,
+                "dead_threshold": self.dead_threshold}
+
+    def summary(self) -> dict:
+        ratios = [r["ratio"] for r in self.records if r["ratio"] is not None]
+        return {
+            **self.settings(),
+            "layer_info": self.layer.as_dict() if self.layer else None,
+            "count": len(self.records), "dead": self.dead_count, "dead_channels": self.dead_channels,
+            "median_ratio": float(np.median(ratios)) if ratios else None,
+            "seconds": round(self.seconds, 2), "chunk_size": self.chunk_size,
+        }
+
+    def caption(self, i: int) -> str:
+        r = self.records[i]
+        head = _unit_label(r)
+        if r["dead"]:
+            return f"{head} DEAD"
+        if r["ratio"] is not None:
+            return f"{head} x{r['ratio']:.1f}"
+        if r["photo_best"] is not None:  # the photos never raise this objective above zero
+            return f"{head} {r['objective']:.2g}/0"
+        return f"{head} {r['objective']:.3g}"
+
+    def sheet(self, cols: int = 8, min_tile: int = 96) -> Image.Image:
+        """All images in a grid, each captioned with its channel and objective / best-photo ratio."""
+        tiles = []
+        for i in range(len(self.records)):
+            im = self.image(i)
+            if im.width < min_tile:
+                factor = -(-min_tile // im.width)
+                im = im.resize((im.width * factor, im.height * factor), Image.NEAREST)
+            if self.records[i]["dead"]:  # dim dead channels: their image is noise, not a feature
+                im = Image.blend(im, Image.new("RGB", im.size, (128, 128, 128)), 0.6)
+            tiles.append(np.asarray(render.label_image(im, self.caption(i), size=12)))
+        grid = Image.fromarray(render.tile(np.stack(tiles), cols, sep=2))
+        height, width = self.recipe.size
+        what = self.layer.label if self.layer else "classes"
+        # the default PIL font has no em dash (the RANDOM INIT marker uses one)
+        title = self.model_title.replace("\u2014", "-").replace("\u00d7", "x")
+        lines = [
+            f"{what} - feature visualization - {title}",
+            f"recipe {self.recipe.name}: {self.recipe.steps} steps at {height}x{width}, seed {self.seed}, objective {self.objective}",
+            "x = objective reached / best value of the same objective on the sample photos; "
+            "a/0 = reached a, photos 0",
+        ]
+        if self.objective in ("channel", "neuron"):
+            lines.append(f"{self.dead_count} of {len(self.records)} dead (zero on every sample photo and never above "
+                         f"{self.dead_threshold:g}); dead tiles dimmed")
+        # the strip is at least as wide as its text, even for a sheet of one image
+        return render.stack_vertical([render.title_strip(max(grid.width, 720), lines), grid])
+
+    def filenames(self) -> list[str]:
+        names = []
+        for r in self.records:
+            if "channel" in r:
+                stem = f"ch{r['channel']:04d}"
+            elif "class" in r:
+                stem = f"class{r['class']:04d}"
+            else:
+                stem = f"image{r['index']:03d}"
+            names.append(f"{stem}_v{r['variant']}.png" if r.get("variant") else f"{stem}.png")
+        return names
+
+    def save(self, folder: str | os.PathLike, cols: int = 8) -> dict:
+        """Write one PNG per image, ``sheet.png`` and ``features.json`` into ``folder``; return the index."""
+        folder = Path(folder)
+        records = []
+        for i, name in enumerate(self.filenames()):
+            save_png(self.image(i), folder / name)
+            records.append({**self.records[i], "png": name})
+        save_png(self.sheet(cols=cols), folder / "sheet.png")
+        index = {**self.summary(), "sheet": "sheet.png", "records": records}
+        save_json(index, folder / "features.json")
+        return index
+
+
+def _unit_label(r: dict) -> str:
+    if "channel" in r:
+        return f"ch {r['channel']}"
+    if "class" in r:
+        return f"class {r['class']}"
+    return f"#{r['index']}"
+
+
+def _to_uint8(images: np.ndarray, recipe: Recipe) -> np.ndarray:
+    """``(N, 3, H, W)`` float → ``(N, H, W, 3)`` uint8."""
+    x = images.transpose(0, 2, 3, 1).astype(np.float32)
+    if recipe.param == "gray":
+        # The post's deprocess_image: centre, scale to std 0.1, shift to 0.5, clip.
+        x = x - x.mean(axis=(1, 2, 3), keepdims=True)
+        x = x / (x.std(axis=(1, 2, 3), keepdims=True) + 1e-5) * 0.1 + 0.5
+    return (np.clip(x, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+@torch.no_grad()
+def _photo_stats(loaded: LoadedModel, objective: obj.Objective, n: int, peak_layer: LayerInfo | None,
+                 channels: Sequence[int] | None, photos: dict[str, np.ndarray] | None):
+    """Over the photos: the best value of ``objective`` (N elements) and, per element's channel,
+    the strongest unit and the largest magnitude (zero means the channel never fired)."""
+    photos = sample_photos() if photos is None else photos
+    catalogue = loaded.catalogue
+    rows = {name: catalogue.get(name) for name in objective.layers if name != obj.LOGITS}
+    if peak_layer is not None:
+        rows.setdefault(peak_layer.name, peak_layer)
+    needs_logits = obj.LOGITS in objective.layers
+    best = np.full(n, -np.inf, dtype=np.float64)
+    track = peak_layer is not None and channels is not None
+    peak = np.full(n, -np.inf, dtype=np.float64) if track else None
+    magnitude = np.zeros(n, dtype=np.float64) if track else None
+    recorded = list(dict.fromkeys(rows.values()))
+    with frozen(loaded.module), recording(loaded.module, recorded, stop_after_last=not needs_logits) as store:
+        for photo in photos.values():
+            x, _ = loaded.tensor(photo, min(loaded.preprocessing.input_size))
+            out = None
+            with contextlib.suppress(StopForward):
+                out = loaded.module(x)
+            acts = {key: store[row.name].expand(n, *store[row.name].shape[1:]) for key, row in rows.items()}
+            acts[obj.INPUT] = loaded.preprocessing.denormalize(x).expand(n, *x.shape[1:])
+            if needs_logits:
+                acts[obj.LOGITS] = out.expand(n, *out.shape[1:])
+            best = np.maximum(best, objective(acts).double().cpu().numpy())
+            if track:
+                maps = store[peak_layer.name][0].double().cpu()
+                maps = maps.flatten(1) if maps.dim() > 1 else maps[:, None]
+                chosen = maps[torch.as_tensor(list(channels))]
+                peak = np.maximum(peak, chosen.amax(1).numpy())
+                magnitude = np.maximum(magnitude, chosen.abs().amax(1).numpy())
+    return best, peak, magnitude
+
+
+@torch.no_grad()
+def _image_peaks(loaded: LoadedModel, row: LayerInfo, images: np.ndarray, channels: list[int]) -> np.ndarray:
+    """Each synthesized image's strongest unit in its own channel (no transforms)."""
+    peaks = []
+    for begin in range(0, len(images), 64):
+        x = torch.from_numpy(images[begin:begin + 64]).to(loaded.device)
+        maps = capture(loaded.module, loaded.preprocessing.normalize(x), [row])[row.name]
+        chans = torch.as_tensor(channels[begin:begin + 64], device=maps.device)
+        peaks.append(maps[torch.arange(len(x), device=maps.device), chans].flatten(1).amax(1).double().cpu())
+    return torch.cat(peaks).numpy()
+
+
+def _records(run: Optimized, units: list[int], variants: int, key: str, best: np.ndarray,
+             photo_stats: tuple | None, dead_threshold: float, names: list[str] | None = None,
+             image_peak: np.ndarray | None = None) -> list[dict]:
+    peak, magnitude = photo_stats if photo_stats is not None else (None, None)
+    records = []
+    for i in range(len(run.final)):
+        unit = units[i // variants]
+        final = float(run.final[i])
+        photo_best = float(best[i])
+        record = {key: int(unit)} if key else {"index": int(unit)}
+        if names is not None and key == "class":
+            record["class_name"] = names[unit] if unit < len(names) else None
+        record.update({
+            "variant": i % variants,
+            "objective": round(final, 6),
+            "start": round(float(run.start[i]), 6),
+            "photo_best": round(photo_best, 6),
+            "ratio": round(final / photo_best, 4) if photo_best > 0 else None,
+            "peak": round(float(image_peak[i]), 6) if image_peak is not None else None,
+            "photo_peak": round(float(peak[i]), 6) if peak is not None else None,
+            # dead: zero on every photo, and the optimization could not lift it either
+            "dead": bool(magnitude is not None and magnitude[i] <= 1e-6 and final <= dead_threshold),
+        })
+        records.append(record)
+    return records
+
+
+def visualize_features(
+    model: LoadedModel | torch.nn.Module,
+    layer: str | LayerInfo,
+    channels: Sequence[int] | None = None,
+    *,
+    objective: str = "channel",
+    recipe: str | Recipe = "lucid",
+    steps: int | None = None,
+    size: int | tuple[int, int] | None = None,
+    seed: int = 0,
+    lr: float | None = None,
+    variants: int = 1,
+    diversity: float | None = None,
+    tv: float | None = None,
+    l2: float | None = None,
+    dead_threshold: float = DEAD_THRESHOLD,
+    memory_budget: int | None = None,
+    max_batch: int | None = None,
+    photos: dict[str, np.ndarray] | None = None,
+    progress: bool = False,
+) -> FeatureResult:
+    """One synthesized image per channel of ``layer``, all channels optimized together.
+
+    Args:
+        model: a :class:`LoadedModel` or any ``nn.Module`` (wrapped with ImageNet preprocessing).
+        layer: name, alias or :class:`LayerInfo` (see ``convscope layers``).
+        channels: channel indices; default every channel of the layer.
+        objective: ``"channel"`` (mean of the channel), ``"neuron"`` (its centre unit) or
+            ``"layer"`` (DeepDream's mean square of the whole layer; one image, channels ignored).
+        recipe: ``"lucid"`` (default) or ``"post"``; ``steps``, ``size``, ``lr`` override it
+            (lucid: 256 steps at 128x128; post: 40 steps at 150x150).
+        seed: the same seed gives the same images; a channel's image does not depend on
+            which other channels are optimized with it.
+        variants: images per channel; with ``diversity > 0`` they are pushed apart (Lucid's diversity).
+        tv, l2: weights of total-variation and L2 penalties on the image.
+        dead_threshold: see :data:`DEAD_THRESHOLD`.
+        memory_budget: bytes per chunk (default 2 GiB on a CPU, half the free GPU memory);
+            ``max_batch`` caps the chunk size.
+        photos: reference photos for the ratio and the dead test (default the sample photos).
+
+    Returns:
+        :class:`FeatureResult` with ``images (N, H, W, 3)`` uint8 and one record per image.
+
+    Example:
+        >>> res = visualize_features(convscope.load_model(), "blocks.3.1.bn1", range(8), steps=128)
+        >>> res.save("runs/features/blocks.3.1.bn1")
+    """
+    loaded = as_loaded(model)
+    row = layer if isinstance(layer, LayerInfo) else loaded.catalogue.get(str(layer))
+    if objective not in ("channel", "neuron", "layer"):
+        raise ConvscopeError(f"unknown objective {objective!r} for a layer: use channel, neuron or layer "
+                             "(class objectives: visualize_classes)")
+    if variants < 1:
+        raise ConvscopeError(f"variants must be at least 1, got {variants}")
+    chosen_recipe = make_recipe(recipe, steps=steps, size=size, lr=lr, tv=tv, l2=l2, diversity=diversity)
+    name = row.name
+    if objective == "layer":
+        units = [0]
+        key = "index"
+
+        def objective_for(_units):
+            return obj.layer(name)
+        peak_layer = None
+    else:
+        if not row.shape:
+            raise ConvscopeError(f"layer {row.label} has no channels")
+        count = row.channels
+        units = list(range(count)) if channels is None else [int(c) for c in channels]
+        bad = [c for c in units if not 0 <= c < count]
+        if bad:
+            raise ConvscopeError(f"channel {bad[0]} is out of range: layer {row.label} has channels 0..{count - 1}")
+        if not units:
+            raise ConvscopeError("no channels given")
+        if objective == "neuron" and not row.is_spatial:
+            raise ConvscopeError(f"the neuron objective needs a spatial layer; {row.label} has shape {row.shape}")
+        make = obj.channel if objective == "channel" else obj.neuron
+        key = "channel"
+
+        def objective_for(chunk_units):
+            return make(name, list(chunk_units))
+        peak_layer = row
+    run = optimize(loaded, objective_for, units, recipe=chosen_recipe, seed=seed, variants=variants,
+                   memory_budget=memory_budget, max_batch=max_batch, progress=progress,
+                   desc=f"features {row.alias or row.name}")
+    element_units = [u for u in units for _ in range(variants)]
+    best, peak, magnitude = _photo_stats(loaded, objective_for(element_units), len(element_units), peak_layer,
+                                         element_units if peak_layer is not None else None, photos)
+    image_peak = None
+    if peak_layer is not None and row.is_spatial:
+        image_peak = _image_peaks(loaded, row, run.images, element_units)
+    stats = (peak, magnitude) if peak is not None else None
+    records = _records(run, units, variants, key, best, stats, dead_threshold, image_peak=image_peak)
+    return FeatureResult(_to_uint8(run.images, chosen_recipe), records, row, objective, chosen_recipe, seed,
+                         loaded.title, dead_threshold, run.seconds, run.chunk_size, run.history)
+
+
+def visualize_classes(
+    model: LoadedModel | torch.nn.Module,
+    classes: Sequence[int],
+    *,
+    recipe: str | Recipe = "lucid",
+    steps: int | None = None,
+    size: int | tuple[int, int] | None = None,
+    seed: int = 0,
+    lr: float | None = None,
+    variants: int = 1,
+    diversity: float | None = None,
+    tv: float | None = None,
+    l2: float | None = None,
+    memory_budget: int | None = None,
+    max_batch: int | None = None,
+    photos: dict[str, np.ndarray] | None = None,
+    progress: bool = False,
+) -> FeatureResult:
+    """One image per class, maximizing its logit (before any softmax): Simonyan et al.'s class model.
+
+    Example:
+        >>> visualize_classes(convscope.load_model(), [281], steps=512).image(0)   # tabby cat
+    """
+    loaded = as_loaded(model)
+    classes = [int(c) for c in classes]
+    if not classes:
+        raise ConvscopeError("no classes given")
+    count = len(loaded.class_names) if loaded.class_names else None
+    if count is not None:
+        bad = [c for c in classes if not 0 <= c < count]
+        if bad:
+            raise ConvscopeError(f"class {bad[0]} is out of range: this model has classes 0..{count - 1}")
+    if diversity:
+        raise ConvscopeError("the diversity term reads a layer; use it with visualize_features")
+    chosen_recipe = make_recipe(recipe, steps=steps, size=size, lr=lr, tv=tv, l2=l2)
+
+    def objective_for(units):
+        return obj.class_logit(list(units))
+    run = optimize(loaded, objective_for, classes, recipe=chosen_recipe, seed=seed, variants=variants,
+                   memory_budget=memory_budget, max_batch=max_batch, progress=progress, desc="classes")
+    element_units = [u for u in classes for _ in range(variants)]
+    best, _, _ = _photo_stats(loaded, objective_for(element_units), len(element_units), None, None, photos)
+    records = _records(run, classes, variants, "class", best, None, DEAD_THRESHOLD, loaded.class_names)
+    return FeatureResult(_to_uint8(run.images, chosen_recipe), records, None, "class", chosen_recipe, seed,
+                         loaded.title, DEAD_THRESHOLD, run.seconds, run.chunk_size, run.history)
+
+
+def visualize(
+    model: LoadedModel | torch.nn.Module,
+    objective: obj.Objective,
+    *,
+    n: int = 1,
+    recipe: str | Recipe = "lucid",
+    steps: int | None = None,
+    size: int | tuple[int, int] | None = None,
+    seed: int = 0,
+    lr: float | None = None,
+    progress: bool = False,
+) -> FeatureResult:
+    """Maximize any :class:`~convscope.optvis.objectives.Objective` for a batch of ``n`` images.
+
+    Objectives compose, e.g. ``channel(l, 3) + 0.5 * channel(l, 9) - 1e-2 * total_variation()``.
+    The ``n`` images (different seeds) are optimized in one batch.
+
+    Example:
+        >>> from convscope.optvis.objectives import channel
+        >>> visualize(lm, channel("blocks.3.1.bn1", 3) + channel("blocks.3.1.bn1", 9)).image(0)
+    """
+    loaded = as_loaded(model)
+    if not isinstance(objective, obj.Objective):
+        raise ConvscopeError(f"expected an Objective, got {type(objective).__name__}")
+    chosen_recipe = make_recipe(recipe, steps=steps, size=size, lr=lr)
+    run = optimize(loaded, lambda _units: objective, list(range(n)), recipe=chosen_recipe, seed=seed,
+                   max_batch=n, memory_budget=1 << 62, progress=progress, desc="visualize")
+    records = [{"index": i, "variant": 0, "objective": round(float(run.final[i]), 6),
+                "start": round(float(run.start[i]), 6), "photo_best": None, "ratio": None,
+                "peak": None, "photo_peak": None, "dead": False} for i in range(n)]
+    return FeatureResult(_to_uint8(run.images, chosen_recipe), records, None, objective.name, chosen_recipe,
+                         seed, loaded.title, DEAD_THRESHOLD, run.seconds, run.chunk_size, run.history)

@@ -1,0 +1,224 @@
+"""Feature visualization end to end: real weights, batching, dead channels, hooks, errors, CLI."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import convscope
+from convscope.capture import StopForward, frozen, recording
+from convscope.cli.main import main
+from convscope.errors import ConvscopeError
+from convscope.features import visualize, visualize_features
+from convscope.optvis import make_recipe
+from convscope.optvis.objectives import Objective, channel
+from convscope.optvis.redirect import redirected_rectifiers
+
+from .conftest import model_state
+
+MIDDLE = "blocks.3.1.bn1"  # EfficientNet-Lite0, block 3 of 0..6: 480 channels, ReLU6 output
+
+
+@pytest.fixture(scope="module")
+def middle_run(default_model, photos):
+    before = model_state(default_model.module)
+    result = visualize_features(default_model, MIDDLE, [1], steps=64, size=48, seed=0, photos=photos)
+    return result, before
+
+
+def test_a_middle_channel_rises_and_beats_the_photos(middle_run, default_model):
+    result, before = middle_run
+    record = result.records[0]
+    assert record["start"] > 0.01
+    assert record["objective"] >= 5 * record["start"]  # after 64 steps, at least 5x the start
+    # beats the channel on the sample photos: its mean (same objective) and its strongest unit
+    assert record["ratio"] > 1.0 and record["objective"] > record["photo_best"]
+    assert record["peak"] > record["photo_peak"]
+    assert not record["dead"]
+    assert result.images.shape == (1, 48, 48, 3) and result.images.dtype == np.uint8
+    assert result.history.shape == (64, 1)
+    assert model_state(default_model.module) == before
+
+
+def test_element_i_depends_only_on_image_i(default_model):
+    """The gradient of element i's objective with respect to image j != i is exactly zero."""
+    module = default_model.module
+    x = torch.rand(3, 3, 40, 40, requires_grad=True)
+    with frozen(module), recording(module, [MIDDLE], detach=False, clone=False, stop_after_last=True) as store, \
+            redirected_rectifiers():
+        with pytest.raises(StopForward):
+            module(default_model.preprocessing.normalize(x))
+        values = channel(MIDDLE, [1, 2, 5])({MIDDLE: store[MIDDLE]})
+    for i in range(3):
+        (grad,) = torch.autograd.grad(values[i], x, retain_graph=True)
+        others = [j for j in range(3) if j != i]
+        assert grad[others].abs().sum() == 0
+        assert grad[i].abs().sum() > 0
+
+
+def test_a_channel_is_the_same_alone_or_in_a_batch_of_16(default_model, photos):
+    layer, steps = "blocks.1.1.bn1", 18  # 16 steps with the redirected gradient, then plain
+    batch = visualize_features(default_model, layer, list(range(16)), steps=steps, size=32, seed=3, photos=photos,
+                               max_batch=16)
+    alone = visualize_features(default_model, layer, [9], steps=steps, size=32, seed=3, photos=photos)
+    assert batch.chunk_size == 16 and alone.chunk_size == 1
+    assert np.abs(batch.images[9].astype(int) - alone.images[0].astype(int)).max() <= 1
+    assert batch.records[9]["objective"] == pytest.approx(alone.records[0]["objective"], rel=1e-4, abs=1e-5)
+    np.testing.assert_allclose(batch.history[:, 9], alone.history[:, 0], rtol=1e-4, atol=1e-5)
+    # and the seed matters
+    other = visualize_features(default_model, layer, [9], steps=2, size=32, seed=4, photos=photos)
+    assert not np.array_equal(other.images[0], alone.images[0])
+
+
+class _Tiny(nn.Module):
+    """conv(3->3) + ReLU + classifier. Channel 0 random (alive); channel 1 all-zero weights and
+    bias -1 (dead: zero on every photo, no gradient can lift it); channel 2 positive weights,
+    bias -1: negative on a gray start, so plain gradients are zero there."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.relu = nn.ReLU(inplace=True)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(3, 10)
+        with torch.no_grad():
+            self.conv.weight[1] = 0.0
+            self.conv.bias[1] = -1.0
+            self.conv.weight[2] = 0.1
+            self.conv.bias[2] = -1.0
+
+    def forward(self, x):
+        return self.fc(self.pool(self.relu(self.conv(x))).flatten(1))
+
+
+def test_dead_channels_are_flagged_and_counted(photos):
+    model = _Tiny()
+    before = model_state(model)
+    result = visualize_features(model, "relu", steps=24, size=32, photos=photos)
+    dead = [r["dead"] for r in result.records]
+    assert dead == [False, True, False]
+    assert result.dead_count == 1 and result.dead_channels == [1]
+    assert result.records[1]["photo_peak"] == 0.0 and result.records[1]["objective"] == 0.0
+    assert result.summary()["dead"] == 1 and result.summary()["dead_channels"] == [1]
+    assert model_state(model) == before
+
+
+def test_the_redirected_gradient_revives_a_unit_dead_at_the_start(photos):
+    model = _Tiny()
+    lucid = make_recipe("lucid", steps=24, size=32)
+    plain = visualize_features(model, "relu", [2], recipe=replace(lucid, redirect_steps=0), photos=photos)
+    redirected = visualize_features(model, "relu", [2], recipe=lucid, photos=photos)
+    assert plain.records[0]["start"] == 0.0 and plain.records[0]["objective"] == 0.0  # stuck at zero
+    assert redirected.records[0]["objective"] > 0.01
+
+
+def test_post_recipe_reproduces_the_plain_ascent(default_model, photos):
+    result = visualize_features(default_model, "bn1", [0, 1], recipe="post", steps=10, size=32, photos=photos)
+    assert result.recipe.param == "gray" and result.recipe.optimizer == "rms_ascent"
+    for record in result.records:
+        assert record["objective"] > record["start"]
+    # shown with the post's deprocess: mean 0.5, std 0.1 of 255
+    assert abs(result.images.mean() - 127.5) < 3 and abs(result.images.std() - 25.5) < 3
+
+
+def test_composed_objectives_and_layer_objective(photos):
+    model = _Tiny()
+    both = visualize(model, channel("relu", 0) + 0.5 * channel("relu", 2), steps=4, size=24)
+    assert both.images.shape == (1, 24, 24, 3) and both.records[0]["objective"] > both.records[0]["start"]
+    dream = visualize_features(model, "relu", objective="layer", steps=4, size=24, photos=photos)
+    assert len(dream) == 1 and dream.records[0]["objective"] > dream.records[0]["start"]
+    neuron = visualize_features(model, "relu", [0], objective="neuron", steps=4, size=24, photos=photos)
+    assert neuron.records[0]["objective"] > neuron.records[0]["start"]
+
+
+def test_chunks_follow_the_memory_budget(default_model, photos):
+    from convscope.optvis.engine import estimate_bytes_per_image
+
+    catalogue = default_model.catalogue
+    shallow, deep = catalogue.get("blocks.1.1.bn1"), catalogue.get(MIDDLE)
+    assert estimate_bytes_per_image(default_model, [shallow], (64, 64)) < estimate_bytes_per_image(
+        default_model, [deep], (64, 64)) < estimate_bytes_per_image(default_model, [deep], (64, 64), full=True)
+    model = _Tiny()
+    whole = visualize_features(model, "relu", steps=3, size=24, photos=photos)
+    split = visualize_features(model, "relu", steps=3, size=24, photos=photos, memory_budget=1)
+    capped = visualize_features(model, "relu", steps=3, size=24, photos=photos, max_batch=2)
+    assert (whole.chunk_size, split.chunk_size, capped.chunk_size) == (3, 1, 2)
+    assert np.abs(whole.images.astype(int) - split.images.astype(int)).max() <= 1
+
+
+def test_variants_with_diversity(photos, tmp_path):
+    result = visualize_features(_Tiny(), "relu", [0], variants=2, diversity=1.0, steps=4, size=24, photos=photos)
+    assert [(r["channel"], r["variant"]) for r in result.records] == [(0, 0), (0, 1)]
+    assert not np.array_equal(result.images[0], result.images[1])
+    assert result.filenames() == ["ch0000.png", "ch0000_v1.png"]
+    index = result.save(tmp_path)
+    assert index["count"] == 2 and (tmp_path / "ch0000_v1.png").exists()
+
+
+def test_model_left_untouched_and_no_hook_even_on_error(default_model):
+    module = default_model.module
+    module.train()
+    before = model_state(module)
+    broken = Objective(lambda acts: acts[MIDDLE].mean(), [MIDDLE], "not per element")
+    with pytest.raises(ConvscopeError, match="one value per batch element"):
+        visualize(default_model, broken, steps=2, size=24)
+    assert model_state(module) == before
+    assert not torch.overrides._get_current_function_mode_stack()
+    module.eval()
+
+
+def test_bad_channel_and_layer_give_clear_errors(default_model):
+    with pytest.raises(ConvscopeError, match=r"channel 480 is out of range: layer .* has channels 0\.\.479"):
+        visualize_features(default_model, MIDDLE, [3, 480])
+    with pytest.raises(ConvscopeError, match="Did you mean"):
+        visualize_features(default_model, "blocks.3.1.bn", [0])
+    with pytest.raises(ConvscopeError, match="unknown recipe"):
+        visualize_features(default_model, MIDDLE, [0], recipe="fancy")
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--layer", "blocks.3.1.bn9"], "unknown layer"),
+    (["--layer", MIDDLE, "--channels", "0,999"], "channel 999 is out of range"),
+    (["--objective", "class:5000"], "class 5000 is out of range"),
+    (["--objective", "chanel", "--layer", MIDDLE], "unknown objective"),
+    (["--objective", "channel"], "needs --layer"),
+    (["--layer", MIDDLE, "--memory", "lots"], "bad --memory"),
+])
+def test_cli_errors_are_one_line_and_exit_2(argv, message, capsys, tmp_path):
+    assert main(["features", *argv, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err and "Traceback" not in err
+
+
+def test_cli_writes_pngs_sheet_and_index(tmp_path, capsys):
+    out = tmp_path / "feat"
+    assert main(["features", "--layer", "bn1", "--channels", "0-2", "--steps", "2", "--size", "32",
+                 "--out", str(out)]) == 0
+    index = json.loads((out / "features.json").read_text())
+    assert index["layers"][0]["layer"] == "bn1" and index["layers"][0]["count"] == 3
+    layer_index = json.loads((out / "bn1" / "features.json").read_text())
+    assert [r["channel"] for r in layer_index["records"]] == [0, 1, 2]
+    for record in layer_index["records"]:
+        assert (out / "bn1" / record["png"]).exists()
+        assert {"objective", "ratio", "dead", "photo_best"} <= set(record)
+    assert (out / "bn1" / "sheet.png").exists()
+    assert not list(out.rglob("*.part"))
+    assert "dead" in capsys.readouterr().out
+
+
+def test_cli_class_objective(tmp_path):
+    out = tmp_path / "cls"
+    assert main(["features", "--objective", "class:281", "--steps", "2", "--size", "32", "--out", str(out)]) == 0
+    index = json.loads((out / "classes" / "features.json").read_text())
+    assert index["records"][0]["class"] == 281 and index["records"][0]["class_name"] == "tabby"
+    assert (out / "classes" / "class0281.png").exists()
+
+
+def test_public_api_is_exported():
+    assert {"visualize_features", "visualize_classes", "visualize", "FeatureResult"} <= set(convscope.__all__)
