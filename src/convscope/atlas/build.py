@@ -672,7 +672,8 @@ class DeconvStage(Stage):
 
     def settings(self, ctx, layer):
         scan = ctx.keys.get(("scan", layer.name)) if ctx.record("scan", layer) else None
-        acts = ctx.keys.get(("activations", layer.name))
+        # Without a scan the units are the photos' strongest, read from the activations record.
+        acts = None if scan else ctx.keys.get(("activations", layer.name))
         return {"top": ctx.settings.top, "method": self.method(ctx), "scan": scan, "activations": acts}
 
     def run(self, ctx, layers):
