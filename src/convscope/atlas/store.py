@@ -1,0 +1,157 @@
+"""Where atlas files go, how they are named, and how a record proves it is still valid.
+
+Every stage writes pictures under ``OUT/data/<stage>/<layer-slug>/`` and one small JSON record
+per layer under ``OUT/records/<stage>/<layer-slug>.json``. A record carries the key it was made
+with (a hash of the model fingerprint, the layer, the stage's settings and its code version) and
+lists every file it refers to, so a later build can tell a valid record from a stale or
+half-made one without opening the pictures.
+
+Names of layers and photos come from the user's model and folders and are not trusted: file
+names are slugs (``[A-Za-z0-9._-]`` plus a hash when anything was replaced), and the pages
+escape every name they print.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .._io import atomic_path, save_json, save_png
+
+__all__ = ["slugify", "unique_slugs", "model_fingerprint", "make_key", "save_picture", "record_files",
+           "read_json", "Picture"]
+
+# A picture as the pages see it: the file to show ("src", possibly a smaller copy sized for the
+# screen), the full-resolution file ("full") and the shown size in pixels.
+Picture = dict[str, Any]
+
+# Pictures wider than this get a smaller JPEG copy for the page; the full PNG opens on click.
+SCREEN_WIDTH = 1100
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def slugify(name: str, max_len: int = 60) -> str:
+    """A file-name-safe, stable version of ``name``; a short hash is added when anything changed.
+
+    Example:
+        >>> slugify("blocks.3.1.bn2")
+        'blocks.3.1.bn2'
+        >>> slugify("<script>alert(1)</script>")  # doctest: +ELLIPSIS
+        'script_alert_1_script-...'
+    """
+    slug = _UNSAFE.sub("_", name).strip("_").lstrip(".")[:max_len]
+    if slug != name or not slug:
+        digest = hashlib.sha1(name.encode("utf-8", "surrogatepass")).hexdigest()[:6]
+        slug = f"{slug or 'x'}-{digest}"
+    return slug
+
+
+def unique_slugs(names: list[str]) -> list[str]:
+    """Slugs for ``names`` that are unique even case-insensitively (for case-folding file systems)."""
+    seen: set[str] = set()
+    out = []
+    for i, name in enumerate(names):
+        slug = slugify(name)
+        if slug.lower() in seen:
+            slug = f"{slug}-{i}"
+        seen.add(slug.lower())
+        out.append(slug)
+    return out
+
+
+@torch.no_grad()
+def model_fingerprint(module: torch.nn.Module) -> str:
+    """A short hash of a model's architecture and weights, cheap enough to take on every build.
+
+    Hashes every state-dict entry's name, shape and dtype, an evenly strided sample of up to
+    1024 of its values and the exact sum of all of them: any retraining, fine-tuning or other
+    weights file changes it, with no need to hash hundreds of megabytes byte by byte.
+    """
+    digest = hashlib.sha256(type(module).__name__.encode())
+    for name, tensor in module.state_dict().items():
+        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}".encode())
+        if tensor.numel():
+            flat = tensor.detach().reshape(-1)
+            step = max(1, flat.numel() // 1024)
+            digest.update(flat[::step].float().cpu().numpy().tobytes())
+            digest.update(np.float64(flat.double().sum().item()).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def make_key(**parts: Any) -> str:
+    """A stable hash of JSON-able ``parts`` (stage, version, model, layer, settings, ...)."""
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def save_picture(out: Path, rel: str, image: Image.Image | np.ndarray, *, fmt: str = "png",
+                 screen_width: int = SCREEN_WIDTH) -> Picture:
+    """Write ``image`` to ``out/rel`` atomically; add a screen-sized JPEG when it is wide.
+
+    ``fmt="jpeg"`` suits photo-like pictures (overlays), PNG suits grids with sharp tiles.
+    Returns the :data:`Picture` the pages use.
+    """
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    if image.mode not in ("RGB", "L", "P"):
+        image = image.convert("RGB")
+    if fmt == "png":
+        save_png(image, out / rel)  # palette grids stay palette PNGs: a third of the bytes
+    else:
+        _save_jpeg(image, out / rel)
+    picture: Picture = {"src": rel, "full": rel, "width": image.width, "height": image.height}
+    if image.width > screen_width:
+        small_rel = str(Path(rel).with_suffix("")) + ".screen.jpg"
+        height = max(1, round(image.height * screen_width / image.width))
+        _save_jpeg(image.convert("RGB").resize((screen_width, height), Image.BILINEAR, reducing_gap=2.0),
+                   out / small_rel)
+        picture.update(src=small_rel, width=screen_width, height=height)
+    return picture
+
+
+def _save_jpeg(image: Image.Image, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        image.convert("RGB").save(tmp, format="JPEG", quality=88)
+
+
+def iter_pictures(data: Any) -> Iterator[Picture]:
+    """Every :data:`Picture` inside a record (any nesting of dicts and lists)."""
+    if isinstance(data, dict):
+        if "src" in data and "full" in data:
+            yield data
+            return
+        for value in data.values():
+            yield from iter_pictures(value)
+    elif isinstance(data, list):
+        for value in data:
+            yield from iter_pictures(value)
+
+
+def record_files(data: Any) -> list[str]:
+    """The relative paths of all files a record refers to."""
+    files: dict[str, None] = {}
+    for picture in iter_pictures(data):
+        files[picture["src"]] = None
+        files[picture["full"]] = None
+    return list(files)
+
+
+def read_json(path: Path) -> dict | None:
+    """A JSON file's contents, or None when it is missing or unreadable (a record to rebuild)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_record(path: Path, record: dict) -> None:
+    save_json(record, path)

@@ -1,0 +1,76 @@
+"""``convscope atlas``: build (or bring up to date) the browsable HTML atlas of a model."""
+
+from __future__ import annotations
+
+from ..atlas import STAGE_NAMES, AtlasSettings, build_atlas
+from ..errors import ConvscopeError
+from ._common import add_model_args, add_out_arg, load_from_args, out_dir, print_json
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "atlas", help="build a browsable HTML atlas: model, layer and channel pages",
+        description="Stages: activations, features, scan, deconv, pages. Each stage's results are cached by "
+                    "model, weights, layer and settings; re-running reuses them, and an interrupted build "
+                    "resumes where it stopped. Open OUT/index.html, or run `convscope serve OUT`.",
+        epilog="Example: convscope atlas --model vgg19 --images ~/photos --out runs/atlas-vgg19 "
+               "--channels-per-layer 16 --steps 128")
+    p.add_argument("--images", nargs="+", default=None, metavar="PATH",
+                   help="photo files or folders (default: scikit-image's sample photos)")
+    p.add_argument("--photos", type=int, default=8, metavar="N", help="use at most N photos (default 8)")
+    p.add_argument("--layers", default=None, help="names, aliases or patterns (default: every conv after its activation)")
+    p.add_argument("--channels-per-layer", type=int, default=None, metavar="N",
+                   help="channel pages, feature visualizations and projections for the first N channels of "
+                        "each layer (default: all)")
+    p.add_argument("--steps", type=int, default=256, help="feature-visualization steps (default 256)")
+    p.add_argument("--size", type=int, default=128, metavar="PX", help="feature-visualization image size (default 128)")
+    p.add_argument("--recipe", default=None, help="feature-visualization recipe: lucid (default) or post")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--top", type=int, default=9, help="examples per channel from the scan and deconvnet (default 9)")
+    p.add_argument("--scan", default=None, metavar="DIR",
+                   help="folder of images for the dataset scan, or 'samples' for the built-in sample set "
+                        "(default: no scan; the deconvnet then projects the photos' strongest units)")
+    p.add_argument("--scan-limit", type=int, default=None, metavar="N", help="scan only the first N images")
+    p.add_argument("--deconv-method", default="auto", choices=("auto", "deconvnet", "guided", "gradient"),
+                   help="projection of the top units: auto = the deconvnet for models with max-pooling, else "
+                        "guided backprop (without max-pooling the deconvnet does not depend on the image)")
+    p.add_argument("--skip", default="", metavar="STAGES",
+                   help=f"comma-separated stages not to run: {', '.join(STAGE_NAMES)}")
+    p.add_argument("--json", action="store_true", help="print the per-stage report as JSON")
+    add_out_arg(p, "runs/atlas")
+    add_model_args(p)
+    p.set_defaults(func=run)
+
+
+def settings_from_args(args) -> AtlasSettings:
+    for flag, value in (("--photos", args.photos), ("--steps", args.steps), ("--size", args.size), ("--top", args.top)):
+        if value < 1:
+            raise ConvscopeError(f"{flag} must be at least 1, got {value}")
+    for flag, value in (("--channels-per-layer", args.channels_per_layer), ("--scan-limit", args.scan_limit)):
+        if value is not None and value < 1:
+            raise ConvscopeError(f"{flag} must be at least 1, got {value}")
+    skip = tuple(s.strip() for s in args.skip.split(",") if s.strip())
+    return AtlasSettings(layers=args.layers, channels_per_layer=args.channels_per_layer, steps=args.steps,
+                         feature_size=args.size, recipe=args.recipe, seed=args.seed, top=args.top,
+                         max_photos=args.photos, scan_images=args.scan, skip=skip,
+                         deconv_method=args.deconv_method, scan_limit=args.scan_limit)
+
+
+def run(args) -> int:
+    settings = settings_from_args(args)
+    loaded = load_from_args(args)
+    out = out_dir(args.out)
+    print(f"model: {loaded.title}")
+    layers = [layer for layer in loaded.catalogue.resolve(settings.layers) if layer.is_spatial]
+    channels = sum(min(layer.channels, settings.channels_per_layer or layer.channels) for layer in layers)
+    print(f"plan: {len(layers)} layers, {channels} channels with pages, feature visualizations ({settings.steps} "
+          f"steps at {settings.feature_size} px) and top-{settings.top} projections; valid results in {out} are "
+          "reused (budget with --layers, --channels-per-layer, --steps)")
+    build = build_atlas(loaded, args.images, out, settings)
+    if args.json:
+        print_json({"index": str(build.index.resolve()), "stages": build.stages})
+        return 0
+    print("\n".join(build.summary_lines()))
+    print(f"atlas: {build.index.resolve()}")
+    print(f"serve it with: convscope serve {out}")
+    return 0

@@ -1,0 +1,144 @@
+"""The atlas in a real browser: Debian's Chromium driven by Playwright, served on 127.0.0.1.
+
+Playwright's own browser download cannot work offline, so the test drives the Chromium of
+Debian's ``chromium`` package (``.ci/run`` installs it). Without it, only this module is skipped.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from convscope.atlas import AtlasSettings, build_atlas
+from convscope.serve import start_server
+
+CHROMIUM = "/usr/bin/chromium"
+# A closed network: no background services, updates, sync or QUIC probes that would fail noisily.
+FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync"]
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.slow,
+    pytest.mark.skipif(not Path(CHROMIUM).exists(),
+                       reason=f"{CHROMIUM} is missing: install Debian's chromium package (apt-get install -y chromium); "
+                              ".ci/run does this in CI"),
+]
+
+
+@pytest.fixture(scope="module")
+def served_atlas(default_model, photos, tmp_path_factory):
+    out = tmp_path_factory.mktemp("browser-atlas")
+    settings = AtlasSettings(layers="blocks.1.0.bn2,blocks.2.0.bn2,blocks.5.0.bn3", channels_per_layer=3, steps=8,
+                             feature_size=48, top=3)
+    build_atlas(default_model, {k: photos[k] for k in ("chelsea", "coffee")}, out, settings, progress=False)
+    server = start_server(out, port=0)
+    yield out, f"http://127.0.0.1:{server.server_address[1]}/"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.problems = []
+    page.on("console", lambda msg: page.problems.append(f"console {msg.type}: {msg.text}")
+            if msg.type == "error" else None)
+    page.on("pageerror", lambda err: page.problems.append(f"page error: {err}"))
+    # A request cancelled because the test navigated away (net::ERR_ABORTED) is not a failure.
+    page.on("requestfailed", lambda req: page.problems.append(f"request failed: {req.url} {req.failure}")
+            if "ERR_ABORTED" not in (req.failure or "") else None)
+    page.on("response", lambda res: page.problems.append(f"HTTP {res.status}: {res.url}") if res.status >= 400 else None)
+    yield page
+    context.close()
+
+
+def assert_images_loaded(page) -> int:
+    """Load every (lazy) picture of the page and assert that each decoded to a real image."""
+    page.evaluate("() => document.querySelectorAll('img[loading=lazy]').forEach(i => { i.loading = 'eager'; })")
+    page.wait_for_function("() => Array.from(document.images).every(i => i.complete)", timeout=20_000)
+    broken = page.evaluate("() => Array.from(document.images).filter(i => !(i.naturalWidth > 0)).map(i => i.src)")
+    assert broken == []
+    count = page.evaluate("() => document.images.length")
+    assert count > 0
+    return count
+
+
+def test_click_through_keys_and_search(served_atlas, page):
+    out, base = served_atlas
+    page.goto(base + "index.html")
+    assert "efficientnet_lite0" in page.title()
+    assert_images_loaded(page)
+
+    page.click("table.layers a >> nth=0")                                  # model page -> first layer
+    page.wait_for_url(base + "L/blocks.1.0.bn2/index.html")
+    assert_images_loaded(page)
+    page.click('a.tile[data-channel="0"]')                                 # layer page -> channel
+    page.wait_for_url(base + "L/blocks.1.0.bn2/0.html")
+    assert_images_loaded(page)
+
+    page.keyboard.press("ArrowRight")
+    page.wait_for_url(base + "L/blocks.1.0.bn2/1.html")
+    page.keyboard.press("ArrowRight")
+    page.wait_for_url(base + "L/blocks.1.0.bn2/2.html")
+    page.keyboard.press("ArrowLeft")
+    page.wait_for_url(base + "L/blocks.1.0.bn2/1.html")
+    assert_images_loaded(page)
+
+    # a picture opens at full resolution in the viewer; Escape closes it
+    page.click("figure.overlay a.zoom >> nth=0")
+    page.wait_for_function("() => { const i = document.querySelector('#lightbox img'); "
+                           "return i && i.complete && i.naturalWidth > 0; }")
+    page.keyboard.press("Escape")
+    assert page.is_hidden("#lightbox")
+
+    page.fill("#search-input", "blocks.5.0.bn3:2")                         # search: layer:channel
+    page.press("#search-input", "Enter")
+    page.wait_for_url(base + "L/blocks.5.0.bn3/2.html")
+    assert_images_loaded(page)
+    page.fill("#search-input", "blocks.2.0.bn2")                           # search: a layer
+    page.press("#search-input", "Enter")
+    page.wait_for_url(base + "L/blocks.2.0.bn2/index.html")
+    page.keyboard.press("ArrowLeft")                                        # layer pages page through layers
+    page.wait_for_url(base + "L/blocks.1.0.bn2/index.html")
+
+    page.fill("#search-input", "blocks.2.0.bn2:100")                       # a channel without a page
+    page.press("#search-input", "Enter")
+    assert "no page" in page.text_content("#search-message")
+    page.fill("#search-input", "no_such_layer")
+    page.press("#search-input", "Enter")
+    assert "no layer named" in page.text_content("#search-message")
+    assert page.url == base + "L/blocks.1.0.bn2/index.html"
+
+    page.goto(base + "L/blocks.2.0.bn2/1.html")
+    assert_images_loaded(page)
+    shot = out / "channel-page.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000
+    assert page.problems == []
+
+
+def test_opens_from_disk_without_a_server(served_atlas, page):
+    out, _ = served_atlas
+    page.goto((out / "L" / "blocks.2.0.bn2" / "0.html").resolve().as_uri())
+    assert_images_loaded(page)
+    assert page.evaluate("() => window.ATLAS_INDEX.layers.length") == 3
+    page.keyboard.press("ArrowRight")
+    page.wait_for_url("**/L/blocks.2.0.bn2/1.html")
+    page.fill("#search-input", "blocks.1.0.bn2")
+    page.press("#search-input", "Enter")
+    page.wait_for_url("**/L/blocks.1.0.bn2/index.html")
+    assert_images_loaded(page)
+    assert page.problems == []
