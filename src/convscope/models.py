@@ -133,7 +133,7 @@ class LoadedModel:
     @property
     def title(self) -> str:
         """Name and weights, with a loud marker when the weights are random."""
-        return f"{self.name} [RANDOM INIT — not trained]" if self.random_init else f"{self.name} ({self.weights})"
+        return f"{self.name} [RANDOM INIT - not trained]" if self.random_init else f"{self.name} ({self.weights})"
 
     def tensor(self, image: ImageSource, size: int | tuple[int, int] | None = None) -> tuple[torch.Tensor, np.ndarray]:
         """Load, resize (see :meth:`Preprocessing.fit`) and normalise one image: ``(x, rgb_uint8)``."""
