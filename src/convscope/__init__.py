@@ -9,9 +9,11 @@ Example:
     >>> convscope.visualize_features(model, "blocks.3.1.bn1", range(8)).sheet()   # what 8 filters want to see
     >>> convscope.occlusion(model, "cat.jpg").sheet()       # occlusion maps (exact incremental inference)
     >>> print(convscope.probe(model).table())               # linear probes by depth, pretrained vs random
+    >>> convscope.build_atlas(model, out="runs/atlas").index  # browsable pages (then: convscope serve runs/atlas)
 """
 
 from .activations import ActivationResult, activations, predict
+from .atlas import AtlasSettings, build_atlas
 from .attribution import backward_rule
 from .capture import capture, frozen, recording
 from .datasets import FolderImages, SampleImages, TensorImages
@@ -36,10 +38,10 @@ from .render import channel_grid, overlay_heatmap
 from .scan import ScanResult, TopK, scan, write_scan
 
 __all__ = [
-    "ActivationResult", "Catalogue", "ConvscopeError", "DeconvResult", "FeatureResult", "FolderImages",
+    "ActivationResult", "AtlasSettings", "Catalogue", "ConvscopeError", "DeconvResult", "FeatureResult", "FolderImages",
     "LayerInfo", "LoadedModel", "OcclusionResult", "Preprocessing", "ProbeDataset", "ProbeResult",
     "Projections", "SampleImages", "ScanResult", "TensorImages", "TopK", "Unit", "activations", "as_loaded",
-    "backward_rule", "build_catalogue", "capture", "channel_grid", "deconv", "frozen", "list_models",
+    "backward_rule", "build_atlas", "build_catalogue", "capture", "channel_grid", "deconv", "frozen", "list_models",
     "load_image", "load_model", "occlusion", "overlay_heatmap", "predict", "probe", "project_units",
     "recording", "render_projection_pair", "sample_photos", "scan", "strongest_units", "top_positions",
     "visualize", "visualize_classes", "visualize_features", "write_scan",

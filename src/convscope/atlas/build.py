@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .. import __version__, render
+from .. import render
 from .._io import ensure_dir, save_json
 from ..activations import ActivationResult, predict
 from ..capture import capture
@@ -831,6 +831,12 @@ def _atlas_layers(loaded: LoadedModel, spec: str | Sequence[str] | None) -> list
     return layers
 
 
+def _version() -> str:
+    from .. import __version__  # at call time: the package imports this module before defining it
+
+    return __version__
+
+
 def build_atlas(
     model: LoadedModel | torch.nn.Module,
     images: ImageSource | Iterable[ImageSource] | dict | None = None,
@@ -899,7 +905,7 @@ def build_atlas(
             ctx.slug(layer): f"records/{stage.name}/{ctx.slug(layer)}.json" for layer in layers if layer.name in done}}
 
     manifest = {
-        "convscope": __version__,
+        "convscope": _version(),
         "model": {**loaded.describe(), "fingerprint": ctx.fingerprint},
         "settings": settings.as_dict(),
         "layers": [{**layer.as_dict(), "slug": ctx.slug(layer), "label": layer.label,

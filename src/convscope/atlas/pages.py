@@ -24,7 +24,6 @@ from typing import Any
 from jinja2 import Environment, PackageLoader, StrictUndefined
 from tqdm import tqdm
 
-from .. import __version__
 from .._io import atomic_path
 from ..errors import ConvscopeError
 from .store import read_json
@@ -141,7 +140,7 @@ def render_site(out: str | Path, *, progress: bool = True) -> Path:
     env = _environment()
     _copy_static(out)
     _write_search_index(site)
-    common = {"model": site.manifest["model"], "version": __version__, "stage_titles": STAGE_TITLES,
+    common = {"model": site.manifest["model"], "version": site.manifest.get("convscope", "?"), "stage_titles": STAGE_TITLES,
               "settings": site.manifest["settings"]}
 
     pages = 1 + sum(1 + len(layer["visualised"]) for layer in site.layers)
