@@ -41,3 +41,12 @@ def model_state(module: torch.nn.Module) -> tuple:
     hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
                 + len(getattr(m, "_backward_pre_hooks", {})) for m in module.modules())
     return modes, grads, hooks
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Many small ops: on a shared, oversubscribed CPU one torch thread is much faster."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -14,14 +14,7 @@ from torch import nn
 from convscope._incremental import Patch, Unsupported, incremental_forward, materialize, window
 from convscope.capture import frozen
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Many small ops: on a shared, oversubscribed CPU one thread is much faster (see test_occlusion)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _copies(x0: torch.Tensor, size: int, batch: int, seed: int = 0) -> Patch:

@@ -17,15 +17,7 @@ from convscope.occlusion import occluder_grid, occlusion
 
 from .conftest import model_state
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These runs are many small ops: on a shared, oversubscribed CPU, OpenMP barriers cost far more
-    than a second thread gains (20x slower measured here), so run them on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_occluding_the_head_lowers_the_cat_probability_more_than_a_background_corner(default_model, photos):

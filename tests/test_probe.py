@@ -15,14 +15,7 @@ from convscope.probe import ProbeDataset, image_folder, lfw_faces, probe, random
 
 from .conftest import model_state
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Many small forward passes: on a shared, oversubscribed CPU one thread is much faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_builtin_set_is_lfw_faces_vs_nonfaces():
