@@ -94,7 +94,16 @@ def run(args) -> int:
     if kind != "class" and not args.layer:
         raise ConvscopeError(f"--objective {kind} needs --layer (see `convscope layers`), e.g. --layer blocks.3.1.bn1")
     loaded = load_from_args(args)
-    out = out_dir(args.out)
+    if kind == "class":
+        names = loaded.class_names or []
+        bad = [c for c in classes if names and not 0 <= c < len(names)]
+        if bad:
+            raise ConvscopeError(f"class {bad[0]} is out of range: this model has classes 0..{len(names) - 1}")
+        plans = []
+    else:
+        layers = loaded.catalogue.resolve(args.layer)
+        plans = [(layer, _channels(args.channels, layer.channels) if kind != "layer" else None) for layer in layers]
+    out = out_dir(args.out)  # only once every input is known to be good: no empty folder left on an error
     common = dict(recipe=args.recipe, steps=args.steps, size=size, seed=args.seed, lr=args.lr,
                   variants=args.variants, diversity=args.diversity, tv=args.tv, l2=args.l2,
                   memory_budget=memory, max_batch=args.batch, progress=True)
@@ -102,10 +111,6 @@ def run(args) -> int:
     index = {"model": loaded.describe(), "objective": args.objective, "layers": []}
     results = []
     if kind == "class":
-        names = loaded.class_names or []
-        bad = [c for c in classes if names and not 0 <= c < len(names)]
-        if bad:
-            raise ConvscopeError(f"class {bad[0]} is out of range: this model has classes 0..{len(names) - 1}")
         t0 = time.perf_counter()
         result = visualize_classes(loaded, classes, **common)
         entry = result.save(out / "classes", cols=args.cols)
@@ -113,8 +118,6 @@ def run(args) -> int:
                                 "count": entry["count"], "dead": 0})
         results.append(("classes", result, time.perf_counter() - t0))
     else:
-        layers = loaded.catalogue.resolve(args.layer)
-        plans = [(layer, _channels(args.channels, layer.channels) if kind != "layer" else None) for layer in layers]
         for layer, channels in plans:
             t0 = time.perf_counter()
             result = visualize_features(loaded, layer, channels, objective=kind, **common)

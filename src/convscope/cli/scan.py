@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -64,7 +65,7 @@ RESUMED_OPTIONS = ("folder", "samples", "limit", "layers", "top", "size", "model
 
 
 def run(args) -> int:
-    out = out_dir(args.out)
+    out = Path(args.out)
     resume = args.resume
     if resume and not (out / STATE_FILE).exists():
         print(f"note: no checkpoint {out / STATE_FILE} to resume; starting a new scan")
@@ -94,6 +95,7 @@ def run(args) -> int:
     else:
         images = FolderImages(args.folder, size, resample)
         workers = _default_workers() if args.workers is None else args.workers
+    out_dir(args.out)  # created only once the model and the images are known to be good
     meta = {key: getattr(args, key) for key in RESUMED_OPTIONS}
     if args.folder:
         meta["folder"] = str(images.root.resolve())
