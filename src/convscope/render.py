@@ -197,11 +197,12 @@ def channel_grid(
     indices = tile(quantize(scaled), cols, sep, SEPARATOR_INDEX, BACKGROUND_INDEX)
     grid = palette_image(indices, cmap)
     c, h, w = maps.shape
-    lines = [title or "", f"{c} channels x {h}x{w}"]
+    # Two text lines, not three: rendering a line of text costs as much as building the grid itself.
+    shape = f"{c} channels x {h}x{w}"
     if scale == "channel":
-        lines.append(f"each tile scaled to its own min..max; raw range {lows.min():.3g} .. {highs.max():.3g}")
+        lines = [title or "", f"{shape}; each tile scaled to its own min..max; raw range {lows.min():.3g} .. {highs.max():.3g}"]
         return stack_vertical([title_strip(grid.width, lines, cmap=cmap), grid])
-    lines.append(f"one scale for all tiles: {lows[0]:.3g} .. {highs[0]:.3g}")
+    lines = [title or "", f"{shape}; one scale for all tiles: {lows[0]:.3g} .. {highs[0]:.3g}"]
     bar = colorbar(grid.height, float(lows[0]), float(highs[0]), cmap)
     body = stack_horizontal([grid.convert("RGB"), bar])
     return stack_vertical([title_strip(body.width, lines), body])
