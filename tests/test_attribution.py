@@ -541,3 +541,75 @@ def test_captum_returns_the_plain_gradient_on_relu6(default_model, photos):
     guided = project_units(default_model, x, layer, [unit], method="guided").maps[0]
     _close(theirs, plain, rel=1e-4)
     assert np.abs(guided - plain).max() > 0.05 * np.abs(plain).max()
+
+
+class SliceInPlace(nn.Module):
+    """An in-place op on a slice of the channels: autograd hides its backward inside CopySlices."""
+
+    def __init__(self, op: str):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.op = op
+
+    def forward(self, x):
+        h = self.conv(x)
+        if self.op == "sigmoid_":
+            h[:, :2].sigmoid_()
+        elif self.op == "tanh_":
+            h[:, 2:].tanh_()
+        elif self.op == "clamp_":
+            h[:, 2:].clamp_(min=0)
+        elif self.op == "relu_module":
+            nn.ReLU(inplace=True)(h[:, :2])
+        elif self.op == "mul_":
+            h[:, :2].mul_(3.0)
+        elif self.op == "mul_signal":
+            h[:, :2].mul_(h[:, 2:].clone())
+        elif self.op == "setitem":
+            h[:, :2] = h[:, 2:] * 2.0
+        return h
+
+
+@pytest.mark.parametrize("op, message", [
+    ("sigmoid_", r"CopySlices\(sigmoid_\)"),
+    ("tanh_", r"CopySlices\(tanh_\)"),
+    ("mul_signal", r"CopySlices\(mul_\)"),
+])
+def test_nonlinear_in_place_op_on_a_slice_is_refused(op, message):
+    net = Wrapped(SliceInPlace(op)).eval()
+    x = torch.randn(1, 3, 10, 10)
+    for method in ("deconvnet", "guided"):
+        with pytest.raises(ConvscopeError, match=message):
+            project_units(net, x, "out", [Unit(0, 1, 1)], method=method)
+    with pytest.warns(UserWarning, match="CopySlices"):
+        project_units(net, x, "out", [Unit(0, 1, 1)], method="deconvnet", strict=False)
+
+
+def test_copy_slices_outside_the_rule_mode_is_unknown():
+    x = torch.randn(1, 3, 10, 10, requires_grad=True)
+    h = x * 2.0
+    h[:, :1].mul_(3.0)  # linear, but recorded by no RectifierRule: nothing says what CopySlices wraps
+    with pytest.raises(ConvscopeError, match="an in-place op on a view"):
+        audit_graph(h, "deconvnet")
+
+
+@pytest.mark.parametrize("op", ["clamp_", "relu_module"])
+def test_in_place_rectifier_on_a_slice_gets_the_rule(op):
+    """``clamp_(min=0)`` and an in-place ReLU on some channels are rectifiers: the rule reaches them."""
+    net = Wrapped(SliceInPlace(op)).eval()
+    x = torch.randn(1, 3, 10, 10)
+    channel = 3 if op == "clamp_" else 0
+    out = convscope.capture(net, x, ["out"])["out"][0]
+    r, q = (int(v) for v in (out[channel] == 0).nonzero()[0])
+    unit = Unit(channel, r, q)  # switched off: gradient 0, deconvnet passes relu(1) = 1
+    assert not project_units(net, x, "out", [unit], method="gradient").maps.any()
+    _close(project_units(net, x, "out", [unit], method="deconvnet").maps,
+           project_units(net, x, "inner.conv", [unit], method="gradient").maps)
+
+
+@pytest.mark.parametrize("op", ["mul_", "setitem"])
+def test_linear_in_place_op_on_a_slice_is_accepted(op):
+    net = Wrapped(SliceInPlace(op)).eval()
+    x = torch.randn(1, 3, 10, 10)
+    p = project_units(net, x, "out", [Unit(0, 1, 1)], method="guided")
+    _close(p.maps, project_units(net, x, "out", [Unit(0, 1, 1)], method="gradient").maps)

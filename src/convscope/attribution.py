@@ -103,6 +103,7 @@ class RuleFunction(torch.autograd.Function):
 
 
 _RULE_NODE = f"{RuleFunction.__name__}Backward"
+_COPY_SLICES_KEY = "convscope_inplace_op"
 
 
 def _number(value) -> float | None:
@@ -172,14 +173,52 @@ class RectifierRule(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
-        if name.strip("_") in _RECTIFIER_NAMES and torch.is_grad_enabled():
+        if not torch.is_grad_enabled():
+            return func(*args, **kwargs)
+        target = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        before = _root_node(target)
+        if name.strip("_") in _RECTIFIER_NAMES:
             parsed = _parse_rectifier(name, args, kwargs)
             if parsed is not None and parsed[0].requires_grad:
                 x, low, high, inplace = parsed
                 self.replaced += 1
                 # In-place calls stay in place (callers may keep using x), as torch's own relu_ does.
-                return RuleFunction.apply(x, low, high, self.rule, inplace)
-        return func(*args, **kwargs)
+                result = RuleFunction.apply(x, low, high, self.rule, inplace)
+                _tag_copy_slices(target, before, _RULE_NODE)
+                return result
+        result = func(*args, **kwargs)
+        _tag_copy_slices(target, before, _inplace_kind(name, args, kwargs))
+        return result
+
+
+def _root_node(tensor: torch.Tensor | None):
+    """The grad_fn of the storage's owner: where autograd puts CopySlices for an in-place op on a view."""
+    if tensor is None:
+        return None
+    root = tensor._base if tensor._is_view() else tensor
+    return root.grad_fn
+
+
+def _tag_copy_slices(target: torch.Tensor | None, before, kind: str) -> None:
+    # An in-place op on a view hides its own backward inside a new CopySlices node, which
+    # Python cannot open; the node's metadata keeps what that op was for audit_graph.
+    node = _root_node(target)
+    if node is not None and node is not before and type(node).__name__ == "CopySlices":
+        node.metadata[_COPY_SLICES_KEY] = kind
+
+
+# In-place ops whose backward is linear in the signal (a product only with constants).
+_LINEAR_INPLACE = frozenset({"add", "sub", "mul", "div", "neg", "copy", "zero", "fill", "setitem",
+                             "iadd", "isub", "imul", "itruediv", "index_copy", "index_add"})
+
+
+def _inplace_kind(name: str, args: tuple, kwargs: dict) -> str:
+    """``"linear"`` for an in-place op that is linear in the signal, else the op's name."""
+    base = name.strip("_")
+    signals = sum(isinstance(a, torch.Tensor) and a.requires_grad for a in (*args[1:], *kwargs.values()))
+    if base in ("mul", "imul", "div", "itruediv") and signals:
+        return name  # a product or quotient of two signals
+    return "linear" if base in _LINEAR_INPLACE else name
 
 
 @contextlib.contextmanager
@@ -219,7 +258,7 @@ _LINEAR_NODES = frozenset({
     "AdaptiveMaxPool1D", "AvgPool2D", "AvgPool3D", "AdaptiveAvgPool2D", "AdaptiveAvgPool3D", "Max", "Amax",
     "View", "UnsafeView", "Reshape", "ReshapeAlias", "Permute", "Transpose", "T", "Expand", "Squeeze",
     "Unsqueeze", "Slice", "Select", "Index", "Cat", "Stack", "Split", "SplitWithSizes", "Unbind", "Clone",
-    "ToCopy", "Copy", "CopySlices", "CopyBackwards", "ConstantPadNd", "ReflectionPad2D", "ReplicationPad2D",
+    "ToCopy", "Copy", "CopyBackwards", "ConstantPadNd", "ReflectionPad2D", "ReplicationPad2D",
     "AsStrided", "Alias", "Flatten", "Narrow", "UpsampleNearest2D", "UpsampleBilinear2D", "PixelShuffle",
     "PixelUnshuffle", "Roll", "Flip", "Repeat", "Contiguous", "BackwardHookFunction", "Identity",
 })
@@ -232,6 +271,10 @@ def _node_kind(node) -> str:
     name = type(node).__name__
     if name.startswith(_RULE_NODE):
         return "rule"
+    if name == "CopySlices":
+        # The in-place op it wraps was recorded by RectifierRule; an unrecorded one is unknown.
+        wrapped = node.metadata.get(_COPY_SLICES_KEY)
+        return "rule" if wrapped == _RULE_NODE else "linear" if wrapped == "linear" else "other"
     base = re.sub(r"(Backward\d*|\d+)$", "", name)
     base = re.sub(r"Backward$", "", base)
     if base in _LINEAR_NODES:
@@ -244,6 +287,14 @@ def _node_kind(node) -> str:
     if base in _RECTIFIER_NODES:
         return "missed"
     return "other"
+
+
+def _node_label(node) -> str:
+    name = type(node).__name__
+    if name == "CopySlices":
+        wrapped = node.metadata.get(_COPY_SLICES_KEY)
+        return f"CopySlices({wrapped or 'an in-place op on a view'})"
+    return name
 
 
 def audit_graph(output: torch.Tensor, method: str, *, strict: bool = True) -> dict[str, int]:
@@ -269,7 +320,7 @@ def audit_graph(output: torch.Tensor, method: str, *, strict: bool = True) -> di
         if kind == "missed":
             missed[type(node).__name__] += 1
         elif kind == "other":
-            other[type(node).__name__] += 1
+            other[_node_label(node)] += 1
         elif kind == "rule":
             rules += 1
         stack.extend(fn for fn, _ in node.next_functions)
