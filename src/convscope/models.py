@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import importlib
 import os
+import pickle
+import re
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -181,6 +184,11 @@ def list_models(pattern: str = "*") -> list[str]:
     return [n for n in [DEFAULT_MODEL, *_torchvision_names()] if fnmatch.fnmatch(n, pattern)]
 
 
+def is_model_file(spec: str) -> bool:
+    """Does ``spec`` name a model file (rather than a registry name or a factory)?"""
+    return spec.endswith((".pt", ".pth", ".ts", ".pkl")) or os.path.sep in spec and Path(spec).exists()
+
+
 def load_model(
     spec: str | nn.Module | None = None,
     *,
@@ -202,7 +210,7 @@ def load_model(
         loaded = _load_default(weights=weights, random=random)
     elif spec.startswith("timm:"):
         loaded = _load_timm(spec[5:], weights=weights, random=random)
-    elif spec.endswith((".pt", ".pth", ".ts", ".pkl")) or os.path.sep in spec and Path(spec).exists():
+    elif is_model_file(spec):
         loaded = _load_file(Path(spec), trust_file=trust_file, weights=weights)
     elif ":" in spec:
         loaded = _load_factory(spec, weights=weights)
@@ -229,26 +237,91 @@ def as_loaded(model: LoadedModel | nn.Module, preprocessing: Preprocessing | Non
                        _guess_classes(model), device=device)
 
 
+def _torch_file_kind(path: Path) -> str:
+    """What ``path`` holds, from its container alone (nothing is unpickled).
+
+    ``"torchscript"`` (a ``torch.jit.save`` archive: code and constants), ``"torch-save"`` (a
+    ``torch.save`` zip archive, whose ``data.pkl`` may hold tensors or any pickled object),
+    ``"pickle"`` (a bare pickle stream, also ``torch.save``'s legacy format) or ``"unknown"``.
+    """
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+            if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
+                return "torchscript"
+            if any(n.endswith("data.pkl") for n in names):
+                return "torch-save"
+            return "unknown"
+        with open(path, "rb") as file:
+            head = file.read(2)
+    except OSError as err:
+        raise ConvscopeError(f"cannot read {path}: {err.strerror or err}") from None
+    return "pickle" if len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5 else "unknown"
+
+
+_KIND_TEXT = {"torchscript": "a TorchScript archive", "torch-save": "a torch.save archive",
+              "pickle": "a pickle", "unknown": "not a PyTorch file (neither TorchScript nor torch.save)"}
+
+
+def _refused_global(err: Exception) -> str:
+    """The Python name a weights_only load refused, as ``" (it names builtins.open)"``, or ``""``."""
+    match = re.search(r"GLOBAL ([\w.]+)", str(err))
+    return f" (it names {match.group(1)})" if match else ""
+
+
+def _safe_load(path: Path, what: str):
+    """``torch.load(weights_only=True)`` with an error that says what the file is and what is accepted."""
+    kind = _torch_file_kind(path)
+    if kind == "torchscript":
+        raise ConvscopeError(f"{path} is a TorchScript archive, not {what}; pass it as --model {path}")
+    if kind == "unknown":
+        raise ConvscopeError(f"{path} is {_KIND_TEXT[kind]}; {what} is a file written by torch.save")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ConvscopeError(
+            f"{path} pickles Python objects beyond tensors{_refused_global(err)}; convscope never unpickles "
+            f"them for {what}, which must hold only tensors: save it with torch.save(model.state_dict(), PATH)"
+        ) from None
+    except Exception as err:
+        raise ConvscopeError(f"{path} is {_KIND_TEXT[kind]} that cannot be read ({type(err).__name__}); "
+                             "it may be truncated or damaged") from None
+
+
 def _load_state_dict(module: nn.Module, path: str | os.PathLike) -> None:
     path = Path(path)
-    if not path.exists():
+    if not path.is_file():
         raise ConvscopeError(f"weights file not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ConvscopeError(f"cannot load weights from {path} as a state dict (weights_only=True): {err}") from None
+    state = _safe_load(path, "a state dict for --weights")
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict):
-        raise ConvscopeError(f"{path} does not hold a state dict (found {type(state).__name__})")
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    result = module.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
+        raise ConvscopeError(f"{path} does not hold a state dict (found {type(state).__name__}); "
+                             "save one with torch.save(model.state_dict(), PATH)")
+    state = {str(k).removeprefix("module."): v for k, v in state.items()}
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
         raise ConvscopeError(
-            f"weights in {path} do not fit this architecture: {len(result.missing_keys)} missing keys "
-            f"(e.g. {result.missing_keys[:3]}), {len(result.unexpected_keys)} unexpected (e.g. {result.unexpected_keys[:3]})"
+            f"weights in {path} do not fit this architecture: {len(missing)} missing keys "
+            f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
         )
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise ConvscopeError(f"weights in {path}: {key!r} holds a {type(value).__name__}, not a tensor")
+        if value.shape != expected[key].shape:
+            raise ConvscopeError(
+                f"weights in {path} do not fit this architecture: {key!r} has shape {tuple(value.shape)} in the "
+                f"file but {tuple(expected[key].shape)} in the model"
+            )
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as err:  # e.g. a dtype that cannot be copied
+        first = str(err).strip().splitlines()[-1].strip()[:200]
+        raise ConvscopeError(f"weights in {path} do not fit this architecture: {first}") from None
 
 
 def _offline_message(what: str, err: Exception) -> ConvscopeError:
@@ -370,30 +443,47 @@ def _guess_classes(module: nn.Module) -> list[str] | None:
 
 @_source("file")
 def _load_file(path: Path, trust_file=False, weights=None) -> LoadedModel:
-    if not path.exists():
+    if not path.is_file():
         raise ConvscopeError(f"model file not found: {path}")
-    try:
-        module, kind = torch.jit.load(str(path), map_location="cpu"), "TorchScript"
-    except Exception:
-        module, kind = _unpickle_module(path, trust_file), "pickled module"
+    kind = _torch_file_kind(path)
+    if kind == "torchscript":
+        try:
+            module, label = torch.jit.load(str(path), map_location="cpu"), "TorchScript"
+        except Exception as err:
+            raise ConvscopeError(f"{path} is a TorchScript archive that torch cannot load "
+                                 f"({type(err).__name__}); it may be damaged or from a newer PyTorch") from None
+    elif kind == "unknown":
+        raise ConvscopeError(
+            f"{path} is {_KIND_TEXT[kind]}. As --model FILE convscope accepts a TorchScript archive "
+            "(torch.jit.save) or a pickled nn.Module (torch.save(model), with --trust-file)"
+        )
+    else:
+        module, label = _unpickle_module(path, kind, trust_file), "pickled module"
     if weights:
         _load_state_dict(module, weights)
-    return LoadedModel(module, path.stem, f"{kind} {path.name}", class_names=_guess_classes(module))
+    return LoadedModel(module, path.stem, f"{label} {path.name}", class_names=_guess_classes(module))
 
 
-def _unpickle_module(path: Path, trust_file: bool) -> nn.Module:
+def _unpickle_module(path: Path, kind: str, trust_file: bool) -> nn.Module:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:
+    except pickle.UnpicklingError as err:
         if not trust_file:
             raise ConvscopeError(
-                f"{path} holds a pickled Python object. Unpickling runs code from the file, so it is only "
-                "loaded with --trust-file (use it only for files you made or trust)."
+                f"{path} is {_KIND_TEXT[kind]} of Python objects{_refused_global(err)}. Unpickling runs code "
+                "from the file, so it is only loaded with --trust-file (use it only for files you made or trust)"
             ) from None
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as err:
+            raise ConvscopeError(f"cannot unpickle {path} ({type(err).__name__}: {str(err)[:160]})") from None
+    except Exception as err:
+        raise ConvscopeError(f"{path} is {_KIND_TEXT[kind]} that cannot be read ({type(err).__name__}); "
+                             "it may be truncated or damaged") from None
     if not isinstance(obj, nn.Module):
+        what = "a state dict" if isinstance(obj, dict) else f"a {type(obj).__name__}"
         raise ConvscopeError(
-            f"{path} holds a {type(obj).__name__}, not a model. A state dict goes with --weights "
+            f"{path} holds {what}, not a model. A state dict goes with --weights "
             "together with the architecture: --model ARCH --weights FILE."
         )
     return obj

@@ -475,7 +475,8 @@ def scan(
     device = loaded.device
     source = images.describe()
     identity = {"model": model_fingerprint(module), "model_title": loaded.title, "layers": names,
-                "top": int(top), "source": source, "image_size": list(images.size), "start": int(start)}
+                "top": int(top), "source": source, "image_size": list(images.size), "start": int(start),
+                "stop": int(stop), "preprocessing": _preprocessing_identity(pre)}
     checkpoint = Path(checkpoint) if checkpoint is not None else None
     topk = TopK.empty(top, {layer.name: layer.channels for layer in chosen}, device)
     skipped: list[tuple[int, str]] = []
@@ -552,9 +553,15 @@ def _modified_in_place(module: torch.nn.Module, names: list[str], size: tuple[in
         return bool(probe.modified())
 
 
+def _preprocessing_identity(pre) -> list:
+    """What the scan does to pixels besides the size: resampling filter and normalisation."""
+    return [pre.interpolation, [float(m) for m in pre.mean], [float(s) for s in pre.std]]
+
+
 def _check_same(saved: dict, identity: dict, path: Path) -> None:
-    what = {"model": "model weights", "layers": "layers", "top": "--top", "source": "image set",
-            "image_size": "image size", "start": "start"}
+    what = {"model": "model weights", "preprocessing": "preprocessing (mean, std, interpolation)",
+            "layers": "layers", "top": "--top", "source": "image set", "image_size": "image size",
+            "start": "start", "stop": "end of the range (--limit)"}
     for key, label in what.items():
         mine, theirs = identity[key], saved.get(key)
         if key == "source":

@@ -10,6 +10,7 @@ import torch
 
 from ..datasets import FolderImages, SampleImages
 from ..errors import ConvscopeError
+from ..models import DEFAULT_MODEL, is_model_file
 from ..scan import DEFAULT_TOP, INDEX_FILE, STATE_FILE, load_checkpoint, scan, write_scan
 from ._common import add_model_args, add_out_arg, load_from_args, out_dir, parse_channels, parse_size
 
@@ -47,7 +48,8 @@ def register(subparsers) -> None:
                    help=f"image reader processes (default {_default_workers()} here; 0 reads in the main process)")
     p.add_argument("--checkpoint-every", type=int, default=50, metavar="N", help="save the state every N batches")
     p.add_argument("--resume", action="store_true",
-                   help=f"continue from {STATE_FILE} in --out; options not given again are taken from it")
+                   help=f"continue from {STATE_FILE} in --out; data options not given again (folder, --layers, --top, "
+                        "--size, --limit) are taken from it; --model/--weights/--random must be given as before")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="scan only the first N images")
     p.add_argument("--channels", default=None,
                    help="channels to draw, e.g. 0-15 (default all; the index lists every channel)")
@@ -60,8 +62,40 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-# Options a resumed scan takes from its checkpoint when they are not given again.
-RESUMED_OPTIONS = ("folder", "samples", "limit", "layers", "top", "size", "model", "weights", "random")
+# Data options a resumed scan takes from its checkpoint when they are not given again. The model
+# options never come from it: a checkpoint is only data, and must not choose the code that runs.
+RESUMED_OPTIONS = ("folder", "samples", "limit", "layers", "top", "size")
+MODEL_OPTIONS = ("model", "weights", "random")
+
+
+def _model_identity(model, weights, random) -> dict:
+    """The model flags in a comparable form: the default spelled one way, files as absolute paths."""
+    if model in (None, "", "default", DEFAULT_MODEL):
+        model = DEFAULT_MODEL
+    elif is_model_file(model):
+        model = str(Path(model).expanduser().resolve())
+    return {"model": model, "weights": str(Path(weights).expanduser().resolve()) if weights else None,
+            "random": bool(random)}
+
+
+def _flags(identity: dict) -> str:
+    flags = [f"--model {identity['model']}"]
+    if identity["weights"]:
+        flags.append(f"--weights {identity['weights']}")
+    if identity["random"]:
+        flags.append("--random")
+    return " ".join(flags)
+
+
+def _check_resumed_model(args, saved: dict, path: Path) -> None:
+    """Refuse to resume with other model flags than the checkpoint's; load nothing it names."""
+    theirs = _model_identity(*(saved.get(key) for key in MODEL_OPTIONS))
+    mine = _model_identity(*(getattr(args, key) for key in MODEL_OPTIONS))
+    if mine != theirs:
+        raise ConvscopeError(
+            f"cannot resume from {path}: it was scanned with {_flags(theirs)}, this run has {_flags(mine)}. "
+            "A resumed scan loads only the model named by your own flags: give the same --model/--weights/"
+            "--random again, or run without --resume to start afresh.")
 
 
 def run(args) -> int:
@@ -78,6 +112,7 @@ def run(args) -> int:
                 continue
             if getattr(args, key) in (None, False) and saved.get(key) not in (None, False):
                 setattr(args, key, saved[key])
+        _check_resumed_model(args, saved, out / STATE_FILE)
     if args.samples == bool(args.folder):
         raise ConvscopeError("give a FOLDER of images or --samples (not both, not neither)")
     if args.random:
@@ -97,6 +132,7 @@ def run(args) -> int:
         workers = _default_workers() if args.workers is None else args.workers
     out_dir(args.out)  # created only once the model and the images are known to be good
     meta = {key: getattr(args, key) for key in RESUMED_OPTIONS}
+    meta.update(_model_identity(args.model, args.weights, args.random))
     if args.folder:
         meta["folder"] = str(images.root.resolve())
     print(f"model: {loaded.title}")
