@@ -1,3 +1,5 @@
+import socket
+import time
 import urllib.error
 
 import pytest
@@ -5,7 +7,9 @@ import torch
 from torch import nn
 
 import convscope
+from convscope import models
 from convscope.activations import predict
+from convscope.cli.main import main
 from convscope.errors import ConvscopeError
 from convscope.models import map_state_dict_by_order
 
@@ -116,3 +120,40 @@ def test_as_loaded_does_not_touch_a_user_module():
     module = _Tiny().train()
     loaded = convscope.as_loaded(module)
     assert loaded.module is module and module.training
+
+
+def test_models_command_lists_what_the_errors_point_to(capsys):
+    with pytest.raises(ConvscopeError, match="`convscope models` lists them") as err:
+        convscope.load_model("vgg91")
+    assert "vgg19" in str(err.value)
+    assert main(["models", "vgg1*"]) == 0
+    listed = capsys.readouterr().out.split()
+    assert "vgg19" in listed and "vgg16_bn" in listed and "resnet50" not in listed
+    assert main(["models", "resnet18", "--timm"]) == 0
+    assert capsys.readouterr().out.split() == ["resnet18", "timm:resnet18"]
+    assert main(["models"]) == 0
+    assert "efficientnet_lite0  (default)" in capsys.readouterr().out
+
+
+def test_hub_probe_reaches_a_listening_port_only(monkeypatch):
+    from huggingface_hub import constants
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+        assert models._hub_reachable(timeout=2.0)
+    assert not models._hub_reachable(timeout=2.0)  # the port is closed now
+
+
+def test_timm_offline_fails_fast_and_restores_the_hub_setting(monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(models, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))  # nothing cached
+    start = time.perf_counter()
+    with pytest.raises(ConvscopeError, match="--random"):
+        convscope.load_model("timm:resnet18", device="cpu")
+    assert time.perf_counter() - start < 15  # huggingface_hub's retries took about 50 s
+    assert constants.HF_HUB_OFFLINE is False

@@ -16,10 +16,13 @@ the architecture alone, and every output says so.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import pickle
 import re
+import socket
+import threading
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -382,7 +385,8 @@ def _load_torchvision(name: str, weights=None, random=False) -> LoadedModel:
     if name not in names:
         raise ConvscopeError(
             f"unknown model {name!r}.{suggest(name, names + [DEFAULT_MODEL])} "
-            "Use a torchvision name (`convscope models` lists them), timm:NAME, a .pt file, or package.module:factory."
+            "Use a torchvision name (`convscope models` lists them), timm:NAME (`convscope models --timm`), "
+            "a .pt file, or package.module:factory."
         )
     meta_weights = tvm.get_model_weights(name).DEFAULT
     module = tvm.get_model(name, weights=None)
@@ -417,9 +421,12 @@ def _load_timm(name: str, weights=None, random=False) -> LoadedModel:
     import timm
 
     if not timm.is_model(name):
-        raise ConvscopeError(f"unknown timm model {name!r}.{suggest(name, timm.list_models())} See timm.list_models().")
+        raise ConvscopeError(f"unknown timm model {name!r}.{suggest(name, timm.list_models())} "
+                             "`convscope models --timm PATTERN` lists timm's names.")
+    pretrained = not (random or weights)
     try:
-        module = timm.create_model(name, pretrained=not (random or weights))
+        with _hub_offline_unless_reachable(pretrained):
+            module = timm.create_model(name, pretrained=pretrained)
     except Exception as err:
         raise _offline_message(f"timm:{name}", err) from None
     label = f"timm pretrained {name}"
@@ -432,6 +439,54 @@ def _load_timm(name: str, weights=None, random=False) -> LoadedModel:
         crop_pct=float(cfg.get("crop_pct", 0.875)), interpolation=cfg.get("interpolation", "bilinear"),
     )
     return LoadedModel(module, f"timm:{name}", "random init" if random else label, pre, _guess_classes(module), random)
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Can one TCP connection to the Hugging Face endpoint open within ``timeout`` (name lookup included)?"""
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    url = urlsplit(constants.ENDPOINT)
+    address = (url.hostname or "", url.port or (443 if url.scheme == "https" else 80))
+    reached: list[bool] = []
+
+    def probe():
+        try:
+            socket.create_connection(address, timeout=timeout).close()
+            reached.append(True)
+        except OSError:
+            pass
+
+    # getaddrinfo ignores socket timeouts; a daemon thread bounds the wait for the name lookup too.
+    thread = threading.Thread(target=probe, name="convscope-hub-probe", daemon=True)
+    thread.start()
+    thread.join(timeout + 0.5)
+    return bool(reached)
+
+
+@contextlib.contextmanager
+def _hub_offline_unless_reachable(pretrained: bool):
+    """Without a network, let huggingface_hub read its cache only, instead of retrying for a minute.
+
+    huggingface_hub retries a failed connection five times with backoff, and timm asks for two
+    files, so an offline ``timm:NAME`` took about 50 s to fail. Its offline switch makes cached
+    weights load at once and a missing file fail at once; it is read at call time from
+    ``huggingface_hub.constants`` and restored afterwards.
+    """
+    if not pretrained:
+        yield
+        return
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or _hub_reachable():
+        yield
+        return
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = False
 
 
 def _guess_classes(module: nn.Module) -> list[str] | None:

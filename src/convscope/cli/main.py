@@ -14,8 +14,8 @@ import sys
 from ..errors import ConvscopeError
 
 # Subcommand modules, in the order `convscope --help` lists them.
-COMMANDS = ("predict", "layers", "activations", "features", "deconv", "scan", "occlusion", "probe", "atlas", "serve",
-            "demo")
+COMMANDS = ("predict", "models", "layers", "activations", "features", "deconv", "scan", "occlusion", "probe", "atlas",
+            "serve", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
