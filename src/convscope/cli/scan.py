@@ -17,7 +17,7 @@ from ._common import add_model_args, add_out_arg, load_from_args, out_dir, parse
 EXAMPLES = """examples:
   convscope scan ~/data/val --model vgg16 --layers block3_conv3,block4_conv3,block5_conv3 --top 9 --out runs/scan
   convscope scan --samples --out runs/scan-samples          # built-in demonstration set, works offline
-  convscope scan --out runs/scan --resume                   # continue an interrupted scan, same options"""
+  convscope scan --out runs/scan --resume                   # continue an interrupted scan (same --model)"""
 
 
 def _default_workers() -> int:
