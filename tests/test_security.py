@@ -82,8 +82,13 @@ def test_file_kinds_are_told_apart(tmp_path):
         convscope.load_model(str(state), device="cpu")
     damaged = tmp_path / "damaged.pt"
     damaged.write_bytes(pickle.PROTO + bytes([4]) + b"\x00garbage")
-    with pytest.raises(ConvscopeError, match="cannot unpickle .*invalid load key"):
-        convscope.load_model(str(damaged), trust_file=True, device="cpu")
+    truncated = tmp_path / "truncated.pt"
+    torch.save(nn.Conv2d(3, 4, 3), truncated)
+    truncated.write_bytes(truncated.read_bytes()[:300])
+    for path in (damaged, truncated):
+        for trust in (False, True):
+            with pytest.raises(ConvscopeError, match="is a damaged or truncated torch.save file"):
+                convscope.load_model(str(path), trust_file=trust, device="cpu")
 
 
 def test_state_dict_with_wrong_shapes_or_values_names_the_key(tmp_path):

@@ -20,6 +20,7 @@ import contextlib
 import importlib
 import os
 import pickle
+import pickletools
 import re
 import socket
 import threading
@@ -28,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -245,26 +247,44 @@ def _torch_file_kind(path: Path) -> str:
 
     ``"torchscript"`` (a ``torch.jit.save`` archive: code and constants), ``"torch-save"`` (a
     ``torch.save`` zip archive, whose ``data.pkl`` may hold tensors or any pickled object),
-    ``"pickle"`` (a bare pickle stream, also ``torch.save``'s legacy format) or ``"unknown"``.
+    ``"pickle"`` (a bare pickle stream, also ``torch.save``'s legacy format), ``"damaged"`` (one of
+    the last two whose pickle does not parse) or ``"unknown"``.
     """
     try:
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as archive:
                 names = archive.namelist()
-            if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
-                return "torchscript"
-            if any(n.endswith("data.pkl") for n in names):
-                return "torch-save"
-            return "unknown"
+                if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
+                    return "torchscript"
+                data = [n for n in names if n.endswith("data.pkl")]
+                if not data:
+                    return "unknown"
+                return "torch-save" if _parses_as_pickle(archive.read(data[0])) else "damaged"
         with open(path, "rb") as file:
             head = file.read(2)
-    except OSError as err:
-        raise ConvscopeError(f"cannot read {path}: {err.strerror or err}") from None
-    return "pickle" if len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5 else "unknown"
+            if head == b"PK":
+                return "damaged"  # a zip archive without its directory: cut short
+            if not (len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5):
+                return "unknown"
+            file.seek(0)
+            return "pickle" if _parses_as_pickle(file) else "damaged"
+    except (OSError, zipfile.BadZipFile) as err:
+        raise ConvscopeError(f"cannot read {path}: {getattr(err, 'strerror', None) or err}") from None
+
+
+def _parses_as_pickle(data: bytes | BinaryIO) -> bool:
+    """Is there one complete pickle at the start? Read opcode by opcode, nothing is executed."""
+    try:
+        for _ in pickletools.genops(data):
+            pass
+    except Exception:  # a truncated or corrupt stream; genops raises ValueError and others
+        return False
+    return True
 
 
 _KIND_TEXT = {"torchscript": "a TorchScript archive", "torch-save": "a torch.save archive",
-              "pickle": "a pickle", "unknown": "not a PyTorch file (neither TorchScript nor torch.save)"}
+              "pickle": "a pickle", "damaged": "a damaged or truncated torch.save file",
+              "unknown": "not a PyTorch file (neither TorchScript nor torch.save)"}
 
 
 def _refused_global(err: Exception) -> str:
@@ -278,7 +298,7 @@ def _safe_load(path: Path, what: str):
     kind = _torch_file_kind(path)
     if kind == "torchscript":
         raise ConvscopeError(f"{path} is a TorchScript archive, not {what}; pass it as --model {path}")
-    if kind == "unknown":
+    if kind in ("unknown", "damaged"):
         raise ConvscopeError(f"{path} is {_KIND_TEXT[kind]}; {what} is a file written by torch.save")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -507,7 +527,7 @@ def _load_file(path: Path, trust_file=False, weights=None) -> LoadedModel:
         except Exception as err:
             raise ConvscopeError(f"{path} is a TorchScript archive that torch cannot load "
                                  f"({type(err).__name__}); it may be damaged or from a newer PyTorch") from None
-    elif kind == "unknown":
+    elif kind in ("unknown", "damaged"):
         raise ConvscopeError(
             f"{path} is {_KIND_TEXT[kind]}. As --model FILE convscope accepts a TorchScript archive "
             "(torch.jit.save) or a pickled nn.Module (torch.save(model), with --trust-file)"
