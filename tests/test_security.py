@@ -117,7 +117,7 @@ def scanned(tmp_path_factory):
 def _tamper(out: Path, tmp_path: Path, **meta) -> Path:
     """A copy of the scan whose checkpoint names other model options, as an attacker could write."""
     copy = tmp_path / "tampered"
-    copy.mkdir()
+    copy.mkdir(parents=True)
     state = torch.load(out / STATE_FILE, weights_only=True)
     state["meta"].update(meta)
     torch.save(state, copy / STATE_FILE)
@@ -134,6 +134,10 @@ def test_resume_never_imports_the_factory_named_in_the_checkpoint(scanned, tmp_p
     assert rc == 2
     assert "--model evil_factory:make" in err and "--model efficientnet_lite0" in err
     assert not marker.exists() and "evil_factory" not in sys.modules
+    for spec in ("sys:exit", "tempfile:mkdtemp"):  # once a silent exit 0, and a folder made by the resume
+        rc, err = _run(["scan", "--resume", "--no-render", "--quiet", "--out", str(_tamper(scanned, tmp_path / spec[:3],
+                                                                                           model=spec))], capsys)
+        assert rc == 2 and f"--model {spec}" in err
 
 
 def test_resume_never_unpickles_the_model_file_named_in_the_checkpoint(scanned, tmp_path, capsys):

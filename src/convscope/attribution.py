@@ -34,7 +34,9 @@ since they call ``F.relu``/``F.hardtanh``), timm's ``BatchNormAct2d``, ``F.relu`
 Then :func:`audit_graph` walks the autograd graph from the layer back to the input and accepts
 only operations whose backward is linear in the signal (convolution, linear, batch norm in
 eval mode, pooling, padding, reshapes, sums, products with constants) and the rule's own
-nodes. A rectifier the mode did not see (inside a TorchScript function or a custom autograd
+nodes. An in-place op on a view (``x[:, :k].sigmoid_()``) hides its own backward inside
+autograd's ``CopySlices`` node; the mode records which op that was, and the audit judges the op,
+not the wrapper (an unrecorded ``CopySlices`` counts as unknown). A rectifier the mode did not see (inside a TorchScript function or a custom autograd
 function) always raises :class:`ConvscopeError`; so does, unless ``strict=False``,
 a nonlinearity that has no deconvnet/guided rule (GELU, SiLU, sigmoid gates, ``maximum``,
 ``where``, a product of two signals, group/layer norm). Never a silently wrong answer.
