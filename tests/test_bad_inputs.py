@@ -156,6 +156,8 @@ CASES = [
     ("serve-port-high", ["serve", "in", "--port", "70000"], "65535", False),
     ("serve-file", ["serve", "in/file.txt"], "is a file", False),
     ("serve-no-index", ["serve", "in/empty"], "no index.html", False),
+    # demo
+    ("demo-out-proc", ["demo", "--out", "/proc/convscope-demo"], "cannot write", False),
     # the command itself
     ("no-command", [], "required", False),
     ("unknown-command", ["bogus"], "invalid choice", False),
