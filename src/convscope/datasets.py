@@ -101,6 +101,21 @@ class ImageSet(Dataset):
             raise ConvscopeError(f"too small: {image.shape[1]}x{image.shape[0]} pixels (minimum {MIN_SIDE} on a side)")
         return fit_cover(image, self.size, self.resample)
 
+    def require_readable(self, stop: int | None = None) -> int:
+        """The index of the first usable item before ``stop``; :class:`ConvscopeError` naming the reasons if none is.
+
+        Decodes only until one item reads, so it is cheap for any set that is not all broken.
+        """
+        reasons = []
+        for index in range(min(len(self), len(self) if stop is None else stop)):
+            item = self[index]
+            if item[1] is not None:
+                return index
+            reasons.append(f"{self.path(index)}: {item[2]}")
+        shown = "; ".join(reasons[:3]) + (f"; and {len(reasons) - 3} more" if len(reasons) > 3 else "")
+        raise ConvscopeError(f"none of the {len(reasons)} images in {self.describe().get('root')} can be read "
+                             f"({shown}); give a folder of readable images")
+
     def __getitem__(self, index: int) -> Item:
         try:
             image = self.load(index)

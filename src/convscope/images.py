@@ -49,6 +49,10 @@ def load_image(source: ImageSource) -> np.ndarray:
             return _pil_to_rgb8(im)
     except UnidentifiedImageError:
         raise ConvscopeError(f"not an image file (cannot identify its format): {path}") from None
+    except Image.DecompressionBombError as err:
+        # Not an OSError: PIL refuses to decode an image far larger than any photo (a zip bomb).
+        raise ConvscopeError(f"image {path} is too large to decode safely ({err}); "
+                             "downscale it first") from None
     except (OSError, SyntaxError, ValueError) as err:
         raise ConvscopeError(f"cannot read image {path}: {err}") from None
 

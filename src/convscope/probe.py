@@ -28,8 +28,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 from .capture import capture
+from .datasets import MIN_SIDE
 from .errors import ConvscopeError
 from .images import IMAGE_EXTENSIONS, load_image
 from .layers import LayerInfo
@@ -93,9 +95,38 @@ def image_folder(path: str | Path) -> ProbeDataset:
     images, labels = [], []
     for label, files in enumerate(classes.values()):
         for f in files:
-            images.append(load_image(f))
+            # An unreadable file (corrupt, a decompression bomb, too small) is skipped, as the scan does.
+            try:
+                image = load_image(f)
+            except ConvscopeError as err:
+                tqdm.write(f"warning: skipped {f}: {err}")
+                continue
+            if min(image.shape[:2]) < MIN_SIDE:
+                tqdm.write(f"warning: skipped {f}: {image.shape[1]}x{image.shape[0]} px, under {MIN_SIDE} px on a side")
+                continue
+            images.append(image)
             labels.append(label)
-    return ProbeDataset(images, np.array(labels), list(classes), str(root))
+    return ProbeDataset(images, np.array(labels, dtype=np.int64), list(classes), str(root))
+
+
+def check_dataset(dataset: ProbeDataset, folds: int) -> None:
+    """Raise :class:`ConvscopeError` unless ``dataset`` supports ``folds``-fold stratified cross-validation."""
+    if len(dataset) == 0:
+        raise ConvscopeError("the image set is empty (no readable image); add images")
+    if folds < 2:
+        raise ConvscopeError(f"--folds must be at least 2 (got {folds})")
+    counts = dataset.counts
+    present = [name for name, count in counts.items() if count]
+    if len(present) < 2:
+        raise ConvscopeError(f"a probe needs readable images of at least two classes; only "
+                             f"{present[0] if present else 'none'!r} has any")
+    smallest = min(counts.items(), key=lambda kv: kv[1])
+    if smallest[1] < 2:
+        raise ConvscopeError(f"class {smallest[0]!r} has {smallest[1]} readable image(s); cross-validation needs "
+                             f"at least 2 per class: add images to it")
+    if smallest[1] < folds:
+        raise ConvscopeError(f"class {smallest[0]!r} has {smallest[1]} images, but {folds}-fold cross-validation "
+                             f"needs at least {folds} per class; add images or use --folds {smallest[1]}")
 
 
 def random_init_like(loaded: LoadedModel, seed: int = 0) -> LoadedModel:
@@ -328,16 +359,9 @@ def probe(
         dataset = lfw_faces()
     elif not isinstance(dataset, ProbeDataset):
         dataset = image_folder(dataset)
-    if len(dataset) == 0:
-        raise ConvscopeError("the image set is empty")
-    if folds < 2:
-        raise ConvscopeError(f"--folds must be at least 2 (got {folds})")
-    if len(dataset.class_names) < 2 or len(np.unique(dataset.labels)) < 2:
-        raise ConvscopeError("a probe needs images of at least two classes")
-    smallest = min(dataset.counts.items(), key=lambda kv: kv[1])
-    if smallest[1] < folds:
-        raise ConvscopeError(f"class {smallest[0]!r} has {smallest[1]} images, but {folds}-fold cross-validation "
-                             f"needs at least {folds} per class; add images or use --folds {max(2, smallest[1])}")
+    check_dataset(dataset, folds)
+    if batch_size < 1:
+        raise ConvscopeError(f"batch size must be at least 1 (got {batch_size})")
     chosen = default_layers(loaded) if layers is None else loaded.catalogue.resolve(layers)
     if isinstance(size, int):
         size = (size, size)

@@ -41,6 +41,7 @@ from .. import render
 from .._io import ensure_dir, save_json
 from ..activations import ActivationResult, predict
 from ..capture import capture
+from ..datasets import MIN_SIDE
 from ..errors import ConvscopeError
 from ..images import IMAGE_EXTENSIONS, ImageSource, load_image, sample_photos
 from ..layers import LayerInfo
@@ -270,9 +271,14 @@ def collect_photos(images: ImageSource | Iterable[ImageSource] | dict | None, ma
                 if len(found) >= max_photos:
                     break
                 try:
-                    found.append((path.name, str(path), load_image(path)))
+                    rgb = load_image(path)
                 except ConvscopeError as err:
                     tqdm.write(f"warning: skipped {path}: {err}")
+                    continue
+                if min(rgb.shape[:2]) < MIN_SIDE:
+                    tqdm.write(f"warning: skipped {path}: {rgb.shape[1]}x{rgb.shape[0]} px, under {MIN_SIDE} px on a side")
+                    continue
+                found.append((path.name, str(path), rgb))
         elif isinstance(item, (str, Path)):
             found.append((Path(item).name, str(item), load_image(item)))
         else:
@@ -592,6 +598,10 @@ class ScanStage(Stage):
         result = scan_images(ctx.loaded, images, [layer.name for layer in layers], top=ctx.settings.top,
                              checkpoint=checkpoint, resume=checkpoint.exists(), stop=ctx.settings.scan_limit,
                              progress=ctx.progress)
+        if result.images_scanned == 0:
+            checkpoint.unlink(missing_ok=True)
+            raise ConvscopeError(f"the scan read no image ({len(result.skipped)} skipped as unreadable); "
+                                 "give --scan a folder of readable images")
         per_layer = (time.perf_counter() - start) / len(layers)
         source = images.describe()
         described = source.get("root") if source.get("kind") == "folder" else "the built-in sample set"

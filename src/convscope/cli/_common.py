@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import tempfile
 from pathlib import Path
 
 from ..errors import ConvscopeError
@@ -29,6 +32,122 @@ def load_from_args(args: argparse.Namespace) -> LoadedModel:
 
 def add_out_arg(parser: argparse.ArgumentParser, default: str) -> None:
     parser.add_argument("--out", default=default, metavar="DIR", help=f"output folder, created if needed (default {default})")
+
+
+# argparse ``type=`` checks: a bad number is refused while parsing, before any model is loaded.
+
+def _number(text: str, kind: type, what: str):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+    if kind is float and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    value = _number(text, int, "a whole number")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = _number(text, int, "a whole number")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = _number(text, float, "a finite number")
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = _number(text, float, "a finite number")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def port_number(text: str) -> int:
+    value = _number(text, int, "a port number")
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port from 1 to 65535 (or 0 for any free port), got {value}")
+    return value
+
+
+def check_out(path: str | os.PathLike) -> Path:
+    """Refuse an ``--out`` that cannot become a writable folder; create nothing.
+
+    Called before any work, so that a typo in ``--out`` costs nothing. The nearest existing
+    ancestor must be a folder we can create entries in: tried for real with a temporary
+    folder, since permission bits say nothing about read-only mounts, /proc or /sys (and
+    root passes every ``os.access`` test).
+    """
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ConvscopeError(f"--out {path} is a file, not a folder; give a folder path (created if needed)")
+    ancestor = path.absolute()
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ConvscopeError(f"--out {path}: {ancestor} is a file, so no folder can be made under it; "
+                             "choose another --out")
+    try:
+        probe = tempfile.mkdtemp(prefix=".convscope-write-test-", dir=ancestor)
+    except OSError as err:
+        reason = err.strerror or str(err)
+        raise ConvscopeError(f"--out {path}: cannot write in {ancestor} ({reason}); choose a writable --out folder") from None
+    os.rmdir(probe)
+    return path
+
+
+MIN_SIDE = 8  # as the scan: smaller images hold too little for any layer past the first
+
+
+def check_image(image, source, max_side: int | None, size=None, default_short: int | None = None):
+    """Refuse an image too small to analyse, or whose model input would exceed ``max_side``.
+
+    ``size`` is the parsed ``--size`` (None, the shorter side, or ``(H, W)``); ``default_short``
+    the shorter side used when ``size`` is None (None: not known yet, checked later). Returns
+    ``image``.
+    """
+    height, width = image.shape[:2]
+    if min(height, width) < MIN_SIDE:
+        raise ConvscopeError(f"image {source} is {width}x{height} px; convscope needs at least {MIN_SIDE} px on "
+                             "each side: use a larger image")
+    shape = fitted_shape((height, width), size, default_short)
+    if max_side is not None and shape is not None and max(shape) > max_side:
+        raise ConvscopeError(f"image {source} ({width}x{height} px) would become a {shape[1]}x{shape[0]} model "
+                             f"input, longer than --max-side {max_side}; crop it, give --size HxW, or raise "
+                             "--max-side")
+    return image
+
+
+def fitted_shape(shape: tuple[int, int], size, default_short: int | None) -> tuple[int, int] | None:
+    """The ``(H, W)`` that :meth:`Preprocessing.fit` gives an image of ``shape`` (None if not known yet)."""
+    if isinstance(size, tuple):
+        return size
+    short = size if size is not None else default_short
+    if short is None:
+        return None
+    height, width = shape
+    scale = short / min(height, width)
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+DEFAULT_MAX_SIDE = 2048
+
+
+def add_max_side_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-side", type=positive_int, default=DEFAULT_MAX_SIDE, metavar="PX",
+                        help=f"refuse a model input longer than this, e.g. from a very long, thin image "
+                             f"(default {DEFAULT_MAX_SIDE}; raise it to allow larger)")
 
 
 def parse_size(text: str | None) -> int | tuple[int, int] | None:
@@ -57,13 +176,18 @@ def parse_channels(text: str | None, channels: int) -> list[int] | None:
     chosen: list[int] = []
     try:
         for part in filter(None, (p.strip() for p in text.split(","))):
-            if "-" in part:
+            if "-" in part.lstrip("-"):
                 lo, hi = (int(v) for v in part.split("-", 1))
+                if lo > hi:
+                    raise ConvscopeError(f"bad channel range {part!r} in {text!r}: write the lower end first, "
+                                         f"e.g. {hi}-{lo}")
                 chosen.extend(range(lo, hi + 1))
             else:
                 chosen.append(int(part))
     except ValueError:
         raise ConvscopeError(f"bad channel list {text!r}: use e.g. 0-63 or 3,7,12") from None
+    if not chosen:
+        raise ConvscopeError(f"no channels in {text!r}: use e.g. 0-63 or 3,7,12")
     bad = [c for c in chosen if not 0 <= c < channels]
     if bad:
         raise ConvscopeError(f"channel {bad[0]} is out of range: this layer has channels 0..{channels - 1}")
@@ -75,8 +199,11 @@ def print_json(data) -> None:
 
 
 def out_dir(path: str) -> Path:
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise ConvscopeError(f"--out {path} exists and is not a folder")
+    """Create ``--out`` (checked earlier by :func:`check_out`) when the outputs are ready to be written."""
+    path = check_out(path)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def model_short_side(loaded: LoadedModel) -> int:
+    return min(loaded.preprocessing.input_size)

@@ -9,7 +9,18 @@ from tqdm import tqdm
 from .._io import save_json, save_npz, save_png
 from ..activations import activations
 from ..images import load_image
-from ._common import add_model_args, add_out_arg, load_from_args, out_dir, parse_size
+from ._common import (
+    add_max_side_arg,
+    add_model_args,
+    add_out_arg,
+    check_image,
+    check_out,
+    load_from_args,
+    model_short_side,
+    out_dir,
+    parse_size,
+    positive_int,
+)
 
 
 def register(subparsers) -> None:
@@ -21,12 +32,13 @@ def register(subparsers) -> None:
     p.add_argument("image")
     p.add_argument("--layers", default=None, help="names, aliases or patterns (default: every conv after its activation)")
     p.add_argument("--size", default=None, help="N (shorter side) or HxW; default the model's input size")
-    p.add_argument("--cols", type=int, default=16)
+    p.add_argument("--cols", type=positive_int, default=16, help="tiles per row of a grid (default 16)")
     p.add_argument("--cmap", default="viridis")
     p.add_argument("--scale", default="channel", choices=("channel", "layer"),
                    help="scale each tile by itself (stated on the image) or the whole layer (with a colour bar)")
     p.add_argument("--overlay", action="store_true", help="also draw the strongest channels over the photo")
     p.add_argument("--save-npz", action="store_true", help="keep the raw arrays")
+    add_max_side_arg(p)
     add_out_arg(p, "runs/activations")
     add_model_args(p)
     p.set_defaults(func=run)
@@ -55,9 +67,11 @@ def write_activation_outputs(result, out: Path, *, cols=16, cmap="viridis", scal
 
 
 def run(args) -> int:
+    check_out(args.out)
     size = parse_size(args.size)
-    image = load_image(args.image)  # fail on a bad image before loading a large model
+    image = check_image(load_image(args.image), args.image, args.max_side, size)  # before loading a large model
     loaded = load_from_args(args)
+    check_image(image, args.image, args.max_side, size, model_short_side(loaded))
     result = activations(loaded, image, args.layers, size=size)
     out = out_dir(args.out)
     write_activation_outputs(result, out, cols=args.cols, cmap=args.cmap, scale=args.scale,

@@ -2,9 +2,24 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ..atlas import STAGE_NAMES, AtlasSettings, build_atlas
+from ..datasets import FolderImages
 from ..errors import ConvscopeError
-from ._common import add_model_args, add_out_arg, load_from_args, out_dir, print_json
+from ..images import IMAGE_EXTENSIONS, load_image
+from ._common import (
+    add_max_side_arg,
+    add_model_args,
+    add_out_arg,
+    check_image,
+    check_out,
+    load_from_args,
+    model_short_side,
+    out_dir,
+    positive_int,
+    print_json,
+)
 
 
 def register(subparsers) -> None:
@@ -17,26 +32,27 @@ def register(subparsers) -> None:
                "--channels-per-layer 16 --steps 128")
     p.add_argument("--images", nargs="+", default=None, metavar="PATH",
                    help="photo files or folders (default: scikit-image's sample photos)")
-    p.add_argument("--photos", type=int, default=8, metavar="N", help="use at most N photos (default 8)")
+    p.add_argument("--photos", type=positive_int, default=8, metavar="N", help="use at most N photos (default 8)")
     p.add_argument("--layers", default=None, help="names, aliases or patterns (default: every conv after its activation)")
-    p.add_argument("--channels-per-layer", type=int, default=None, metavar="N",
+    p.add_argument("--channels-per-layer", type=positive_int, default=None, metavar="N",
                    help="channel pages, feature visualizations and projections for the first N channels of "
                         "each layer (default: all)")
-    p.add_argument("--steps", type=int, default=256, help="feature-visualization steps (default 256)")
-    p.add_argument("--size", type=int, default=128, metavar="PX", help="feature-visualization image size (default 128)")
-    p.add_argument("--recipe", default=None, help="feature-visualization recipe: lucid (default) or post")
+    p.add_argument("--steps", type=positive_int, default=256, help="feature-visualization steps (default 256)")
+    p.add_argument("--size", type=positive_int, default=128, metavar="PX", help="feature-visualization image size (default 128)")
+    p.add_argument("--recipe", default=None, choices=("lucid", "post"), help="feature-visualization recipe: lucid (default) or post")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--top", type=int, default=9, help="examples per channel from the scan and deconvnet (default 9)")
+    p.add_argument("--top", type=positive_int, default=9, help="examples per channel from the scan and deconvnet (default 9)")
     p.add_argument("--scan", default=None, metavar="DIR",
                    help="folder of images for the dataset scan, or 'samples' for the built-in sample set "
                         "(default: no scan; the deconvnet then projects the photos' strongest units)")
-    p.add_argument("--scan-limit", type=int, default=None, metavar="N", help="scan only the first N images")
+    p.add_argument("--scan-limit", type=positive_int, default=None, metavar="N", help="scan only the first N images")
     p.add_argument("--deconv-method", default="auto", choices=("auto", "deconvnet", "guided", "gradient"),
                    help="projection of the top units: auto = the deconvnet for models with max-pooling, else "
                         "guided backprop (without max-pooling the deconvnet does not depend on the image)")
     p.add_argument("--skip", default="", metavar="STAGES",
                    help=f"comma-separated stages not to run: {', '.join(STAGE_NAMES)}")
     p.add_argument("--json", action="store_true", help="print the per-stage report as JSON")
+    add_max_side_arg(p)
     add_out_arg(p, "runs/atlas")
     add_model_args(p)
     p.set_defaults(func=run)
@@ -50,15 +66,42 @@ def settings_from_args(args) -> AtlasSettings:
         if value is not None and value < 1:
             raise ConvscopeError(f"{flag} must be at least 1, got {value}")
     skip = tuple(s.strip() for s in args.skip.split(",") if s.strip())
+    unknown = [name for name in skip if name not in STAGE_NAMES]
+    if unknown:
+        raise ConvscopeError(f"unknown stage {unknown[0]!r} in --skip; stages are {', '.join(STAGE_NAMES)}")
     return AtlasSettings(layers=args.layers, channels_per_layer=args.channels_per_layer, steps=args.steps,
                          feature_size=args.size, recipe=args.recipe, seed=args.seed, top=args.top,
                          max_photos=args.photos, scan_images=args.scan, skip=skip,
                          deconv_method=args.deconv_method, scan_limit=args.scan_limit)
 
 
+def check_sources(args) -> dict:
+    """Refuse missing photos and an unusable --scan folder before the model loads or --out exists.
+
+    Returns the photo files named directly, read: ``{name: RGB}``.
+    """
+    named = {}
+    for item in args.images or ():
+        path = Path(item).expanduser()
+        if path.is_dir():
+            if not any(p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() for p in path.rglob("*")):
+                raise ConvscopeError(f"--images {item}: no images ({', '.join(IMAGE_EXTENSIONS)}) in this folder")
+        else:
+            named[item] = check_image(load_image(path), item, max_side=None)
+    if args.scan is not None and args.scan != "samples":
+        if not Path(args.scan).expanduser().is_dir():
+            raise ConvscopeError(f"--scan {args.scan}: not a folder (or use --scan samples for the built-in set)")
+        FolderImages(args.scan).require_readable(args.scan_limit)
+    return named
+
+
 def run(args) -> int:
     settings = settings_from_args(args)
+    check_out(args.out)
+    named = check_sources(args)
     loaded = load_from_args(args)
+    for item, image in named.items():  # the photos are fitted to the model's input size: shorter side
+        check_image(image, item, args.max_side, None, model_short_side(loaded))
     out = out_dir(args.out)
     print(f"model: {loaded.title}")
     layers = [layer for layer in loaded.catalogue.resolve(settings.layers) if layer.is_spatial]

@@ -9,7 +9,21 @@ import numpy as np
 from .._io import save_json, save_npz, save_png
 from ..attribution import METHODS
 from ..deconv import DeconvResult, deconv
-from ._common import add_model_args, add_out_arg, load_from_args, out_dir, parse_channels, parse_size
+from ..errors import ConvscopeError
+from ..images import load_image
+from ._common import (
+    add_max_side_arg,
+    add_model_args,
+    add_out_arg,
+    check_image,
+    check_out,
+    load_from_args,
+    model_short_side,
+    out_dir,
+    parse_channels,
+    parse_size,
+    positive_int,
+)
 
 EPILOG = """examples:
   convscope deconv photo.jpg --layer block4_conv1 --channels 0-31 --model vgg16
@@ -31,21 +45,22 @@ def register(subparsers) -> None:
     p.add_argument("image")
     p.add_argument("--layer", required=True, help="name or alias (see `convscope layers`)")
     p.add_argument("--channels", default=None, help="channels whose strongest unit is projected, e.g. 0-31 or 3,7")
-    p.add_argument("--top", type=int, default=None,
+    p.add_argument("--top", type=positive_int, default=None,
                    help="the N channels with the highest peaks (default 16 when --channels is not given)")
-    p.add_argument("--positions", type=int, default=None, metavar="N",
+    p.add_argument("--positions", type=positive_int, default=None, metavar="N",
                    help="instead, the N strongest positions of one channel (give one --channels, or --top 1)")
     p.add_argument("--method", default="deconvnet", choices=(*METHODS, "all"),
                    help="backward rule at the rectifiers; 'all' draws the three side by side")
     p.add_argument("--signed", action="store_true", help="draw the gradient signed instead of as |gradient|")
     p.add_argument("--size", default=None, help="N (shorter side) or HxW; default the model's input size")
-    p.add_argument("--tile", type=int, default=None,
+    p.add_argument("--tile", type=positive_int, default=None,
                    help="display size of the largest receptive-field box, px (default: its size, within 96..160)")
-    p.add_argument("--cols", type=int, default=None, help="cells per row of the sheet")
-    p.add_argument("--batch-size", type=int, default=None, help="crops or images per batch (default: automatic)")
+    p.add_argument("--cols", type=positive_int, default=None, help="cells per row of the sheet")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="crops or images per batch (default: automatic)")
     p.add_argument("--not-strict", dest="strict", action="store_false",
                    help="backpropagate nonlinearities without a rule (GELU, SiLU, gates) plainly instead of refusing")
     p.add_argument("--save-npz", action="store_true", help="keep the raw projections (LAYER_projections.npz)")
+    add_max_side_arg(p)
     add_out_arg(p, "runs/deconv")
     add_model_args(p)
     p.set_defaults(func=run)
@@ -76,13 +91,20 @@ def write_deconv_outputs(result: DeconvResult, out: Path, *, signed: bool = Fals
 
 
 def run(args) -> int:
-    loaded = load_from_args(args)
+    check_out(args.out)
+    if any(c in args.layer for c in "*?[,"):
+        raise ConvscopeError(f"--layer takes one layer name or alias, not {args.layer!r}; list candidates with "
+                             f"convscope layers --filter '{args.layer}'")
     size = parse_size(args.size)
+    image = check_image(load_image(args.image), args.image, args.max_side, size)
+    parse_channels(args.channels, 1 << 30)  # the syntax now; the range once the layer is known
+    loaded = load_from_args(args)
+    check_image(image, args.image, args.max_side, size, model_short_side(loaded))
     layer = loaded.catalogue.get(args.layer)
     channels = parse_channels(args.channels, layer.channels)
     top = args.top if args.top is not None or channels is not None else 16
     method = "all" if args.method == "all" else args.method
-    result = deconv(loaded, args.image, layer, channels=channels, top=top, positions=args.positions,
+    result = deconv(loaded, image, layer, channels=channels, top=top, positions=args.positions,
                     method=method, size=size, batch_size=args.batch_size, strict=args.strict, progress=True)
     out = out_dir(args.out)
     index = write_deconv_outputs(result, out, signed=args.signed, tile=args.tile, cols=args.cols,

@@ -9,7 +9,18 @@ from .._io import save_json
 from ..errors import ConvscopeError
 from ..features import visualize_classes, visualize_features
 from ..optvis.objectives import parse_objective
-from ._common import add_model_args, add_out_arg, load_from_args, out_dir, parse_channels, parse_size
+from ._common import (
+    add_model_args,
+    add_out_arg,
+    check_out,
+    load_from_args,
+    non_negative_float,
+    out_dir,
+    parse_channels,
+    parse_size,
+    positive_float,
+    positive_int,
+)
 
 EPILOG = """Examples:
   convscope features --model vgg16 --layer block3_conv3 --channels 0-63 --out runs/vgg-b3
@@ -37,18 +48,18 @@ def register(subparsers) -> None:
     p.add_argument("--recipe", default="lucid", choices=("lucid", "post"),
                    help="lucid: FFT + decorrelated colour + transforms + Adam (default); "
                         "post: the blog post's plain gradient ascent from gray noise")
-    p.add_argument("--steps", type=int, default=None, help="default 256 (lucid) or 40 (post)")
+    p.add_argument("--steps", type=positive_int, default=None, help="default 256 (lucid) or 40 (post)")
     p.add_argument("--size", default=None, help="N or HxW; default 128 (lucid) or 150 (post)")
     p.add_argument("--seed", type=int, default=0, help="the same seed gives the same images (default 0)")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default 0.05 lucid, 1/255 post)")
-    p.add_argument("--variants", type=int, default=1, help="images per channel (use with --diversity)")
-    p.add_argument("--diversity", type=float, default=None, help="weight of the diversity term between variants")
-    p.add_argument("--tv", type=float, default=None, help="weight of a total-variation penalty")
-    p.add_argument("--l2", type=float, default=None, help="weight of an L2 penalty")
+    p.add_argument("--lr", type=positive_float, default=None, help="learning rate (default 0.05 lucid, 1/255 post)")
+    p.add_argument("--variants", type=positive_int, default=1, help="images per channel (use with --diversity)")
+    p.add_argument("--diversity", type=non_negative_float, default=None, help="weight of the diversity term between variants")
+    p.add_argument("--tv", type=non_negative_float, default=None, help="weight of a total-variation penalty")
+    p.add_argument("--l2", type=non_negative_float, default=None, help="weight of an L2 penalty")
     p.add_argument("--memory", default=None, metavar="SIZE",
                    help="memory budget per chunk, e.g. 512MB or 4GB (default 2GB on CPU, half the free GPU memory)")
-    p.add_argument("--batch", type=int, default=None, help="at most this many channels per chunk")
-    p.add_argument("--cols", type=int, default=8, help="tiles per row on the sheet")
+    p.add_argument("--batch", type=positive_int, default=None, help="at most this many channels per chunk")
+    p.add_argument("--cols", type=positive_int, default=8, help="tiles per row on the sheet")
     add_out_arg(p, "runs/features")
     add_model_args(p)
     p.set_defaults(func=run)
@@ -84,11 +95,14 @@ def _plural(n: int, word: str) -> str:
 
 
 def run(args) -> int:
+    check_out(args.out)
     kind, classes = parse_objective(args.objective)
     size = parse_size(args.size)
     if isinstance(size, int):
         size = (size, size)
     memory = parse_memory(args.memory)
+    if args.channels is not None and args.channels.strip().lower() != "all":
+        parse_channels(args.channels, 1 << 30)  # the syntax now; the range once the layer is known
     if kind == "class" and args.layer:
         raise ConvscopeError("--objective class:N maximizes a class logit at the model's output; drop --layer")
     if kind != "class" and not args.layer:

@@ -18,8 +18,20 @@ COMMANDS = ("predict", "models", "layers", "activations", "features", "deconv", 
             "serve", "demo")
 
 
+class UsageError(Exception):
+    """A command line argparse refused; carries its message."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the CLI's one error line (``convscope: error: ...``) instead of usage text and exit."""
+
+    def error(self, message: str):
+        command = self.prog.removeprefix("convscope").strip()
+        raise UsageError(f"{message} (see: convscope {command + ' ' if command else ''}--help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="convscope",
         description="Open a CNN layer by layer and see what each layer and filter responds to.",
         epilog="Example: convscope activations photo.jpg --model vgg19 --layers block1_conv2 --out runs/photo",
@@ -34,10 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(argv)
         return int(args.func(args) or 0)
-    except ConvscopeError as err:
+    except (ConvscopeError, UsageError) as err:
         print(f"convscope: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -8,8 +8,22 @@ from pathlib import Path
 import numpy as np
 
 from .._io import save_json, save_png
+from ..images import load_image
 from ..occlusion import FILLS, METHODS, OcclusionResult, occlusion
-from ._common import add_model_args, add_out_arg, load_from_args, out_dir, parse_size
+from ._common import (
+    add_max_side_arg,
+    add_model_args,
+    add_out_arg,
+    check_image,
+    check_out,
+    load_from_args,
+    model_short_side,
+    non_negative_int,
+    out_dir,
+    parse_size,
+    positive_float,
+    positive_int,
+)
 
 
 def register(subparsers) -> None:
@@ -23,18 +37,19 @@ def register(subparsers) -> None:
                "  convscope occlusion photo.jpg --model vgg16 --layer block5_conv3 --channel 17 --out runs/occ",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("image")
-    p.add_argument("--patch", type=int, default=32, help="occluder side in pixels (default 32)")
-    p.add_argument("--stride", type=int, default=8, help="occluder step in pixels (default 8)")
+    p.add_argument("--patch", type=positive_int, default=32, help="occluder side in pixels (default 32)")
+    p.add_argument("--stride", type=positive_int, default=8, help="occluder step in pixels (default 8)")
     p.add_argument("--fill", default="gray", choices=FILLS,
                    help="gray (as in the paper), mean (the photo's mean colour) or blur (default gray)")
     p.add_argument("--target", default=None, help="class index or name to map (default: the top class)")
     p.add_argument("--layer", default=None, help="feature layer for the activity map (default: the deepest)")
-    p.add_argument("--channel", type=int, default=None, help="its channel (default: the strongest on the photo)")
+    p.add_argument("--channel", type=non_negative_int, default=None, help="its channel (default: the strongest on the photo)")
     p.add_argument("--size", default=None, help="N (shorter side) or HxW; default the model's input size")
     p.add_argument("--method", default="incremental", choices=METHODS,
                    help="incremental (exact, faster) or plain batched inference")
-    p.add_argument("--batch", type=int, default=None, help="occluded copies per forward pass (default: automatic)")
-    p.add_argument("--memory-mb", type=float, default=1024, help="memory budget per forward pass (default 1024)")
+    p.add_argument("--batch", type=positive_int, default=None, help="occluded copies per forward pass (default: automatic)")
+    p.add_argument("--memory-mb", type=positive_float, default=1024, help="memory budget per forward pass (default 1024)")
+    add_max_side_arg(p)
     add_out_arg(p, "runs/occlusion")
     add_model_args(p)
     p.set_defaults(func=run)
@@ -71,10 +86,14 @@ def summary_lines(result: OcclusionResult) -> list[str]:
 
 
 def run(args) -> int:
+    check_out(args.out)
+    size = parse_size(args.size)
+    image = check_image(load_image(args.image), args.image, args.max_side, size)
     loaded = load_from_args(args)
+    check_image(image, args.image, args.max_side, size, model_short_side(loaded))
     target = args.target
-    result = occlusion(loaded, args.image, patch=args.patch, stride=args.stride, fill=args.fill, target=target,
-                       layer=args.layer, channel=args.channel, size=parse_size(args.size), method=args.method,
+    result = occlusion(loaded, image, patch=args.patch, stride=args.stride, fill=args.fill, target=target,
+                       layer=args.layer, channel=args.channel, size=size, method=args.method,
                        batch_size=args.batch, memory_mb=args.memory_mb, progress=True)
     out = out_dir(args.out)
     files = write_occlusion_outputs(result, out)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from .._io import atomic_path, save_json, save_png
 from ..errors import ConvscopeError
-from ..probe import ProbeResult, probe
-from ._common import add_model_args, add_out_arg, load_from_args, out_dir, parse_size
+from ..probe import ProbeResult, check_dataset, image_folder, lfw_faces, probe
+from ._common import add_model_args, add_out_arg, check_out, load_from_args, out_dir, parse_size, positive_int
 
 
 def register(subparsers) -> None:
@@ -25,10 +25,10 @@ def register(subparsers) -> None:
                    help="use the built-in set: scikit-image lfw_subset, 100 faces vs 100 non-faces (25x25)")
     p.add_argument("--layers", default=None,
                    help="names, aliases or patterns (default: 8 feature layers spread over the depth)")
-    p.add_argument("--folds", type=int, default=5, help="stratified cross-validation folds (default 5)")
+    p.add_argument("--folds", type=positive_int, default=5, help="stratified cross-validation folds (default 5)")
     p.add_argument("--seed", type=int, default=0, help="fixes folds, classifier and the random-init baseline")
     p.add_argument("--size", default=None, help="N (square) or HxW fed to the model (default: the model's input size)")
-    p.add_argument("--batch", type=int, default=16, help="images per forward pass (default 16)")
+    p.add_argument("--batch", type=positive_int, default=16, help="images per forward pass (default 16)")
     p.add_argument("--no-baseline", action="store_true", help="skip the random-init baseline")
     add_out_arg(p, "runs/probe")
     add_model_args(p)
@@ -49,9 +49,15 @@ def run(args) -> int:
         raise ConvscopeError("give either a folder or --samples, not both")
     if not args.folder and not args.samples:
         raise ConvscopeError("give a folder with one sub-folder per class, or --samples for the built-in set")
-    loaded = load_from_args(args)
+    if args.folds < 2:
+        raise ConvscopeError(f"--folds must be at least 2 for cross-validation, got {args.folds}")
+    check_out(args.out)
     size = parse_size(args.size)
-    result = probe(loaded, None if args.samples else args.folder, args.layers, folds=args.folds, seed=args.seed,
+    # The images are read and checked before the model loads: a bad set costs nothing.
+    dataset = lfw_faces() if args.samples else image_folder(args.folder)
+    check_dataset(dataset, args.folds)
+    loaded = load_from_args(args)
+    result = probe(loaded, dataset, args.layers, folds=args.folds, seed=args.seed,
                    size=size, baseline=not args.no_baseline, batch_size=args.batch, progress=True)
     out = out_dir(args.out)
     files = write_probe_outputs(result, out)

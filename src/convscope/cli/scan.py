@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import warnings
 from pathlib import Path
 
@@ -11,8 +12,18 @@ import torch
 from ..datasets import FolderImages, SampleImages
 from ..errors import ConvscopeError
 from ..models import DEFAULT_MODEL, is_model_file
-from ..scan import DEFAULT_TOP, INDEX_FILE, STATE_FILE, load_checkpoint, scan, write_scan
-from ._common import add_model_args, add_out_arg, load_from_args, out_dir, parse_channels, parse_size
+from ..scan import DEFAULT_TOP, INDEX_FILE, STATE_FILE, default_layers, load_checkpoint, scan, write_scan
+from ._common import (
+    add_model_args,
+    add_out_arg,
+    check_out,
+    load_from_args,
+    non_negative_int,
+    out_dir,
+    parse_channels,
+    parse_size,
+    positive_int,
+)
 
 EXAMPLES = """examples:
   convscope scan ~/data/val --model vgg16 --layers block3_conv3,block4_conv3,block5_conv3 --top 9 --out runs/scan
@@ -41,16 +52,16 @@ def register(subparsers) -> None:
     p.add_argument("--layers", default=None,
                    help="names, aliases or patterns (default: at stride 4, 8 and 16 the last of the narrowest "
                         "feature layers; VGG16: block3_conv3, block4_conv3, block5_conv3)")
-    p.add_argument("--top", type=int, default=None, help=f"examples per channel (default {DEFAULT_TOP})")
+    p.add_argument("--top", type=positive_int, default=None, help=f"examples per channel (default {DEFAULT_TOP})")
     p.add_argument("--size", default=None, help="analysis size N or HxW (default: the model's input size)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--workers", type=int, default=None,
+    p.add_argument("--batch-size", type=positive_int, default=32, help="images per forward pass (default 32)")
+    p.add_argument("--workers", type=non_negative_int, default=None,
                    help=f"image reader processes (default {_default_workers()} here; 0 reads in the main process)")
-    p.add_argument("--checkpoint-every", type=int, default=50, metavar="N", help="save the state every N batches")
+    p.add_argument("--checkpoint-every", type=positive_int, default=50, metavar="N", help="save the state every N batches")
     p.add_argument("--resume", action="store_true",
                    help=f"continue from {STATE_FILE} in --out; data options not given again (folder, --layers, --top, "
                         "--size, --limit) are taken from it; --model/--weights/--random must be given as before")
-    p.add_argument("--limit", type=int, default=None, metavar="N", help="scan only the first N images")
+    p.add_argument("--limit", type=positive_int, default=None, metavar="N", help="scan only the first N images")
     p.add_argument("--channels", default=None,
                    help="channels to draw, e.g. 0-15 (default all; the index lists every channel)")
     p.add_argument("--method", default="deconvnet", choices=("deconvnet", "guided", "gradient"),
@@ -99,7 +110,7 @@ def _check_resumed_model(args, saved: dict, path: Path) -> None:
 
 
 def run(args) -> int:
-    out = Path(args.out)
+    out = check_out(args.out)
     resume = args.resume
     if resume and not (out / STATE_FILE).exists():
         print(f"note: no checkpoint {out / STATE_FILE} to resume; starting a new scan")
@@ -115,6 +126,8 @@ def run(args) -> int:
         _check_resumed_model(args, saved, out / STATE_FILE)
     if args.samples == bool(args.folder):
         raise ConvscopeError("give a FOLDER of images or --samples (not both, not neither)")
+    if args.channels:
+        parse_channels(args.channels, 1 << 30)  # the syntax now; the range once the layers are known
     if args.random:
         torch.manual_seed(0)  # a reproducible random init, so that --resume finds the same weights
     loaded = load_from_args(args)
@@ -130,7 +143,39 @@ def run(args) -> int:
     else:
         images = FolderImages(args.folder, size, resample)
         workers = _default_workers() if args.workers is None else args.workers
+        if not resume:
+            images.require_readable(args.limit)
+    channels = None
+    if args.channels:
+        chosen = default_layers(loaded.catalogue) if args.layers is None else loaded.catalogue.resolve(args.layers)
+        channels = parse_channels(args.channels, max((layer.channels for layer in chosen), default=0))
+    created = not out.exists()
+    had_state = (out / STATE_FILE).exists()
     out_dir(args.out)  # created only once the model and the images are known to be good
+    try:
+        return _scan_and_write(args, loaded, images, workers, resume, channels, out)
+    except BaseException:
+        # An error (or Ctrl-C) before the first image leaves nothing behind; a partial state is kept to resume.
+        if not _has_images(out):
+            if created:
+                shutil.rmtree(out, ignore_errors=True)
+            elif not had_state:
+                (out / STATE_FILE).unlink(missing_ok=True)
+        raise
+
+
+def _has_images(out: Path) -> bool:
+    """Whether the checkpoint in ``out`` holds at least one scanned image (worth resuming)."""
+    path = out / STATE_FILE
+    if not path.exists():
+        return False
+    try:
+        return int(load_checkpoint(path)["topk"]["images_seen"]) > 0
+    except (ConvscopeError, KeyError, TypeError):  # an unreadable checkpoint is not worth keeping either
+        return False
+
+
+def _scan_and_write(args, loaded, images, workers, resume, channels, out: Path) -> int:
     meta = {key: getattr(args, key) for key in RESUMED_OPTIONS}
     meta.update(_model_identity(args.model, args.weights, args.random))
     if args.folder:
@@ -140,15 +185,16 @@ def run(args) -> int:
     result = scan(loaded, images, args.layers, top=args.top or DEFAULT_TOP, batch_size=args.batch_size,
                   workers=workers, checkpoint=out / STATE_FILE, checkpoint_every=args.checkpoint_every,
                   resume=resume, stop=args.limit, progress=not args.quiet, meta=meta)
+    if result.images_scanned == 0:
+        reasons = "; ".join(f"{images.path(i)}: {reason}" for i, reason in result.skipped[:3])
+        raise ConvscopeError(f"no image could be read ({len(result.skipped)} skipped"
+                             + (f", e.g. {reasons}" if reasons else "") + "); give a folder of readable images")
     print(f"scanned {result.images_scanned} images ({result.rate:.1f} images/s in this run); "
           f"skipped {len(result.skipped)}")
     for i, reason in result.skipped[:20]:
         print(f"  skipped {images.path(i)}: {reason}")
     if len(result.skipped) > 20:
         print(f"  ... and {len(result.skipped) - 20} more (all listed in {INDEX_FILE})")
-    channels = None
-    if args.channels:
-        channels = parse_channels(args.channels, max(layer.channels for layer in result.layers))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         index = write_scan(result, out, channels=channels, method=None if args.no_render else args.method,

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from ..errors import ConvscopeError
 from ..serve import DEFAULT_PORT, HOST, make_server
+from ._common import port_number
 
 
 def register(subparsers) -> None:
@@ -14,12 +15,15 @@ def register(subparsers) -> None:
                                           "only. The atlas also opens from disk without it.",
                               epilog="Example: convscope serve runs/atlas-vgg19 --port 8765")
     p.add_argument("directory", metavar="DIR")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}; 0 picks a free port")
+    p.add_argument("--port", type=port_number, default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}; 0 picks a free port")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     directory = Path(args.directory)
+    if not directory.is_dir():
+        what = "a file" if directory.exists() else "not found"
+        raise ConvscopeError(f"{directory} is {what}; give the folder of a built atlas (the --out of convscope atlas)")
     if not (directory / "index.html").is_file():
         raise ConvscopeError(f"{directory} has no index.html; build an atlas there first: convscope atlas --out {directory}")
     server = make_server(directory, args.port)
