@@ -162,7 +162,48 @@ CASES = [
     ("no-command", [], "required", False),
     ("unknown-command", ["bogus"], "invalid choice", False),
 ]
-# Room for more: the model-file cases (--weights, --trust-file, unknown models) join this table.
+
+class _Marker:
+    """A pickle whose loading creates ``path``: the side effect a malicious file would have."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def make_model_files(root: Path) -> Path:
+    """Hostile and broken model files in ``root/models``; returns the marker no load may create."""
+    import torch
+
+    models = root / "models"
+    models.mkdir()
+    marker = root / "MARKER"
+    torch.save({"conv.weight": _Marker(marker)}, models / "evil_weights.pt")
+    torch.save({"conv.weight": _Marker(marker)}, models / "evil_legacy.pt", _use_new_zipfile_serialization=False)
+    torch.save(_Marker(marker), models / "evil_model.pt")
+    (models / "junk.pt").write_bytes(b"not a model at all\n")
+    torch.save({"conv_stem.weight": torch.zeros(3, 3)}, models / "wrong_shape.pt")
+    torch.save({"conv_stem.weight": "a string"}, models / "not_tensors.pt")
+    (models / "truncated.pt").write_bytes((models / "evil_weights.pt").read_bytes()[:40])
+    return marker
+
+
+# Model files and names, through the real loader: (id, argv, fragment). "models/" holds make_model_files' output.
+MODEL_CASES = [
+    ("weights-malicious-pickle", ["layers", "--weights", "models/evil_weights.pt"], "only tensors"),
+    ("weights-malicious-legacy-pickle", ["layers", "--weights", "models/evil_legacy.pt"], "only tensors"),
+    ("model-malicious-pickle", ["layers", "--model", "models/evil_model.pt"], "--trust-file"),
+    ("model-junk", ["layers", "--model", "models/junk.pt"], "not a PyTorch file"),
+    ("model-junk-trusted", ["layers", "--model", "models/junk.pt", "--trust-file"], "not a PyTorch file"),
+    ("weights-wrong-shape", ["predict", "in/good.jpg", "--weights", "models/wrong_shape.pt"], "do not fit"),
+    ("weights-not-tensors", ["layers", "--weights", "models/not_tensors.pt"], "do not fit"),
+    ("weights-truncated", ["layers", "--weights", "models/truncated.pt"], "models/truncated.pt"),
+    ("weights-missing", ["layers", "--weights", "models/none.pt"], "models/none.pt"),
+    ("model-unknown-name", ["layers", "--model", "vgg91"], "vgg19"),
+    ("model-bad-factory", ["layers", "--model", "no_such_package.module:make"], "no_such_package"),
+]
 
 
 @pytest.fixture()
@@ -235,4 +276,19 @@ def test_real_process_prints_one_line_and_no_traceback(argv, fragment, tmp_path)
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert_one_error_line(proc.stderr, fragment)
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("argv, fragment", [c[1:] for c in MODEL_CASES], ids=[c[0] for c in MODEL_CASES])
+def test_bad_model_input_is_refused_cleanly_and_runs_no_code(argv, fragment, tmp_path, monkeypatch, capsys):
+    make_inputs(tmp_path)
+    marker = make_model_files(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    before = tree(tmp_path)
+    code = main(argv)
+    _, err = capsys.readouterr()
+    assert code == 2
+    assert_one_error_line(err, fragment)
+    assert "weights_only=False" not in err  # never pass on torch's advice to unpickle anyway
+    assert not marker.exists(), "a hostile pickle ran"
     assert tree(tmp_path) == before
