@@ -157,24 +157,28 @@ def test_unsupported_model_falls_back_to_plain_and_says_so(photos):
     assert model_state(module) == before
 
 
-def test_the_spot_check_covers_every_chunk(default_model, photos, monkeypatch):
-    """An incremental result gone wrong in a later chunk is caught, and that chunk runs plainly."""
+@pytest.mark.parametrize("wrong_chunk, caught", [(1, True), (5, True), (3, False)])
+def test_the_spot_check_compares_the_first_and_last_chunks(default_model, photos, monkeypatch, wrong_chunk, caught):
+    """An incremental result gone wrong in the first or last chunk is caught, and runs plainly from there."""
     occlusion_module = sys.modules["convscope.occlusion"]
     real = occlusion_module._incremental_chunk
     calls = {"n": 0}
 
-    def wrong_in_chunk_3(*args):
+    def wrong_once(*args):
         calls["n"] += 1
         out, acts, trace = real(*args)
-        return (out + 5.0, acts, trace) if calls["n"] == 3 else (out, acts, trace)
+        return (out + 5.0, acts, trace) if calls["n"] == wrong_chunk else (out, acts, trace)
 
     kwargs = dict(patch=32, stride=32, size=(96, 96), batch_size=2)           # 3x3 copies in 5 chunks
-    plain = occlusion(default_model, photos["chelsea"], method="plain", **kwargs)
-    monkeypatch.setattr(occlusion_module, "_incremental_chunk", wrong_in_chunk_3)
-    with pytest.warns(UserWarning, match="spot check"):
+    monkeypatch.setattr(occlusion_module, "_incremental_chunk", wrong_once)
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
         res = occlusion(default_model, photos["chelsea"], **kwargs)
-    assert res.method.startswith("plain (incremental inference fell back: spot check")
-    np.testing.assert_allclose(res.probability, plain.probability, atol=1e-5)
+    assert res.method.startswith("plain (incremental inference fell back: spot check") == caught
+    assert any("spot check" in str(w.message) for w in warned) == caught
+    if caught:
+        plain = occlusion(default_model, photos["chelsea"], method="plain", **kwargs)
+        np.testing.assert_allclose(res.probability, plain.probability, atol=1e-5)
 
 
 def test_drawings(default_model, photos):
