@@ -22,9 +22,11 @@ How it works:
    the same boxes, values in the corner.
 
 The ranking is a total order: value descending, then image id ascending. So the result does
-not depend on batch size, batch order or how a data set is split: :meth:`TopK.merge` is
-associative and commutative, and shards scanned on different machines (``start``/``stop``)
-merge to the single-machine result.
+not depend on batch order or how a data set is split: :meth:`TopK.merge` is associative,
+commutative and idempotent (overlapping shards count each image once), and shards scanned on
+different machines (``start``/``stop``) merge to the single-machine result. Batch size enters
+only through the floats: a forward pass in another batch shape may round the last bits
+differently, which can swap two images whose values are that close.
 
 Output folder (``write_scan``):
 
