@@ -482,3 +482,28 @@ def test_vgg_aliases_reach_the_table_and_the_search(vgg16, one_photo, tmp_path):
     layer = (tmp_path / "L/features.29/index.html").read_text()
     assert "block5_conv3" in layer and "features.29" in layer
     check_site(tmp_path)
+
+
+def test_scan_photos_are_not_reused_across_image_sets(default_model, one_photo, tmp_path):
+    """Two scan sets with the same file names (so the same image ids) but other pixels: no stale photo."""
+    sets = []
+    for n, seed in enumerate((1, 2)):
+        folder = tmp_path / f"set{n}"
+        folder.mkdir()
+        rng = np.random.default_rng(seed)
+        for i in range(3):
+            colour = rng.integers(0, 256, 3)
+            Image.fromarray(np.broadcast_to(colour, (32, 32, 3)).astype(np.uint8)).save(folder / f"img{i}.png")
+        sets.append(folder)
+    out = tmp_path / "atlas"
+    settings = AtlasSettings(layers="blocks.1.0.bn2", channels_per_layer=1, top=2, skip=("features", "deconv", "activations"))
+    for folder in sets:
+        build = build_atlas(default_model, one_photo, out, replace(settings, scan_images=str(folder)), progress=False)
+        assert build.stages["scan"]["built"] == 1
+        from convscope.datasets import FolderImages
+
+        images = FolderImages(folder, tuple(default_model.preprocessing.input_size))
+        for example in _record(out, "scan", "blocks.1.0.bn2")["per_channel"]["0"]:
+            with Image.open(out / example["source"]["full"]) as shown:
+                want = images.load(example["image_id"])
+                assert np.abs(np.asarray(shown).astype(int) - want.astype(int)).mean() < 4, example["source"]

@@ -1,11 +1,15 @@
 """The atlas in a real browser: Debian's Chromium driven by Playwright, served on 127.0.0.1.
 
 Playwright's own browser download cannot work offline, so the test drives the Chromium of
-Debian's ``chromium`` package (``.ci/run`` installs it). Without it, only this module is skipped.
+Debian's ``chromium`` package (``.ci/run`` installs it). Without it (or without Playwright) this
+module is skipped on a developer's machine, but fails under ``CI=true``: CI must not pass without
+having looked at the pages in a browser.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from pathlib import Path
 
 import pytest
@@ -18,13 +22,31 @@ CHROMIUM = "/usr/bin/chromium"
 FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
          "--disable-component-update", "--disable-sync"]
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.slow,
-    pytest.mark.skipif(not Path(CHROMIUM).exists(),
-                       reason=f"{CHROMIUM} is missing: install Debian's chromium package (apt-get install -y chromium); "
-                              ".ci/run does this in CI"),
-]
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+
+def missing_browser() -> str | None:
+    """Why the browser test cannot run here, or None."""
+    if not Path(CHROMIUM).exists():
+        return (f"{CHROMIUM} is missing: install Debian's chromium package (apt-get install -y chromium); "
+                ".ci/run does this in CI")
+    if importlib.util.find_spec("playwright") is None:
+        return "the playwright package is missing: pip install -e '.[test]'"
+    return None
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _browser_available():
+    """Runs before the module's other fixtures, so nothing is built for a test that cannot run."""
+    why = missing_browser()
+    if why and in_ci():
+        pytest.fail(f"CI=true but the browser test cannot run: {why}", pytrace=False)
+    if why:
+        pytest.skip(why)
 
 
 @pytest.fixture(scope="module")

@@ -60,7 +60,7 @@ def test_crops_equal_the_whole_image_for_interior_and_border_units(vgg16, vgg_x)
     _close(crop.maps, full.maps)
     np.testing.assert_allclose(crop.values, full.values, rtol=1e-5, atol=1e-6)
     unchecked = project_units(vgg16, vgg_x, layer, units, method="deconvnet", strategy="crop", check_crops=False)
-    np.testing.assert_array_equal(unchecked.maps, crop.maps)
+    np.testing.assert_array_equal(unchecked.maps, crop.maps)   # the same crop batches: the very same computation
     np.testing.assert_allclose(unchecked.values, full.values, rtol=1e-5, atol=1e-6)
 
 

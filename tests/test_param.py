@@ -56,8 +56,10 @@ def test_each_element_draws_the_same_alone_or_in_a_batch():
     alone = ElementRNG(7, [(9, 0)])
     _, f_batch = param.image(20, batch=3, rng=batch)
     _, f_alone = param.image(20, batch=1, rng=alone)
-    assert torch.equal(f_batch()[1], f_alone()[0])
-    assert not torch.equal(f_batch()[0], f_batch()[1])
+    # The same draws, but batched FFT kernels may round differently from single ones (AVX-512 machines
+    # differ in the last bit, ~6e-8 on values near 0.5): 1e-6 is ~16 ulp, far below the 1e-2 noise scale.
+    torch.testing.assert_close(f_batch()[1], f_alone()[0], rtol=0, atol=1e-6)
+    assert (f_batch()[0] - f_batch()[1]).abs().max() > 1e-3   # other elements draw other noise
 
 
 def test_standard_transforms_size_and_per_element_independence():

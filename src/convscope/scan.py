@@ -22,14 +22,19 @@ How it works:
    the same boxes, values in the corner.
 
 The ranking is a total order: value descending, then image id ascending. So the result does
-not depend on batch size, batch order or how a data set is split: :meth:`TopK.merge` is
-associative and commutative, and shards scanned on different machines (``start``/``stop``)
-merge to the single-machine result.
+not depend on batch order or how a data set is split: :meth:`TopK.merge` is associative,
+commutative and idempotent (overlapping shards count each image once), and shards scanned on
+different machines (``start``/``stop``) merge to the single-machine result. Batch size enters
+only through the floats: a forward pass in another batch shape may round the last bits
+differently, which can swap two images whose values are that close.
 
 Output folder (``write_scan``):
 
-* ``scan.json``: the index (schema below); the atlas reads it.
+* ``scan.json``: the index (schema below).
 * ``topk.npz``: the raw state, arrays ``{layer}/values``, ``{layer}/images``, ``{layer}/positions``.
+* ``run.json``: the run's manifest, written last: every file above and below with its size and
+  sha256. :func:`read_scan` reads a run only through it, so a run cut short by a crash (or two
+  runs' files mixed in one folder) is refused rather than read half old, half new.
 * ``scan_state.pt``: the checkpoint (``--resume``).
 * ``{layer}/c{channel:04d}.png``: one figure per rendered channel (``{layer}`` is the alias
   when there is one, else the module name).
@@ -76,6 +81,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
+import json
 import math
 import time
 import warnings
@@ -99,13 +106,15 @@ from .models import LoadedModel, as_loaded
 
 __all__ = [
     "TopK", "Example", "ScanResult", "scan", "default_layers", "load_checkpoint", "write_scan",
-    "render_channels", "channel_figure", "DEFAULT_TOP", "STATE_FILE", "INDEX_FILE",
+    "render_channels", "channel_figure", "read_scan", "DEFAULT_TOP", "STATE_FILE", "INDEX_FILE", "MANIFEST_FILE",
 ]
 
 DEFAULT_TOP = 9
 STATE_FILE = "scan_state.pt"
 INDEX_FILE = "scan.json"
 ARRAYS_FILE = "topk.npz"
+MANIFEST_FILE = "run.json"
+RUN_FORMAT = "convscope.scan-run/1"
 FORMAT = "convscope.scan/1"
 STATE_FORMAT = "convscope.scan-state/1"
 EMPTY = torch.iinfo(torch.int64).max  # image id of an unused slot: sorts after every real id
@@ -120,21 +129,51 @@ def _rank(values: torch.Tensor, images: torch.Tensor, positions: torch.Tensor, k
     """Per row, the first ``k`` of ``(C, N)`` candidates by value descending, then image id ascending.
 
     Two stable sorts (secondary key first) give the lexicographic order for every channel at
-    once. With ``dedupe``, a candidate equal to its predecessor (the same image merged twice)
-    is dropped; equal (value, image) pairs are adjacent after the sort.
+    once. With ``dedupe``, an image that appears more than once (merged from overlapping
+    shards) keeps only its strongest entry, even if the copies' values differ in the last bits
+    (the same image scanned in another batch shape).
     """
-    order = torch.argsort(images, dim=1, stable=True)
-    values, images, positions = values.gather(1, order), images.gather(1, order), positions.gather(1, order)
-    order = torch.argsort(values, dim=1, descending=True, stable=True)
-    values, images, positions = values.gather(1, order), images.gather(1, order), positions.gather(1, order)
     if dedupe:
+        order = torch.argsort(values, dim=1, descending=True, stable=True)
+        values, images, positions = values.gather(1, order), images.gather(1, order), positions.gather(1, order)
+        order = torch.argsort(images, dim=1, stable=True)      # grouped by image, strongest first in each group
+        values, images, positions = values.gather(1, order), images.gather(1, order), positions.gather(1, order)
         repeat = torch.zeros_like(images, dtype=torch.bool)
         repeat[:, 1:] = (images[:, 1:] == images[:, :-1]) & (images[:, 1:] != EMPTY)
         values = values.masked_fill(repeat, -math.inf)
         images = images.masked_fill(repeat, EMPTY)
         positions = positions.masked_fill(repeat, -1)
         return _rank(values, images, positions, k)
+    order = torch.argsort(images, dim=1, stable=True)
+    values, images, positions = values.gather(1, order), images.gather(1, order), positions.gather(1, order)
+    order = torch.argsort(values, dim=1, descending=True, stable=True)
+    values, images, positions = values.gather(1, order), images.gather(1, order), positions.gather(1, order)
     return values[:, :k], images[:, :k], positions[:, :k]
+
+
+def _ranges(ids: Iterable[int]) -> list[tuple[int, int]]:
+    """Sorted disjoint ``[first, end)`` ranges covering ``ids``."""
+    out: list[list[int]] = []
+    for i in sorted(set(ids)):
+        if out and out[-1][1] == i:
+            out[-1][1] = i + 1
+        else:
+            out.append([i, i + 1])
+    return [(a, b) for a, b in out]
+
+
+def _union(a: Sequence[tuple[int, int]], b: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[list[int]] = []
+    for first, end in sorted([*a, *b]):
+        if out and first <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], end)
+        else:
+            out.append([first, end])
+    return [(x, y) for x, y in out]
+
+
+def _count(ranges: Sequence[tuple[int, int]]) -> int:
+    return sum(end - first for first, end in ranges)
 
 
 class TopK:
@@ -145,11 +184,16 @@ class TopK:
         images: ``(C, k)`` int64 image ids; :data:`EMPTY` in unused slots.
         positions: ``(C, k)`` int64 flat index ``row * w + col`` into the ``(h, w)`` map; -1 unused.
         map_sizes: ``(h, w)`` of the layer's map (known after the first batch).
-        images_seen: how many images were folded in.
+        images_seen: how many distinct images were folded in.
+        seen: the ids folded in, as sorted disjoint ``[first, end)`` ranges (a scan's ids are
+            consecutive, so this stays a handful of pairs); ``None`` when unknown (a state built
+            by hand from arrays).
 
     The order is total (value descending, then image id ascending), so :meth:`update` and
     :meth:`merge` give the same state whatever the batching or the order of shards; ids must
-    be global (unique across shards). Memory is ``layers x channels x k x 20`` bytes.
+    be global (the same id is the same image in every shard). Shards may overlap (a retried
+    shard): an image is counted and ranked once, so ``a.merge(a)`` equals ``a``. Memory is
+    ``layers x channels x k x 20`` bytes plus the ranges of ids seen.
 
     Example:
         >>> state = TopK.empty(9, {"features.15": 256})
@@ -159,11 +203,12 @@ class TopK:
 
     def __init__(self, k: int, values: dict[str, torch.Tensor], images: dict[str, torch.Tensor],
                  positions: dict[str, torch.Tensor], map_sizes: dict[str, tuple[int, int] | None],
-                 images_seen: int = 0):
+                 images_seen: int = 0, seen: Sequence[tuple[int, int]] | None = None):
         self.k = int(k)
         self.values, self.images, self.positions = values, images, positions
         self.map_sizes = map_sizes
-        self.images_seen = int(images_seen)
+        self.seen = None if seen is None else [(int(a), int(b)) for a, b in seen]
+        self.images_seen = int(images_seen) if self.seen is None else _count(self.seen)
 
     @classmethod
     def empty(cls, k: int, channels: dict[str, int], device: str | torch.device = "cpu") -> TopK:
@@ -176,6 +221,7 @@ class TopK:
             {n: torch.full((c, k), EMPTY, dtype=torch.int64, device=device) for n, c in channels.items()},
             {n: torch.full((c, k), -1, dtype=torch.int64, device=device) for n, c in channels.items()},
             {n: None for n in channels},
+            seen=[],
         )
 
     @property
@@ -185,7 +231,7 @@ class TopK:
     def copy(self) -> TopK:
         """A snapshot; :meth:`update` replaces tensors rather than writing into them, so this is cheap."""
         return TopK(self.k, dict(self.values), dict(self.images), dict(self.positions),
-                    dict(self.map_sizes), self.images_seen)
+                    dict(self.map_sizes), self.images_seen, self.seen)
 
     def update(self, maps: dict[str, torch.Tensor], image_ids: torch.Tensor) -> None:
         """Fold one batch in: ``maps[name]`` is ``(B, C, h, w)``, ``image_ids`` ``(B,)`` int64.
@@ -219,12 +265,19 @@ class TopK:
                 self.k,
             )
         self.values, self.images, self.positions, self.map_sizes = new_values, new_images, new_positions, sizes
-        self.images_seen += int(ids.numel())
+        if self.seen is None:
+            self.images_seen += int(ids.numel())
+        else:
+            self.seen = _union(self.seen, _ranges(ids.cpu().tolist()))
+            self.images_seen = _count(self.seen)
 
     def merge(self, other: TopK) -> TopK:
-        """The state of the union of two disjoint image sets (associative and commutative).
+        """The state of the union of two image sets (associative, commutative and idempotent).
 
-        The same image appearing in both (a retried shard) is counted once in the ranking.
+        An image in both (overlapping or retried shards) is ranked once, with its stronger
+        entry, and counted once in ``images_seen``. A state without its ranges of ids
+        (``seen is None``) cannot tell overlap apart: merging it refuses when the two
+        states' examples share an image, and otherwise adds the counts.
         """
         if self.k != other.k or self.layers != other.layers:
             raise ConvscopeError(f"cannot merge scans with different k or layers: k {self.k} vs {other.k}, "
@@ -245,12 +298,22 @@ class TopK:
                 torch.cat([self.positions[name], other.positions[name].to(device)], dim=1),
                 self.k, dedupe=True,
             )
+        if self.seen is not None and other.seen is not None:
+            return TopK(self.k, values, images, positions, sizes, seen=_union(self.seen, other.seen))
+        shared = set()
+        for name in self.layers:
+            mine, theirs = self.images[name].unique().tolist(), other.images[name].unique().tolist()
+            shared |= (set(mine) & set(theirs)) - {EMPTY}
+        if shared:
+            raise ConvscopeError(f"cannot merge: both scans hold image {min(shared)} but one of them does not record "
+                                 "which ids it covered, so images_seen would count it twice. Merge scans "
+                                 "made by convscope.scan (they record their ids).")
         return TopK(self.k, values, images, positions, sizes, self.images_seen + other.images_seen)
 
     def to(self, device: str | torch.device) -> TopK:
         move = lambda d: {n: t.to(device) for n, t in d.items()}  # noqa: E731
         return TopK(self.k, move(self.values), move(self.images), move(self.positions),
-                    dict(self.map_sizes), self.images_seen)
+                    dict(self.map_sizes), self.images_seen, self.seen)
 
     @property
     def nbytes(self) -> int:
@@ -261,12 +324,15 @@ class TopK:
     def equal(self, other: TopK) -> bool:
         """Exactly the same state (values bit for bit)."""
         return (self.k == other.k and self.layers == other.layers and self.images_seen == other.images_seen
+                and (self.seen is None or other.seen is None or self.seen == other.seen)
                 and all(torch.equal(a[n].cpu(), b[n].cpu()) for n in self.layers
                         for a, b in ((self.values, other.values), (self.images, other.images),
                                      (self.positions, other.positions))))
 
     def state_dict(self) -> dict:
-        return {"k": self.k, "images_seen": self.images_seen, "layers": {
+        return {"k": self.k, "images_seen": self.images_seen,
+                "seen": None if self.seen is None else torch.tensor(self.seen, dtype=torch.int64).view(-1, 2),
+                "layers": {
             n: {"values": self.values[n].cpu(), "images": self.images[n].cpu(),
                 "positions": self.positions[n].cpu(),
                 "map_size": list(self.map_sizes[n]) if self.map_sizes[n] else None}
@@ -279,7 +345,7 @@ class TopK:
                    {n: v["images"].to(device) for n, v in layers.items()},
                    {n: v["positions"].to(device) for n, v in layers.items()},
                    {n: tuple(v["map_size"]) if v["map_size"] else None for n, v in layers.items()},
-                   state["images_seen"])
+                   state["images_seen"], None if state.get("seen") is None else state["seen"].tolist())
 
     def arrays(self) -> dict[str, np.ndarray]:
         """``{layer}/values``, ``{layer}/images`` (-1 for unused), ``{layer}/positions`` as numpy arrays."""
@@ -526,9 +592,17 @@ def scan(
                         bar.set_postfix(skipped=len(skipped), refresh=False)
                     if checkpoint is not None and batch % checkpoint_every == 0:
                         _save_checkpoint(checkpoint, payload(*done))
-    except BaseException:
+    except BaseException as error:
         if checkpoint is not None:
-            _save_checkpoint(checkpoint, payload(*done))
+            try:
+                _save_checkpoint(checkpoint, payload(*done))
+            except Exception as save_error:     # the scan's own error stays the one raised
+                note = (f"convscope: the checkpoint {checkpoint} could not be saved after this error "
+                        f"({type(save_error).__name__}: {save_error}); the last periodic checkpoint, if any, "
+                        "is what --resume will continue from")
+                if hasattr(error, "add_note"):
+                    error.add_note(note)
+                warnings.warn(note, stacklevel=2)
         raise
     finally:
         bar.close()
@@ -745,7 +819,10 @@ def write_scan(
     batch_size: int | None = None,
     progress: bool = True,
 ) -> dict:
-    """Write the figures, ``topk.npz`` and the ``scan.json`` index (schema in the module docstring).
+    """Write the figures, ``topk.npz``, the ``scan.json`` index (schema in the module docstring), then ``run.json``.
+
+    Any earlier manifest is removed first and the new one is written after every other file,
+    so until this returns the folder reads as an incomplete run (see :func:`read_scan`).
 
     Args:
         channels: channels to render: one list for every layer (channels beyond a layer's
@@ -759,7 +836,9 @@ def write_scan(
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST_FILE).unlink(missing_ok=True)
     save_npz(out / ARRAYS_FILE, **result.topk.arrays())
+    written = [ARRAYS_FILE]
     referenced: set[int] = set()
     index_layers = []
     drift_units, drift_max = 0, 0.0
@@ -777,6 +856,7 @@ def write_scan(
                 rel = f"{folder}/c{channel:04d}.png"
                 save_png(figure, out / rel)
                 figures[channel] = rel
+                written.append(rel)
             rerun = render_channels(result, layer, wanted, method=method, batch_size=batch_size,
                                     on_figure=keep, progress=progress)
         units = []
@@ -815,4 +895,53 @@ def write_scan(
         "arrays": ARRAYS_FILE,
     }
     save_json(index, out / INDEX_FILE)
+    written.append(INDEX_FILE)
+    save_json({"format": RUN_FORMAT, "files": {rel: _file_entry(out / rel) for rel in written}}, out / MANIFEST_FILE)
     return index
+
+
+def _file_entry(path: Path) -> dict:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def read_scan(out: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """The ``scan.json`` index and the ``topk.npz`` arrays of a run :func:`write_scan` finished.
+
+    Goes through ``run.json``: every file it lists must be there with the listed size and
+    sha256, else the run is refused with a :class:`ConvscopeError`.
+    """
+    out = Path(out)
+    rerun = f"write it again with `convscope scan ... --out {out}` (add --resume to reuse its checkpoint)"
+    try:
+        manifest = json.loads((out / MANIFEST_FILE).read_text())
+    except FileNotFoundError:
+        raise ConvscopeError(f"{out} holds no complete scan run (no {MANIFEST_FILE}): it was interrupted or is "
+                             f"still being written; {rerun}") from None
+    except (OSError, ValueError) as err:
+        raise ConvscopeError(f"cannot read {out / MANIFEST_FILE}: {err}; {rerun}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != RUN_FORMAT or \
+            not isinstance(manifest.get("files"), dict):
+        raise ConvscopeError(f"{out / MANIFEST_FILE} is not a convscope scan manifest ({RUN_FORMAT}); {rerun}")
+    files = manifest["files"]
+    for rel in (INDEX_FILE, ARRAYS_FILE):
+        if rel not in files:
+            raise ConvscopeError(f"{out / MANIFEST_FILE} does not list {rel}; {rerun}")
+    data = {}
+    for rel, want in files.items():
+        try:
+            # the index and arrays are checked in the very bytes that are then parsed
+            blob = (out / rel).read_bytes()
+        except FileNotFoundError:
+            raise ConvscopeError(f"incomplete scan run in {out}: {rel} is missing; {rerun}") from None
+        if want != {"bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}:
+            raise ConvscopeError(f"inconsistent scan run in {out}: {rel} changed after the run was written "
+                                 f"(size or sha256 differ from {MANIFEST_FILE}); {rerun}")
+        if rel in (INDEX_FILE, ARRAYS_FILE):
+            data[rel] = blob
+    index = json.loads(data[INDEX_FILE])
+    with np.load(io.BytesIO(data[ARRAYS_FILE]), allow_pickle=False) as arrays:
+        return index, {name: arrays[name] for name in arrays.files}

@@ -47,6 +47,7 @@ from ..images import IMAGE_EXTENSIONS, ImageSource, load_image, sample_photos
 from ..layers import LayerInfo
 from ..models import LoadedModel, as_loaded
 from .store import (
+    SCREEN_WIDTH,
     Picture,
     make_key,
     model_fingerprint,
@@ -547,19 +548,25 @@ def _scan_images(ctx: BuildContext):
     return ctx.scan_set
 
 
-def _source_picture(ctx: BuildContext, kind: str, image_id: str, load) -> Picture:
-    """One shared copy per source image (``data/<kind>-images/``), written the first time it is needed."""
-    rel = f"data/{kind}-images/{image_id}.jpg"
+def _source_picture(ctx: BuildContext, kind: str, image_id: str, pixels: np.ndarray) -> Picture:
+    """One shared copy per source image (``data/<kind>-images/``), written the first time it is needed.
+
+    The file is named by the pixels' digest (which covers the image set and the input size)
+    and the picture settings, so a later build with another image set or size never shows
+    an earlier build's photo that happens to have the same id.
+    """
+    digest = hashlib.sha1(pixels.tobytes() + f"{pixels.shape}|jpeg|{SCREEN_WIDTH}".encode()).hexdigest()[:16]
+    rel = f"data/{kind}-images/{image_id}-{digest}.jpg"
     cached = ctx.sources.get(rel)
     if cached is None:
-        path = ctx.out / rel
-        if path.is_file():
-            from PIL import Image
-
-            with Image.open(path) as im:
-                cached = {"src": rel, "full": rel, "width": im.width, "height": im.height}
+        height, width = pixels.shape[:2]
+        small_rel = rel[:-len(".jpg")] + ".screen.jpg"
+        if (ctx.out / rel).is_file() and (width <= SCREEN_WIDTH or (ctx.out / small_rel).is_file()):
+            cached = {"src": rel, "full": rel, "width": width, "height": height}
+            if width > SCREEN_WIDTH:
+                cached.update(src=small_rel, width=SCREEN_WIDTH, height=max(1, round(height * SCREEN_WIDTH / width)))
         else:
-            cached = ctx.picture(rel, load(), fmt="jpeg")
+            cached = ctx.picture(rel, pixels, fmt="jpeg")
         ctx.sources[rel] = cached
     return cached
 
@@ -619,7 +626,7 @@ class ScanStage(Stage):
                         "value": float(f"{example.value:.4g}"), "row": example.row, "col": example.col,
                         "box": list(example.box), "clipped": bool(example.clipped),
                         "image_size": list(images.size),
-                        "source": _source_picture(ctx, self.name, str(example.image), lambda p=pixels: p),
+                        "source": _source_picture(ctx, self.name, str(example.image), pixels),
                         "patch": ctx.picture(ctx.data_path(self.name, layer, f"c{c:04d}_{example.rank}.png"),
                                              pixels[top:bottom, left:right]),
                     })
