@@ -355,6 +355,17 @@ class ScanResult:
     def images_scanned(self) -> int:
         return self.topk.images_seen
 
+    def figure(self, layer: str | LayerInfo, channel: int, *, method: str = "deconvnet") -> Image.Image:
+        """One channel's figure: its top examples' projections beside their image patches.
+
+        Example:
+            >>> result.figure("blocks.3.2.bn3", 5)       # shows inline in Jupyter
+        """
+        figures: list[Image.Image] = []
+        render_channels(self, layer, [channel], method=method, progress=False,
+                        on_figure=lambda _c, figure, _e, _v: figures.append(figure))
+        return figures[0]
+
 
 def default_layers(catalogue: Catalogue) -> list[LayerInfo]:
     """At stride 4, 8 and 16, the last of the narrowest feature layers.
