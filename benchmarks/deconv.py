@@ -26,10 +26,10 @@ import warnings
 
 import numpy as np
 import torch
+from convscope.deconv import project_units, strongest_units
 from torch import nn
 
 import convscope
-from convscope.deconv import project_units, strongest_units
 
 # (model spec, middle layer, deepest conv layer)
 CASES = {

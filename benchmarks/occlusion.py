@@ -22,9 +22,9 @@ import time
 
 import numpy as np
 import torch
+from convscope.occlusion import occlusion
 
 import convscope
-from convscope.occlusion import occlusion
 
 
 def ours_as_captum(res, height: int, width: int) -> np.ndarray:

@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from convscope.deconv import Unit, project_units, strongest_units
 from torch import nn
 
 import convscope
-from convscope.attribution import audit_graph, backward_rule
-from convscope.deconv import Unit, project_units, strongest_units
 from convscope.errors import ConvscopeError
+from convscope.rectifiers import audit_graph, backward_rule
 
 from .conftest import model_state
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from convscope.scan import scan
 from PIL import Image
 
 import convscope
@@ -16,7 +17,6 @@ from convscope.datasets import (
     collate_images,
     fit_cover,
 )
-from convscope.scan import scan
 
 
 def _photo(seed: int, size=(40, 60)) -> np.ndarray:

@@ -8,11 +8,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-from torch import nn
-
-import convscope
-from convscope.cli.main import main
 from convscope.deconv import (
     Projections,
     Unit,
@@ -21,11 +16,16 @@ from convscope.deconv import (
     strongest_units,
     top_positions,
 )
+from PIL import Image
+from torch import nn
+
+import convscope
+from convscope.cli.main import main
 from convscope.errors import ConvscopeError
 
 from .conftest import model_state
 
-deconv_module = importlib.import_module("convscope.deconv")  # the attribute convscope.deconv is the function
+deconv_module = importlib.import_module("convscope.methods.deconv")  # the attribute convscope.deconv is the function
 
 
 def _close(actual: np.ndarray, expected: np.ndarray, rel: float = 1e-5) -> None:

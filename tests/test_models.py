@@ -2,10 +2,10 @@ import urllib.error
 
 import pytest
 import torch
+from convscope.activations import predict
 from torch import nn
 
 import convscope
-from convscope.activations import predict
 from convscope.errors import ConvscopeError
 from convscope.models import map_state_dict_by_order
 

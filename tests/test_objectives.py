@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from convscope.features import objectives as obj
 
 from convscope.errors import ConvscopeError
-from convscope.optvis import objectives as obj
 
 
 @pytest.fixture

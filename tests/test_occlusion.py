@@ -9,11 +9,11 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from convscope.occlusion import occluder_grid, occlusion
 from PIL import Image
 
 from convscope import ConvscopeError, LoadedModel
 from convscope.cli.main import main
-from convscope.occlusion import occluder_grid, occlusion
 
 from .conftest import model_state
 

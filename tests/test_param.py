@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from convscope.features import param, transforms
 
-from convscope.optvis import param, transforms
-from convscope.optvis.param import ElementRNG
+from convscope.methods.features.param import ElementRNG
 
 
 @pytest.mark.parametrize("height,width", [(64, 64), (37, 50), (50, 37)])

@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 import torch
+from convscope.probe import ProbeDataset, image_folder, lfw_faces, probe, random_init_like
 from PIL import Image
 
 from convscope import ConvscopeError
 from convscope.cli.main import main
-from convscope.probe import ProbeDataset, image_folder, lfw_faces, probe, random_init_like
 
 from .conftest import model_state
 

@@ -10,16 +10,16 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from convscope.scan import EMPTY, TopK, default_layers, load_checkpoint, scan, write_scan
 
 import convscope
 from convscope.capture import capture
 from convscope.cli.main import main
 from convscope.datasets import SampleImages, TensorImages
-from convscope.scan import EMPTY, TopK, default_layers, load_checkpoint, scan, write_scan
 
 from .conftest import model_state
 
-scan_module = importlib.import_module("convscope.scan")  # the package's `scan` attribute is the function
+scan_module = importlib.import_module("convscope.methods.scan")  # the package's `scan` attribute is the function
 
 # ----------------------------------------------------------------- TopK on synthetic maps
 
@@ -251,7 +251,7 @@ def test_write_scan_index_without_figures(default_model, small_samples, tmp_path
     index = write_scan(result, tmp_path, method=None, progress=False)
     on_disk = json.loads((tmp_path / "scan.json").read_text())
     assert on_disk == json.loads(json.dumps(index))
-    assert on_disk["format"] == "convscope.scan/1" and on_disk["top"] == 9 and on_disk["images_scanned"] == 40
+    assert on_disk["format"] == "convscope.methods.scan/1" and on_disk["top"] == 9 and on_disk["images_scanned"] == 40
     layer = on_disk["layers"][1]
     assert layer["name"] == "blocks.2.1.bn3" and layer["shape"] == [40, 8, 8] and len(layer["units"]) == 40
     example = layer["units"][3]["examples"][0]
@@ -314,9 +314,8 @@ def test_scan_copies_maps_that_are_changed_in_place():
 
 
 def test_tiles_stand_for_the_whole_receptive_field(vgg16):
-    from PIL import Image
-
     from convscope.scan import Example, _place, channel_figure
+    from PIL import Image
 
     layer = vgg16.catalogue.get("block3_conv3")                       # RF 40, stride 4, starts at -18
     photo = np.full((224, 224, 3), 90, np.uint8)

@@ -7,8 +7,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .._io import save_json, save_npz, save_png
-from ..activations import activations
 from ..images import load_image
+from ..methods.activations import activations
 from ._common import add_model_args, add_out_arg, load_from_args, out_dir, parse_size
 
 

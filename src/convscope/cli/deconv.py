@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 
 from .._io import save_json, save_npz, save_png
-from ..attribution import METHODS
-from ..deconv import DeconvResult, deconv
+from ..methods.deconv import DeconvResult, deconv
+from ..rectifiers import METHODS
 from ._common import add_model_args, add_out_arg, load_from_args, out_dir, parse_channels, parse_size
 
 EPILOG = """examples:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from .._io import save_json, save_png
-from ..occlusion import FILLS, METHODS, OcclusionResult, occlusion
+from ..methods.occlusion import FILLS, METHODS, OcclusionResult, occlusion
 from ._common import add_model_args, add_out_arg, load_from_args, out_dir, parse_size
 
 

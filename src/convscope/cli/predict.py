@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..activations import predict
+from ..methods.activations import predict
 from ._common import add_model_args, load_from_args, print_json
 
 

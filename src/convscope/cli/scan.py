@@ -10,7 +10,7 @@ import torch
 
 from ..datasets import FolderImages, SampleImages
 from ..errors import ConvscopeError
-from ..scan import DEFAULT_TOP, INDEX_FILE, STATE_FILE, load_checkpoint, scan, write_scan
+from ..methods.scan import DEFAULT_TOP, INDEX_FILE, STATE_FILE, load_checkpoint, scan, write_scan
 from ._common import add_model_args, add_out_arg, load_from_args, out_dir, parse_channels, parse_size
 
 EXAMPLES = """examples:
@@ -88,7 +88,7 @@ def run(args) -> int:
         size = loaded.preprocessing.input_size
     elif isinstance(size, int):
         size = (size, size)
-    resample = loaded.preprocessing._resample
+    resample = loaded.preprocessing.resample
     if args.samples:
         images = SampleImages(size, resample, limit=args.limit)
         workers = 0 if args.workers is None else args.workers  # decoded in memory already
