@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 import convscope
-from convscope.deconv import project_units, strongest_units
+from convscope.methods.deconv import project_units, strongest_units
 
 # (model spec, middle layer, deepest conv layer)
 CASES = {

@@ -39,8 +39,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 import convscope  # noqa: E402
 from convscope.capture import capture  # noqa: E402
-from convscope.optvis.engine import Levers, make_recipe, optimize  # noqa: E402
-from convscope.optvis.objectives import channel  # noqa: E402
+from convscope.methods.features.engine import Levers, make_recipe, optimize  # noqa: E402
+from convscope.methods.features.objectives import channel  # noqa: E402
 
 
 class Clock:

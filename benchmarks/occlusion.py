@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 import convscope
-from convscope.occlusion import occlusion
+from convscope.methods.occlusion import occlusion
 
 
 def ours_as_captum(res, height: int, width: int) -> np.ndarray:

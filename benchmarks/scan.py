@@ -38,7 +38,7 @@ from PIL import Image
 
 import convscope
 from convscope.datasets import FolderImages, SampleImages, TensorImages
-from convscope.scan import default_layers, scan
+from convscope.methods.scan import default_layers, scan
 
 IMAGENET_TRAIN = 1_281_167
 DEEPVIS_HOURS = 40.0
@@ -99,7 +99,7 @@ def bench_model(loaded, pixels: torch.Tensor, batch: int, workers: int, folder: 
     out = {"model": loaded.title, "layers": [layer.label for layer in layers], "n": len(pixels),
            "bare": len(pixels) / min(t_bare), "scan": len(pixels) / min(t_scan)}
     if folder is not None:
-        result = scan(loaded, FolderImages(folder, loaded.preprocessing.input_size, loaded.preprocessing._resample),
+        result = scan(loaded, FolderImages(folder, loaded.preprocessing.input_size, loaded.preprocessing.resample),
                       names, batch_size=batch, workers=workers, progress=False)
         out["scan_read"] = result.rate
     return out
@@ -108,7 +108,7 @@ def bench_model(loaded, pixels: torch.Tensor, batch: int, workers: int, folder: 
 def memory_child(folder: str, count: int, device: str, batch: int, workers: int) -> None:
     """Run in a subprocess: scan the first ``count`` files and print peak memory as JSON."""
     loaded = convscope.load_model(device=device)
-    images = FolderImages(folder, loaded.preprocessing.input_size, loaded.preprocessing._resample)
+    images = FolderImages(folder, loaded.preprocessing.input_size, loaded.preprocessing.resample)
     if loaded.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     result = scan(loaded, images, None, batch_size=batch, workers=workers, stop=count, progress=False)

@@ -433,7 +433,7 @@ def test_deconv_without_a_scan_projects_the_photos_strongest_units(default_model
     settings = AtlasSettings(layers="blocks.2.0.bn2", channels_per_layer=3, top=9, skip=("features",))
     build = build_atlas(default_model, one_photo, tmp_path, settings, progress=False)
     assert build.stages["scan"]["status"] == "unavailable" and "--scan" in build.stages["scan"]["reason"]
-    from convscope.deconv import Unit, project_units
+    from convscope.methods.deconv import Unit, project_units
 
     photo_rgb = default_model.preprocessing.fit(one_photo["coffee"])
     acts = _record(tmp_path, "activations", "blocks.2.0.bn2")

@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import convscope
-from convscope.attribution import audit_graph, backward_rule
-from convscope.deconv import Unit, project_units, strongest_units
 from convscope.errors import ConvscopeError
+from convscope.methods.deconv import Unit, project_units, strongest_units
+from convscope.rectifiers import audit_graph, backward_rule
 
 from .conftest import model_state
 

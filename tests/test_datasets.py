@@ -16,7 +16,7 @@ from convscope.datasets import (
     collate_images,
     fit_cover,
 )
-from convscope.scan import scan
+from convscope.methods.scan import scan
 
 
 def _photo(seed: int, size=(40, 60)) -> np.ndarray:

@@ -13,7 +13,8 @@ from torch import nn
 
 import convscope
 from convscope.cli.main import main
-from convscope.deconv import (
+from convscope.errors import ConvscopeError
+from convscope.methods.deconv import (
     Projections,
     Unit,
     project_units,
@@ -21,11 +22,10 @@ from convscope.deconv import (
     strongest_units,
     top_positions,
 )
-from convscope.errors import ConvscopeError
 
 from .conftest import model_state
 
-deconv_module = importlib.import_module("convscope.deconv")  # the attribute convscope.deconv is the function
+deconv_module = importlib.import_module("convscope.methods.deconv")  # the attribute convscope.deconv is the function
 
 
 def _close(actual: np.ndarray, expected: np.ndarray, rel: float = 1e-5) -> None:

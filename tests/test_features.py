@@ -14,10 +14,9 @@ import convscope
 from convscope.capture import StopForward, frozen, recording
 from convscope.cli.main import main
 from convscope.errors import ConvscopeError
-from convscope.features import visualize, visualize_features
-from convscope.optvis import make_recipe
-from convscope.optvis.objectives import Objective, channel
-from convscope.optvis.redirect import redirected_rectifiers
+from convscope.methods.features import make_recipe, visualize, visualize_features
+from convscope.methods.features.objectives import Objective, channel
+from convscope.methods.features.redirect import redirected_rectifiers
 
 from .conftest import model_state
 
@@ -138,7 +137,7 @@ def test_composed_objectives_and_layer_objective(photos):
 
 
 def test_chunks_follow_the_memory_budget(default_model, photos):
-    from convscope.optvis.engine import estimate_bytes_per_image
+    from convscope.methods.features.engine import estimate_bytes_per_image
 
     catalogue = default_model.catalogue
     shallow, deep = catalogue.get("blocks.1.1.bn1"), catalogue.get(MIDDLE)
@@ -162,8 +161,8 @@ def test_variants_with_diversity(photos, tmp_path):
 
 
 def test_class_objective_uses_the_scores_before_a_softmax():
-    from convscope.optvis.engine import logits_layer, optimize
-    from convscope.optvis.objectives import class_logit
+    from convscope.methods.features.engine import logits_layer, optimize
+    from convscope.methods.features.objectives import class_logit
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),

@@ -11,8 +11,14 @@ import torch
 import torchvision
 from torch import nn
 
-from convscope._incremental import Patch, Unsupported, incremental_forward, materialize, window
 from convscope.capture import frozen
+from convscope.methods.occlusion.incremental import (
+    Patch,
+    Unsupported,
+    incremental_forward,
+    materialize,
+    window,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -8,9 +8,9 @@ from torch import nn
 
 import convscope
 from convscope import models
-from convscope.activations import predict
 from convscope.cli.main import main
 from convscope.errors import ConvscopeError
+from convscope.methods.activations import predict
 from convscope.models import map_state_dict_by_order
 
 

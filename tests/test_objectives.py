@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from convscope.errors import ConvscopeError
-from convscope.optvis import objectives as obj
+from convscope.methods.features import objectives as obj
 
 
 @pytest.fixture

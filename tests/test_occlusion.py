@@ -14,7 +14,7 @@ from PIL import Image
 
 from convscope import ConvscopeError, LoadedModel
 from convscope.cli.main import main
-from convscope.occlusion import occluder_grid, occlusion
+from convscope.methods.occlusion import occluder_grid, occlusion
 
 from .conftest import model_state
 

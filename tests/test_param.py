@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from convscope.optvis import param, transforms
-from convscope.optvis.param import ElementRNG
+from convscope.methods.features import param, transforms
+from convscope.methods.features.param import ElementRNG
 
 
 @pytest.mark.parametrize("height,width", [(64, 64), (37, 50), (50, 37)])

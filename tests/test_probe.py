@@ -11,7 +11,7 @@ from PIL import Image
 
 from convscope import ConvscopeError
 from convscope.cli.main import main
-from convscope.probe import ProbeDataset, image_folder, lfw_faces, probe, random_init_like
+from convscope.methods.probe import ProbeDataset, image_folder, lfw_faces, probe, random_init_like
 
 from .conftest import model_state
 

@@ -15,11 +15,11 @@ import convscope
 from convscope.capture import capture
 from convscope.cli.main import main
 from convscope.datasets import SampleImages, TensorImages
-from convscope.scan import EMPTY, TopK, default_layers, load_checkpoint, read_scan, scan, write_scan
+from convscope.methods.scan import EMPTY, TopK, default_layers, load_checkpoint, read_scan, scan, write_scan
 
 from .conftest import model_state
 
-scan_module = importlib.import_module("convscope.scan")  # the package's `scan` attribute is the function
+scan_module = importlib.import_module("convscope.methods.scan")  # the package's `scan` attribute is the function
 
 # ----------------------------------------------------------------- TopK on synthetic maps
 
@@ -412,7 +412,7 @@ def test_scan_copies_maps_that_are_changed_in_place():
 def test_tiles_stand_for_the_whole_receptive_field(vgg16):
     from PIL import Image
 
-    from convscope.scan import Example, _place, channel_figure
+    from convscope.methods.scan import Example, _place, channel_figure
 
     layer = vgg16.catalogue.get("block3_conv3")                       # RF 40, stride 4, starts at -18
     photo = np.full((224, 224, 3), 90, np.uint8)
@@ -465,7 +465,7 @@ def test_figures_for_the_chosen_channels_and_rerun_values_match(rendered):
 
 
 def test_projection_and_patch_share_the_box(rendered, default_model):
-    from convscope.deconv import Unit, project_units
+    from convscope.methods.deconv import Unit, project_units
 
     result, _, _ = rendered
     layer = result.layer("blocks.2.1.bn3")

@@ -18,8 +18,8 @@ import convscope
 from convscope.cli.main import main
 from convscope.datasets import FolderImages, TensorImages
 from convscope.errors import ConvscopeError
+from convscope.methods.scan import STATE_FILE, scan
 from convscope.models import Preprocessing
-from convscope.scan import STATE_FILE, scan
 
 
 class _Marker:

@@ -12,12 +12,15 @@ Example:
     >>> convscope.build_atlas(model, out="runs/atlas").index  # browsable pages (then: convscope serve runs/atlas)
 """
 
-from .activations import ActivationResult, activations, predict
+from ._version import __version__  # noqa: F401 - the package version
 from .atlas import AtlasSettings, build_atlas
-from .attribution import backward_rule
 from .capture import capture, frozen, recording
 from .datasets import FolderImages, SampleImages, TensorImages
-from .deconv import (
+from .errors import ConvscopeError
+from .images import load_image, sample_photos
+from .layers import Catalogue, LayerInfo, build_catalogue
+from .methods.activations import ActivationResult, activations, predict
+from .methods.deconv import (
     DeconvResult,
     Projections,
     Unit,
@@ -27,15 +30,13 @@ from .deconv import (
     strongest_units,
     top_positions,
 )
-from .errors import ConvscopeError
-from .features import FeatureResult, visualize, visualize_classes, visualize_features
-from .images import load_image, sample_photos
-from .layers import Catalogue, LayerInfo, build_catalogue
+from .methods.features import FeatureResult, visualize, visualize_classes, visualize_features
+from .methods.occlusion import OcclusionResult, occlusion
+from .methods.probe import ProbeDataset, ProbeResult, probe
+from .methods.scan import ScanResult, TopK, scan, write_scan
 from .models import LoadedModel, Preprocessing, as_loaded, list_models, load_model
-from .occlusion import OcclusionResult, occlusion
-from .probe import ProbeDataset, ProbeResult, probe
+from .rectifiers import backward_rule
 from .render import channel_grid, overlay_heatmap
-from .scan import ScanResult, TopK, scan, write_scan
 
 __all__ = [
     "ActivationResult", "AtlasSettings", "Catalogue", "ConvscopeError", "DeconvResult", "FeatureResult", "FolderImages",
@@ -46,5 +47,3 @@ __all__ = [
     "recording", "render_projection_pair", "sample_photos", "scan", "strongest_units", "top_positions",
     "visualize", "visualize_classes", "visualize_features", "write_scan",
 ]
-
-__version__ = "0.1.0"

@@ -16,16 +16,36 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from .errors import ConvscopeError, suggest
-from .layers import LayerInfo, named_layers, parse_layer_name
 
-__all__ = ["frozen", "recording", "capture", "StopForward", "Recorded", "LayerRef"]
+__all__ = ["frozen", "recording", "capture", "StopForward", "Recorded", "LayerRef", "named_layers", "parse_layer_name"]
 
-LayerRef = str | LayerInfo
+LayerRef = Any  # a qualified name, or anything with a ``.name`` (a catalogue row)
+
+
+def named_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The addressable layers of ``model``: qualified name -> module, without the root.
+
+    The one place that enumerates a model's layers, for the catalogue and for every hook.
+    PyTorch models use ``named_modules()``. A Keras 3 model on the torch backend is an
+    ``nn.Module`` too, but its layers are ``model.layers`` named by ``layer.name``; that
+    source (and its channels-last tensors) plugs in here.
+    """
+    return {name: module for name, module in model.named_modules() if name}
+
+
+
+def parse_layer_name(name: str) -> tuple[str, int]:
+    """``"layer1.0.relu@2"`` → ``("layer1.0.relu", 2)``; a plain name is call 0."""
+    module, sep, call = name.partition("@")
+    if sep and call.isdigit():
+        return module, int(call)
+    return name, 0
 
 
 class Recorded(dict):
@@ -62,7 +82,7 @@ def frozen(model: nn.Module, train: bool = False) -> Iterator[nn.Module]:
 
 
 def _names(layers: Iterable[LayerRef]) -> list[str]:
-    return [layer.name if isinstance(layer, LayerInfo) else str(layer) for layer in layers]
+    return [str(getattr(layer, "name", layer)) for layer in layers]
 
 
 @contextlib.contextmanager

@@ -42,7 +42,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .errors import ConvscopeError
-from .images import IMAGE_EXTENSIONS, _array_to_rgb8, load_image
+from .images import IMAGE_EXTENSIONS, load_image, to_rgb8
 
 __all__ = [
     "ImageSet", "FolderImages", "SampleImages", "TensorImages", "collate_images", "fit_cover",
@@ -161,7 +161,7 @@ class FolderImages(ImageSet):
     Args:
         root: the folder.
         size: the analysis size; every image is resized to cover it and centre-cropped.
-        resample: PIL resampling filter (use the model's, e.g. ``preprocessing._resample``).
+        resample: PIL resampling filter (use the model's, e.g. ``preprocessing.resample``).
 
     Raises:
         ConvscopeError: the folder does not exist or holds no image file.
@@ -332,7 +332,7 @@ class SampleImages(ImageSet):
                 photo = photo[0]
             if photo.dtype == bool:
                 photo = photo.astype(np.uint8) * 255
-            self._photos[name] = _array_to_rgb8(photo)
+            self._photos[name] = to_rgb8(photo)
         return self._photos[name]
 
     def __getstate__(self) -> dict:

@@ -14,7 +14,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ConvscopeError
 
-__all__ = ["load_image", "sample_photos", "ImageSource", "IMAGE_EXTENSIONS", "resize"]
+__all__ = ["load_image", "sample_photos", "to_rgb8", "ImageSource", "IMAGE_EXTENSIONS", "resize"]
 
 ImageSource = str | os.PathLike | Image.Image | np.ndarray
 
@@ -34,7 +34,7 @@ def load_image(source: ImageSource) -> np.ndarray:
         (480, 640, 3)
     """
     if isinstance(source, np.ndarray):
-        return _array_to_rgb8(source)
+        return to_rgb8(source)
     if isinstance(source, Image.Image):
         return _pil_to_rgb8(source)
     path = Path(source)
@@ -59,7 +59,7 @@ def load_image(source: ImageSource) -> np.ndarray:
 
 def _pil_to_rgb8(im: Image.Image) -> np.ndarray:
     if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        return _array_to_rgb8(np.asarray(im))
+        return to_rgb8(np.asarray(im))
     if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
         im = im.convert("RGBA")
         background = Image.new("RGBA", im.size, (255, 255, 255, 255))
@@ -67,7 +67,8 @@ def _pil_to_rgb8(im: Image.Image) -> np.ndarray:
     return np.asarray(im.convert("RGB")).copy()
 
 
-def _array_to_rgb8(array: np.ndarray) -> np.ndarray:
+def to_rgb8(array: np.ndarray) -> np.ndarray:
+    """Any gray, RGB or RGBA array (uint8, uint16, bool or float in [0, 1]) as (H, W, 3) uint8."""
     array = np.asarray(array)
     if array.ndim == 2:
         array = array[..., None]
@@ -112,5 +113,5 @@ def sample_photos(names: tuple[str, ...] = SAMPLE_PHOTO_NAMES) -> dict[str, np.n
         loader = getattr(data, name, None)
         if loader is None:
             raise ConvscopeError(f"scikit-image has no sample photo named {name!r}")
-        photos[name] = _array_to_rgb8(loader())
+        photos[name] = to_rgb8(loader())
     return photos

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from .capture import frozen, named_layers, parse_layer_name
 from .errors import ConvscopeError, suggest
 
 __all__ = ["LayerInfo", "Catalogue", "build_catalogue", "parse_layer_name", "named_layers"]
@@ -155,25 +156,6 @@ class LayerInfo:
             "channels": self.channels, "stride": self.stride, "rf_size": self.rf_size,
             "rf_start": self.rf_start, "kind": self.kind, "is_feature": self.is_feature,
         }
-
-
-def named_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """The addressable layers of ``model``: qualified name -> module, without the root.
-
-    The one place that enumerates a model's layers, for the catalogue and for every hook.
-    PyTorch models use ``named_modules()``. A Keras 3 model on the torch backend is an
-    ``nn.Module`` too, but its layers are ``model.layers`` named by ``layer.name``; that
-    source (and its channels-last tensors) plugs in here.
-    """
-    return {name: module for name, module in model.named_modules() if name}
-
-
-def parse_layer_name(name: str) -> tuple[str, int]:
-    """``"layer1.0.relu@2"`` → ``("layer1.0.relu", 2)``; a plain name is call 0."""
-    module, sep, call = name.partition("@")
-    if sep and call.isdigit():
-        return module, int(call)
-    return name, 0
 
 
 @dataclass
@@ -354,7 +336,6 @@ def build_catalogue(model: nn.Module, input_size: tuple[int, int] = (224, 224), 
 
     The model is left as it was (mode, hooks); see :func:`convscope.capture.frozen`.
     """
-    from .capture import frozen
 
     records: list[tuple[str, nn.Module, torch.Tensor]] = []
     calls: dict[str, int] = {}

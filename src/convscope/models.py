@@ -17,6 +17,7 @@ the architecture alone, and every output says so.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib
 import os
 import pickle
@@ -27,7 +28,6 @@ import threading
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 from typing import BinaryIO
 
@@ -40,7 +40,10 @@ from .errors import ConvscopeError, suggest
 from .images import ImageSource, load_image
 from .layers import Catalogue, build_catalogue
 
-__all__ = ["Preprocessing", "LoadedModel", "load_model", "as_loaded", "list_models", "resolve_device", "imagenet_classes"]
+__all__ = [
+    "Preprocessing", "LoadedModel", "load_model", "as_loaded", "list_models", "resolve_device", "imagenet_classes",
+    "fingerprint",
+]
 
 DEFAULT_MODEL = "efficientnet_lite0"
 
@@ -85,7 +88,8 @@ class Preprocessing:
         return x * std + mean
 
     @property
-    def _resample(self) -> int:
+    def resample(self) -> int:
+        """The PIL resampling filter of this preprocessing."""
         return Image.BICUBIC if self.interpolation == "bicubic" else Image.BILINEAR
 
     def fit(self, image: np.ndarray, size: int | tuple[int, int] | None = None) -> np.ndarray:
@@ -100,7 +104,7 @@ class Preprocessing:
         if isinstance(size, int):
             scale = size / min(height, width)
             size = (max(1, round(height * scale)), max(1, round(width * scale)))
-        return np.asarray(Image.fromarray(image).resize((size[1], size[0]), self._resample))
+        return np.asarray(Image.fromarray(image).resize((size[1], size[0]), self.resample))
 
     def eval_crop(self, image: np.ndarray) -> np.ndarray:
         """The classification transform: resize the shorter side to size/crop_pct, centre-crop."""
@@ -134,9 +138,27 @@ class LoadedModel:
     random_init: bool = False
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
-    @cached_property
+    _catalogues: dict[tuple[int, int], Catalogue] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    @property
     def catalogue(self) -> Catalogue:
-        return build_catalogue(self.module, self.preprocessing.input_size, self.device)
+        """The layer catalogue traced at the model's input size."""
+        return self.catalogue_at(self.preprocessing.input_size)
+
+    def catalogue_at(self, size: tuple[int, int]) -> Catalogue:
+        """The layer catalogue traced at input size ``(H, W)``, cached per size.
+
+        Receptive-field offsets can depend on the input size (TF-"same" padding splits its
+        padding by the parity of each map's size), so the boxes of a 224x337 image come from a
+        trace at 224x337.
+        """
+        size = (int(size[0]), int(size[1]))
+        if size not in self._catalogues:
+            try:
+                self._catalogues[size] = build_catalogue(self.module, size, self.device)
+            except RuntimeError as err:
+                raise ConvscopeError(f"the model cannot run on a {size[0]}x{size[1]} image: {str(err)[:200]}") from None
+        return self._catalogues[size]
 
     @property
     def title(self) -> str:
@@ -152,6 +174,27 @@ class LoadedModel:
         return {"name": self.name, "weights": self.weights, "random_init": self.random_init,
                 "title": self.title, "preprocessing": self.preprocessing.as_dict(),
                 "num_classes": len(self.class_names) if self.class_names else None}
+
+
+@torch.no_grad()
+def fingerprint(module: nn.Module) -> str:
+    """A short hash of a model's architecture and weights, cheap enough to take on every run.
+
+    Hashes each state-dict entry's name, shape and dtype, the exact bits of an evenly strided
+    sample of up to 1024 of its values, and the sum of all of them to 10 significant digits:
+    retraining, fine-tuning or another weights file changes it, with no need to hash hundreds of
+    megabytes, and the rounding keeps the same weights on another device (another reduction
+    order) equal. Scan checkpoints and the atlas cache both key on it.
+    """
+    digest = hashlib.sha256(type(module).__name__.encode())
+    for name, tensor in module.state_dict().items():
+        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}".encode())
+        if tensor.numel():
+            flat = tensor.detach().reshape(-1)
+            step = max(1, flat.numel() // 1024)
+            digest.update(flat[::step].float().cpu().numpy().tobytes())
+            digest.update(f"{flat.double().sum().item():.10g}".encode())
+    return digest.hexdigest()[:16]
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:

@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw, ImageFont
 __all__ = [
     "colorize", "normalize_channels", "tile", "channel_grid", "title_strip", "stack_vertical",
     "stack_horizontal", "overlay_heatmap", "colorbar", "label_image", "signed_to_gray", "font", "palette",
-    "quantize", "palette_image",
+    "quantize", "palette_image", "lut",
 ]
 
 SEPARATOR_COLOR = (32, 32, 32)
@@ -34,7 +34,7 @@ SEPARATOR_INDEX, BACKGROUND_INDEX, TEXT_INDEX = 253, 254, 255
 @lru_cache(maxsize=16)
 def palette(cmap: str = "viridis") -> list[int]:
     """A 256-entry PIL palette: ``LEVELS`` colour-map steps, then separator, background, text."""
-    table = _lut(cmap)[np.linspace(0, 255, LEVELS).round().astype(int)]
+    table = lut(cmap)[np.linspace(0, 255, LEVELS).round().astype(int)]
     fixed = np.array([SEPARATOR_COLOR, BACKGROUND, (0, 0, 0)], np.uint8)
     return np.concatenate([table, fixed]).reshape(-1).tolist()
 
@@ -51,7 +51,8 @@ def palette_image(indices: np.ndarray, cmap: str = "viridis") -> Image.Image:
 
 
 @lru_cache(maxsize=16)
-def _lut(cmap: str) -> np.ndarray:
+def lut(cmap: str) -> np.ndarray:
+    """The 256-entry RGB table of a matplotlib colormap, as float in [0, 1]."""
     import matplotlib
 
     try:
@@ -71,7 +72,7 @@ def font(size: int = 12) -> ImageFont.ImageFont:
 def colorize(values01: np.ndarray, cmap: str = "viridis") -> np.ndarray:
     """Values in [0, 1] of any shape → uint8 RGB of shape ``(..., 3)``."""
     index = np.clip(np.nan_to_num(values01) * 255.0 + 0.5, 0, 255).astype(np.uint8)
-    return _lut(cmap)[index]
+    return lut(cmap)[index]
 
 
 def normalize_channels(maps: np.ndarray, mode: str = "channel") -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -39,18 +39,18 @@ from tqdm import tqdm
 
 from .. import render
 from .._io import ensure_dir, save_json
-from ..activations import ActivationResult, predict
+from .._version import __version__
 from ..capture import capture
 from ..datasets import MIN_SIDE
 from ..errors import ConvscopeError
 from ..images import IMAGE_EXTENSIONS, ImageSource, load_image, sample_photos
 from ..layers import LayerInfo
-from ..models import LoadedModel, as_loaded
+from ..methods.activations import ActivationResult, predict
+from ..models import LoadedModel, as_loaded, fingerprint
 from .store import (
     SCREEN_WIDTH,
     Picture,
     make_key,
-    model_fingerprint,
     read_json,
     record_files,
     save_picture,
@@ -154,7 +154,7 @@ class BuildContext:
         self.layers = layers
         self.photos = photos
         self.progress = progress
-        self.fingerprint = model_fingerprint(loaded.module)
+        self.fingerprint = fingerprint(loaded.module)
         self.slugs = dict(zip((layer.name for layer in layers), unique_slugs([layer.name for layer in layers])))
         self.keys: dict[tuple[str, str], str] = {}
         self.photos_key = make_key(photos=[(p.name, p.digest) for p in photos])
@@ -443,7 +443,7 @@ class FeaturesStage(Stage):
 
     def unavailable(self, ctx):
         try:
-            from ..features import visualize_features  # noqa: F401
+            from ..methods.features import visualize_features  # noqa: F401
         except ImportError:
             return "feature visualization (issue 3) is not part of this convscope yet"
         return None
@@ -454,7 +454,7 @@ class FeaturesStage(Stage):
                 "photos": ctx.photos_key}
 
     def run(self, ctx, layers):
-        from ..features import visualize_features
+        from ..methods.features import visualize_features
 
         photos = {p.slug: p.rgb for p in ctx.photos}
         s = ctx.settings
@@ -540,11 +540,11 @@ def _scan_images(ctx: BuildContext):
         pre = ctx.loaded.preprocessing
         size = tuple(pre.input_size)
         if str(spec) == "samples":
-            ctx.scan_set = SampleImages(size, pre._resample)
+            ctx.scan_set = SampleImages(size, pre.resample)
         elif not Path(spec).is_dir():
             raise ConvscopeError(f"--scan {spec}: not a folder (or use --scan samples for the built-in set)")
         else:
-            ctx.scan_set = FolderImages(spec, size, pre._resample)
+            ctx.scan_set = FolderImages(spec, size, pre.resample)
     return ctx.scan_set
 
 
@@ -586,7 +586,7 @@ class ScanStage(Stage):
             return "no image set to scan was given (--scan DIR, or --scan samples for the built-in set)"
         try:
             from ..datasets import FolderImages  # noqa: F401
-            from ..scan import scan  # noqa: F401
+            from ..methods.scan import scan  # noqa: F401
         except ImportError:
             return "the dataset scan (issue 5) is not part of this convscope yet"
         return None
@@ -596,7 +596,7 @@ class ScanStage(Stage):
         return {"images": images.describe(), "top": ctx.settings.top, "limit": ctx.settings.scan_limit}
 
     def run(self, ctx, layers):
-        from ..scan import scan as scan_images
+        from ..methods.scan import scan as scan_images
 
         images = _scan_images(ctx)
         keys = sorted(ctx.key(self, layer) for layer in layers)
@@ -673,7 +673,7 @@ class DeconvStage(Stage):
 
     def unavailable(self, ctx):
         try:
-            from ..deconv import Unit, project_units, render_projection_pair  # noqa: F401
+            from ..methods.deconv import Unit, project_units, render_projection_pair  # noqa: F401
         except ImportError:
             return "the deconvnet (issue 4) is not part of this convscope yet"
         return None
@@ -728,7 +728,7 @@ class DeconvStage(Stage):
 
     def _project(self, ctx, layer, pixels: list[np.ndarray], units):
         """Projections with the stage's method; all-zero ones redone with the deconvnet (``fallback``)."""
-        from ..deconv import project_units
+        from ..methods.deconv import project_units
 
         method = self.method(ctx)
         x = ctx.loaded.preprocessing.to_tensor(pixels, ctx.loaded.device)
@@ -743,13 +743,13 @@ class DeconvStage(Stage):
         return proj, fallback
 
     def _projection_picture(self, ctx, layer, name, projection, photo, box) -> Picture:
-        from ..deconv import render_projection_pair
+        from ..methods.deconv import render_projection_pair
 
         image, _ = render_projection_pair(projection, photo, box)
         return ctx.picture(ctx.data_path(self.name, layer, name), image)
 
     def _from_scan(self, ctx, layer, scan: dict, bar) -> dict:
-        from ..deconv import Unit
+        from ..methods.deconv import Unit
 
         images = _scan_images(ctx)
         per_channel = {c: [dict(e) for e in entries] for c, entries in scan["per_channel"].items()}
@@ -789,7 +789,7 @@ class DeconvStage(Stage):
                 "description": scan.get("description", "")}
 
     def _from_photos(self, ctx, layer, bar) -> dict:
-        from ..deconv import Unit
+        from ..methods.deconv import Unit
 
         acts = ctx.record("activations", layer)
         channels = ctx.channels(layer)
@@ -801,7 +801,7 @@ class DeconvStage(Stage):
                 entry = acts["photos"][photo.slug]["channels"]
                 units = [Unit(c, *entry[str(c)]["argmax"]) for c in channels]
             else:
-                from ..deconv import strongest_units
+                from ..methods.deconv import strongest_units
 
                 x = ctx.loaded.preprocessing.to_tensor(photo.rgb, ctx.loaded.device)
                 units = strongest_units(ctx.loaded, x, layer, channels)
@@ -846,12 +846,6 @@ def _atlas_layers(loaded: LoadedModel, spec: str | Sequence[str] | None) -> list
     if not layers:
         raise ConvscopeError("no layers to show; pass --layers")
     return layers
-
-
-def _version() -> str:
-    from .. import __version__  # at call time: the package imports this module before defining it
-
-    return __version__
 
 
 def build_atlas(
@@ -922,7 +916,7 @@ def build_atlas(
             ctx.slug(layer): f"records/{stage.name}/{ctx.slug(layer)}.json" for layer in layers if layer.name in done}}
 
     manifest = {
-        "convscope": _version(),
+        "convscope": __version__,
         "model": {**loaded.describe(), "fingerprint": ctx.fingerprint},
         "settings": settings.as_dict(),
         "layers": [{**layer.as_dict(), "slug": ctx.slug(layer), "label": layer.label,

@@ -21,12 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
 
 from .._io import atomic_path, save_json, save_png
 
-__all__ = ["slugify", "unique_slugs", "model_fingerprint", "make_key", "save_picture", "record_files",
+__all__ = ["slugify", "unique_slugs", "make_key", "save_picture", "record_files",
            "read_json", "Picture"]
 
 # A picture as the pages see it: the file to show ("src", possibly a smaller copy sized for the
@@ -68,23 +67,6 @@ def unique_slugs(names: list[str]) -> list[str]:
     return out
 
 
-@torch.no_grad()
-def model_fingerprint(module: torch.nn.Module) -> str:
-    """A short hash of a model's architecture and weights, cheap enough to take on every build.
-
-    Hashes every state-dict entry's name, shape and dtype, an evenly strided sample of up to
-    1024 of its values and the exact sum of all of them: any retraining, fine-tuning or other
-    weights file changes it, with no need to hash hundreds of megabytes byte by byte.
-    """
-    digest = hashlib.sha256(type(module).__name__.encode())
-    for name, tensor in module.state_dict().items():
-        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}".encode())
-        if tensor.numel():
-            flat = tensor.detach().reshape(-1)
-            step = max(1, flat.numel() // 1024)
-            digest.update(flat[::step].float().cpu().numpy().tobytes())
-            digest.update(np.float64(flat.double().sum().item()).tobytes())
-    return digest.hexdigest()[:16]
 
 
 def make_key(**parts: Any) -> str:

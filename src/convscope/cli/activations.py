@@ -7,8 +7,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .._io import save_json, save_npz, save_png
-from ..activations import activations
 from ..images import load_image
+from ..methods.activations import activations
 from ._common import (
     add_max_side_arg,
     add_model_args,

@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 
 from .._io import save_json, save_npz, save_png
-from ..attribution import METHODS
-from ..deconv import DeconvResult, deconv
 from ..errors import ConvscopeError
 from ..images import load_image
+from ..methods.deconv import DeconvResult, deconv
+from ..rectifiers import METHODS
 from ._common import (
     add_max_side_arg,
     add_model_args,

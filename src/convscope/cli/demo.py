@@ -14,11 +14,11 @@ from pathlib import Path
 
 from .. import render
 from .._io import save_json, save_png
-from ..activations import activations, predict
 from ..atlas import AtlasSettings, build_atlas
-from ..deconv import deconv
-from ..features import visualize_features
 from ..images import sample_photos
+from ..methods.activations import activations, predict
+from ..methods.deconv import deconv
+from ..methods.features import visualize_features
 from ..models import load_model
 from ._common import add_out_arg, out_dir
 from .activations import write_activation_outputs
@@ -71,7 +71,7 @@ def step_activations(loaded, photos, out: Path) -> None:
 # A middle and a deep layer of the default model for the deconv step: the outputs of the linear
 # bottlenecks (conv + BN, no activation). At the blocks' ReLU6 outputs the strongest units sit at
 # the cap of 6, where guided backprop and the gradient are zero by definition (see
-# convscope.attribution); the sheet would show the deconvnet alone.
+# convscope.rectifiers); the sheet would show the deconvnet alone.
 DEMO_DECONV_LAYERS = ("blocks.3.0.bn3", "blocks.6.0.bn3")
 
 
@@ -95,9 +95,9 @@ DEMO_SCAN_CHANNELS = range(8)
 
 def step_scan(loaded, photos, out: Path) -> None:
     from ..datasets import SampleImages
-    from ..scan import scan, write_scan
+    from ..methods.scan import scan, write_scan
 
-    images = SampleImages(loaded.preprocessing.input_size, loaded.preprocessing._resample, limit=DEMO_SCAN_IMAGES)
+    images = SampleImages(loaded.preprocessing.input_size, loaded.preprocessing.resample, limit=DEMO_SCAN_IMAGES)
     result = scan(loaded, images, DEMO_SCAN_LAYERS, top=9, batch_size=32, progress=False)
     write_scan(result, out / "scan", channels=DEMO_SCAN_CHANNELS, progress=False)
     print(f"  dataset scan: top 9 of {result.images_scanned} sample windows for channels 0-7 of "
@@ -131,7 +131,7 @@ def step_features(loaded, photos, out: Path) -> None:
 
 
 def step_occlusion(loaded, photos, out: Path) -> None:
-    from ..occlusion import occlusion
+    from ..methods.occlusion import occlusion
 
     # stride 16 keeps the demo quick (169 positions); `convscope occlusion` defaults to stride 8
     result = occlusion(loaded, photos["chelsea"], patch=32, stride=16, progress=True)
@@ -142,7 +142,7 @@ def step_occlusion(loaded, photos, out: Path) -> None:
 
 
 def step_probe(loaded, photos, out: Path) -> None:
-    from ..probe import default_layers, probe
+    from ..methods.probe import default_layers, probe
 
     # Cheap settings: 64x64 inputs and 5 layers; `convscope probe --samples` runs the full-size version.
     layers = [layer.name for layer in default_layers(loaded, 5)]

@@ -7,8 +7,8 @@ import time
 
 from .._io import save_json
 from ..errors import ConvscopeError
-from ..features import visualize_classes, visualize_features
-from ..optvis.objectives import parse_objective
+from ..methods.features import visualize_classes, visualize_features
+from ..methods.features.objectives import parse_objective
 from ._common import (
     add_model_args,
     add_out_arg,

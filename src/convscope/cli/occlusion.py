@@ -9,7 +9,7 @@ import numpy as np
 
 from .._io import save_json, save_png
 from ..images import load_image
-from ..occlusion import FILLS, METHODS, OcclusionResult, occlusion
+from ..methods.occlusion import FILLS, METHODS, OcclusionResult, occlusion
 from ._common import (
     add_max_side_arg,
     add_model_args,

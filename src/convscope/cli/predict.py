@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..activations import predict
 from ..images import load_image
+from ..methods.activations import predict
 from ._common import add_model_args, check_image, load_from_args, positive_int, print_json
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .._io import atomic_path, save_json, save_png
 from ..errors import ConvscopeError
-from ..probe import ProbeResult, check_dataset, image_folder, lfw_faces, probe
+from ..methods.probe import ProbeResult, check_dataset, image_folder, lfw_faces, probe
 from ._common import add_model_args, add_out_arg, check_out, load_from_args, out_dir, parse_size, positive_int
 
 

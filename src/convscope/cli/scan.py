@@ -11,8 +11,16 @@ import torch
 
 from ..datasets import FolderImages, SampleImages
 from ..errors import ConvscopeError
+from ..methods.scan import (
+    DEFAULT_TOP,
+    INDEX_FILE,
+    STATE_FILE,
+    default_layers,
+    load_checkpoint,
+    scan,
+    write_scan,
+)
 from ..models import DEFAULT_MODEL, is_model_file
-from ..scan import DEFAULT_TOP, INDEX_FILE, STATE_FILE, default_layers, load_checkpoint, scan, write_scan
 from ._common import (
     add_model_args,
     add_out_arg,
@@ -136,7 +144,7 @@ def run(args) -> int:
         size = loaded.preprocessing.input_size
     elif isinstance(size, int):
         size = (size, size)
-    resample = loaded.preprocessing._resample
+    resample = loaded.preprocessing.resample
     if args.samples:
         images = SampleImages(size, resample, limit=args.limit)
         workers = 0 if args.workers is None else args.workers  # decoded in memory already

@@ -3,7 +3,7 @@
 Part 3 of the mission, after Zeiler & Fergus (2013): take a unit of a feature map (often the
 strongest activation of a channel), set every other activation to zero, and map it back to
 the input. The backward rule at each rectifier is the only thing that tells the three
-methods apart (:mod:`convscope.attribution`); pooling switches and transposed filters come
+methods apart (:mod:`convscope.rectifiers`); pooling switches and transposed filters come
 from autograd.
 
 Every map is the backward signal for a signal of 1 at the unit (as captum's neuron methods
@@ -39,7 +39,6 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -49,13 +48,13 @@ from PIL import Image, ImageDraw
 from torch import nn
 from tqdm import tqdm
 
-from . import render
-from .attribution import METHODS, audit_graph, backward_rule, check_method, check_scriptable
-from .capture import StopForward, capture, frozen, recording
-from .errors import ConvscopeError
-from .images import ImageSource
-from .layers import Catalogue, LayerInfo, build_catalogue
-from .models import LoadedModel, as_loaded
+from ... import render
+from ...capture import StopForward, capture, frozen, recording
+from ...errors import ConvscopeError
+from ...images import ImageSource
+from ...layers import LayerInfo
+from ...models import LoadedModel, as_loaded
+from ...rectifiers import METHODS, audit_graph, backward_rule, check_method, check_scriptable
 
 __all__ = [
     "Unit", "Projections", "DeconvResult", "project_units", "render_projection_pair", "strongest_units",
@@ -133,31 +132,10 @@ class Projections:
 
 # --------------------------------------------------------------------------- geometry
 
-_CATALOGUES: weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, int], Catalogue]] = weakref.WeakKeyDictionary()
-
-
-def _catalogue_at(loaded: LoadedModel, hw: tuple[int, int]) -> Catalogue:
-    """The catalogue traced at image size ``hw``.
-
-    Receptive-field offsets can depend on the input size (TF-"same" padding splits its
-    padding by the parity of each map's size), so boxes for a 224x337 image come from a
-    trace at 224x337. Cached per module and size.
-    """
-    if hw == tuple(loaded.preprocessing.input_size) and "catalogue" in loaded.__dict__:
-        return loaded.catalogue
-    per_model = _CATALOGUES.setdefault(loaded.module, {})
-    if hw not in per_model:
-        try:
-            per_model[hw] = build_catalogue(loaded.module, hw, loaded.device)
-        except RuntimeError as err:
-            raise ConvscopeError(f"the model cannot run on a {hw[0]}x{hw[1]} image: {str(err)[:200]}") from None
-    return per_model[hw]
-
-
 def _resolve_layer(loaded: LoadedModel, layer: str | LayerInfo, hw: tuple[int, int]) -> LayerInfo:
-    name = layer.name if isinstance(layer, LayerInfo) else loaded.catalogue.get(str(layer)).name
-    sized = _catalogue_at(loaded, hw)
-    if name not in sized:
+    name = layer.name if isinstance(layer, LayerInfo) else str(layer)
+    sized = loaded.catalogue_at(hw)
+    if isinstance(layer, LayerInfo) and name not in sized:
         raise ConvscopeError(f"layer {name} does not run on a {hw[0]}x{hw[1]} image")
     info = sized.get(name)
     if not info.is_spatial:
@@ -354,7 +332,7 @@ def project_units(
             default about one 224x224 image's worth of pixels on the CPU (:data:`BATCH_PIXELS`).
         strategy: ``"auto"``, ``"crop"``, ``"shared"`` or ``"full"`` (module docstring); all give the same maps.
         strict: refuse nonlinearities without a rule (GELU, SiLU, gates) instead of
-            backpropagating them plainly; see :func:`convscope.attribution.audit_graph`.
+            backpropagating them plainly; see :func:`convscope.rectifiers.audit_graph`.
         check_crops: compare each crop's unit value with a plain whole-image forward pass and
             recompute disagreeing units on the whole image. With False, ``values`` come from
             the crops; a caller that compares them with values it recorded itself (the dataset

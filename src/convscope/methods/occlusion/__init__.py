@@ -9,7 +9,7 @@ copy, and three maps are recorded:
   on the unoccluded image) of the deepest feature layer.
 
 All copies run batched, in chunks sized by a memory budget. By default they run
-**incrementally** (:mod:`convscope._incremental`, after Nakandala et al., SIGMOD 2019): the
+**incrementally** (:mod:`convscope.methods.occlusion.incremental`, after Nakandala et al., SIGMOD 2019): the
 unoccluded pass runs once per chunk, and every layer recomputes only the box its occluder
 can reach; layers where that box covers the whole map, and ops the engine has no rule for
 (global pooling, the classifier), run on the full batch. The result is exact (the tests
@@ -43,13 +43,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 
-from . import render
-from ._incremental import Patch, Unsupported, incremental_forward, window
-from .capture import frozen, recording
-from .errors import ConvscopeError, suggest
-from .images import ImageSource, load_image
-from .layers import LayerInfo
-from .models import LoadedModel, as_loaded
+from ... import render
+from ...capture import frozen, recording
+from ...errors import ConvscopeError, suggest
+from ...images import ImageSource, load_image
+from ...layers import LayerInfo
+from ...models import LoadedModel, as_loaded
+from .incremental import Patch, Unsupported, incremental_forward, window
 
 __all__ = ["OcclusionResult", "occlusion", "occluder_grid", "FILLS"]
 
@@ -201,7 +201,7 @@ class OcclusionResult:
         order = np.argsort(-counts, kind="stable")
         classes, counts = classes[order], counts[order]
         shown = classes[:max_classes]
-        palette = (render._lut("tab20")[np.linspace(0, 255, 20).astype(int)]).astype(np.uint8)
+        palette = (render.lut("tab20")[np.linspace(0, 255, 20).astype(int)]).astype(np.uint8)
         colors = np.empty((len(shown) + 1, 3), np.uint8)
         colors[:len(shown)] = palette[np.arange(len(shown)) * 2 % 20 + np.arange(len(shown)) * 2 // 20]
         colors[len(shown)] = (128, 128, 128)  # every class beyond the legend

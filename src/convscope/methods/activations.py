@@ -1,7 +1,7 @@
 """Feature maps: every requested layer's output for one photo, from one forward pass.
 
-This is part 1 of the mission: push a photo through the network and look at what each
-layer outputs. :func:`activations` returns arrays; :class:`ActivationResult` draws them
+Push a photo through the network and look at what each layer outputs (edges and colours
+early, textures next, parts deep). :func:`activations` returns arrays; :class:`ActivationResult` draws them
 (grids, heat-map overlays, the shallow-to-deep evolution strip) as PIL images, which a
 Jupyter notebook shows inline.
 """
@@ -14,12 +14,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import render
-from .capture import capture
-from .errors import ConvscopeError
-from .images import ImageSource, load_image
-from .layers import LayerInfo
-from .models import LoadedModel, as_loaded
+from .. import render
+from ..capture import capture
+from ..errors import ConvscopeError
+from ..images import ImageSource, load_image
+from ..layers import LayerInfo
+from ..models import LoadedModel, as_loaded
 
 __all__ = ["ActivationResult", "activations", "predict"]
 
@@ -138,7 +138,7 @@ def predict(model: LoadedModel | torch.nn.Module, image: ImageSource, top: int =
 
     The whole photo is resized to the model's input size (no crop), as in the blog post.
     """
-    from .capture import frozen
+    from ..capture import frozen
 
     loaded = as_loaded(model)
     rgb = loaded.preprocessing.fit(load_image(image), loaded.preprocessing.input_size)

@@ -1,7 +1,7 @@
 """Feature visualization: the image each filter wants to see, by gradient ascent from noise.
 
-Part 2 of the mission. :func:`visualize_features` optimizes one image per channel of a
-layer, all channels in one batched optimization (see :mod:`convscope.optvis.engine`), and
+:func:`visualize_features` optimizes one image per channel of a
+layer, all channels in one batched optimization (see :mod:`convscope.methods.features.engine`), and
 says honestly which channels are **dead**: zero on every sample photo *and* not raised above
 a small threshold by the optimization. The post saw such channels in deep layers as pure
 noise images; here they are flagged and counted instead.
@@ -39,15 +39,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import render
-from ._io import save_json, save_png
-from .capture import StopForward, capture, frozen, recording
-from .errors import ConvscopeError
-from .images import sample_photos
-from .layers import LayerInfo
-from .models import LoadedModel, as_loaded
-from .optvis import objectives as obj
-from .optvis.engine import Optimized, Recipe, make_recipe, optimize, resolve_layers
+from ... import render
+from ..._io import save_json, save_png
+from ...capture import StopForward, capture, frozen, recording
+from ...errors import ConvscopeError
+from ...images import sample_photos
+from ...layers import LayerInfo
+from ...models import LoadedModel, as_loaded
+from . import objectives as obj
+from .engine import Optimized, Recipe, make_recipe, optimize, resolve_layers
 
 __all__ = ["FeatureResult", "visualize_features", "visualize_classes", "visualize", "DEAD_THRESHOLD"]
 
@@ -69,7 +69,7 @@ class FeatureResult:
             ``photo_peak`` (the channel's strongest unit on any photo), ``dead``.
         layer: the layer (None for class objectives).
         objective: ``"channel"``, ``"neuron"``, ``"layer"``, ``"class"`` or a custom objective's name.
-        recipe: the :class:`~convscope.optvis.engine.Recipe` used.
+        recipe: the :class:`~convscope.methods.features.engine.Recipe` used.
         seed: the seed; the same seed gives the same images.
         model_title: model name and weights (says RANDOM INIT when so).
     """
@@ -427,13 +427,13 @@ def visualize(
     lr: float | None = None,
     progress: bool = False,
 ) -> FeatureResult:
-    """Maximize any :class:`~convscope.optvis.objectives.Objective` for a batch of ``n`` images.
+    """Maximize any :class:`~convscope.methods.features.objectives.Objective` for a batch of ``n`` images.
 
     Objectives compose, e.g. ``channel(l, 3) + 0.5 * channel(l, 9) - 1e-2 * total_variation()``.
     The ``n`` images (different seeds) are optimized in one batch.
 
     Example:
-        >>> from convscope.optvis.objectives import channel
+        >>> from convscope.methods.features.objectives import channel
         >>> visualize(lm, channel("blocks.3.1.bn1", 3) + channel("blocks.3.1.bn1", 9)).image(0)
     """
     loaded = as_loaded(model)

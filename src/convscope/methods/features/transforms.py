@@ -1,7 +1,7 @@
 """Transformation robustness: random pad, jitter, scale and rotation, drawn per image.
 
 A transform is a plain callable ``(x, rng) -> x`` on a ``(B, 3, H, W)`` batch, where ``rng``
-is an :class:`~convscope.optvis.param.ElementRNG`; :func:`compose` chains them, as lucent's
+is an :class:`~convscope.methods.features.param.ElementRNG`; :func:`compose` chains them, as lucent's
 ``transform.compose`` does. Each element draws its own offsets, scale and angle from its
 own generator, so an image is transformed the same way alone or in any batch.
 

@@ -1,6 +1,6 @@
 """Backward rules for the rectifiers: deconvnet, guided backprop and the plain gradient, one mechanism.
 
-The three methods of part 3 (Zeiler & Fergus 2013; Springenberg et al. 2014; Simonyan et al.
+The three projection methods (Zeiler & Fergus 2013; Springenberg et al. 2014; Simonyan et al.
 2013) differ only in what the backward pass does at a rectifier ``y = clamp(x, 0, high)``
 (``high`` is ``inf`` for ReLU, 6 for ReLU6). With ``g`` the signal arriving from above:
 

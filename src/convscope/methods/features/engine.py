@@ -33,10 +33,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..capture import StopForward, frozen, recording
-from ..errors import ConvscopeError
-from ..layers import LayerInfo
-from ..models import LoadedModel
+from ...capture import StopForward, frozen, recording
+from ...errors import ConvscopeError
+from ...layers import LayerInfo
+from ...models import LoadedModel
 from . import param as param_mod
 from .objectives import INPUT, LOGITS, Objective, diversity, l2, total_variation
 from .redirect import redirected_rectifiers

@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-from ..errors import ConvscopeError
+from ...errors import ConvscopeError
 
 __all__ = [
     "Objective", "INPUT", "LOGITS", "pick", "channel", "neuron", "layer", "class_logit",
@@ -209,7 +209,7 @@ def parse_objective(text: str) -> tuple[str, list[int] | None]:
     kind = kind.lower()
     kinds = ("channel", "neuron", "layer", "class")
     if kind not in kinds:
-        from ..errors import suggest
+        from ...errors import suggest
 
         raise ConvscopeError(f"unknown objective {text!r}.{suggest(kind, kinds)} Use channel, neuron, layer or class:N.")
     if kind == "class":

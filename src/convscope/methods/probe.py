@@ -30,12 +30,12 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from .capture import capture
-from .datasets import MIN_SIDE
-from .errors import ConvscopeError
-from .images import IMAGE_EXTENSIONS, load_image
-from .layers import LayerInfo
-from .models import LoadedModel, as_loaded
+from ..capture import capture
+from ..datasets import MIN_SIDE
+from ..errors import ConvscopeError
+from ..images import IMAGE_EXTENSIONS, load_image
+from ..layers import LayerInfo
+from ..models import LoadedModel, as_loaded
 
 __all__ = ["ProbeDataset", "ProbeResult", "probe", "lfw_faces", "image_folder", "random_init_like", "default_layers",
            "pooled_features"]
@@ -136,7 +136,7 @@ def random_init_like(loaded: LoadedModel, seed: int = 0) -> LoadedModel:
     initialisation; any other module is deep-copied and its layers' ``reset_parameters``
     run (PyTorch's default initialisation, batch-norm statistics reset).
     """
-    from .models import list_models, load_model
+    from ..models import list_models, load_model
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

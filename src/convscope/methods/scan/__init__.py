@@ -15,7 +15,7 @@ How it works:
 2. **Checkpoint.** The state is written atomically every N batches (and when interrupted);
    ``resume=True`` continues from it and gives exactly the uninterrupted result.
 3. **Render.** Only the top-k images of each channel are read again, in batches, and the
-   deconvnet (:func:`convscope.deconv.project_units`) projects each recorded unit back to
+   deconvnet (:func:`convscope.methods.deconv.project_units`) projects each recorded unit back to
    pixels. The re-run's activation is checked against the recorded one (a mismatch means the
    preprocessing or the weights drifted). Each channel gets one figure: a 3x3 sheet of
    projections beside a 3x3 sheet of the matching receptive-field patches, both cropped to
@@ -95,14 +95,14 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from . import render
-from ._io import atomic_path, save_json, save_npz, save_png
-from .capture import StopForward, frozen, recording
-from .datasets import ImageSet
-from .deconv import Unit, _catalogue_at, project_units, render_projection_pair
-from .errors import ConvscopeError
-from .layers import Catalogue, LayerInfo
-from .models import LoadedModel, as_loaded
+from ... import render
+from ..._io import atomic_path, save_json, save_npz, save_png
+from ...capture import StopForward, frozen, recording
+from ...datasets import ImageSet
+from ...errors import ConvscopeError
+from ...layers import Catalogue, LayerInfo
+from ...models import LoadedModel, as_loaded, fingerprint
+from ..deconv import Unit, project_units, render_projection_pair
 
 __all__ = [
     "TopK", "Example", "ScanResult", "scan", "default_layers", "load_checkpoint", "write_scan",
@@ -421,6 +421,17 @@ class ScanResult:
     def images_scanned(self) -> int:
         return self.topk.images_seen
 
+    def figure(self, layer: str | LayerInfo, channel: int, *, method: str = "deconvnet") -> Image.Image:
+        """One channel's figure: its top examples' projections beside their image patches.
+
+        Example:
+            >>> result.figure("blocks.3.2.bn3", 5)       # shows inline in Jupyter
+        """
+        figures: list[Image.Image] = []
+        render_channels(self, layer, [channel], method=method, progress=False,
+                        on_figure=lambda _c, figure, _e, _v: figures.append(figure))
+        return figures[0]
+
 
 def default_layers(catalogue: Catalogue) -> list[LayerInfo]:
     """At stride 4, 8 and 16, the last of the narrowest feature layers.
@@ -446,20 +457,6 @@ def default_layers(catalogue: Catalogue) -> list[LayerInfo]:
     return [features[i] for i in picks]
 
 
-def model_fingerprint(module: torch.nn.Module) -> str:
-    """A cheap fingerprint of the weights (sums and norms per tensor, 6 significant digits).
-
-    Catches a different checkpoint or an unseeded random init when resuming; rounding keeps
-    the same weights on another device equal.
-    """
-    digest = hashlib.sha1()
-    with torch.no_grad():
-        for name, tensor in module.state_dict().items():
-            if not tensor.is_floating_point() or tensor.numel() == 0:
-                continue
-            stats = (tensor.sum().item(), torch.linalg.vector_norm(tensor.float()).item())
-            digest.update(f"{name}:{tuple(tensor.shape)}:{stats[0]:.6g}:{stats[1]:.6g}\n".encode())
-    return digest.hexdigest()
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -524,7 +521,7 @@ def scan(
     """
     loaded = as_loaded(model)
     module, pre = loaded.module, loaded.preprocessing
-    catalogue = _catalogue_at(loaded, images.size)
+    catalogue = loaded.catalogue_at(images.size)
     chosen = default_layers(catalogue) if layers is None else catalogue.resolve(layers)
     if not chosen:
         raise ConvscopeError("no layer to scan; name some with --layers (`convscope layers` lists them)")
@@ -540,7 +537,7 @@ def scan(
 
     device = loaded.device
     source = images.describe()
-    identity = {"model": model_fingerprint(module), "model_title": loaded.title, "layers": names,
+    identity = {"model": fingerprint(module), "model_title": loaded.title, "layers": names,
                 "top": int(top), "source": source, "image_size": list(images.size), "start": int(start),
                 "stop": int(stop), "preprocessing": _preprocessing_identity(pre)}
     checkpoint = Path(checkpoint) if checkpoint is not None else None
@@ -697,7 +694,7 @@ def channel_figure(
     Args:
         examples: the channel's top examples, strongest first.
         pairs: ``(projection, patch)`` PIL crops of each example's clipped box, as made by
-            :func:`convscope.deconv.render_projection_pair`.
+            :func:`convscope.methods.deconv.render_projection_pair`.
         tile_px: tile side in pixels (default: the receptive field, between 64 and 128).
 
     Each tile stands for the unit's whole receptive field (at most the image): a box clipped
@@ -744,7 +741,7 @@ def render_channels(
     """Project every top example of ``channels`` with the deconvnet and draw each channel's figure.
 
     Only the top-k images are read again, a chunk of channels at a time (about
-    ``units_per_chunk`` units per :func:`convscope.deconv.project_units` call, which batches
+    ``units_per_chunk`` units per :func:`convscope.methods.deconv.project_units` call, which batches
     internally). ``on_figure(channel, figure, examples, rerun_values)`` receives each figure.
     A re-run value more than 1 % (of the channel's top value) off the recorded one raises a
     warning: the preprocessing or the weights changed since the scan.
@@ -829,7 +826,7 @@ def write_scan(
             count are ignored) or ``{layer name: list}``; default all.
         method: ``"deconvnet"`` (Zeiler & Fergus), ``"guided"`` or ``"gradient"``; ``None``
             writes the index and arrays without figures.
-        batch_size: passed to :func:`convscope.deconv.project_units` (default: its own budget).
+        batch_size: passed to :func:`convscope.methods.deconv.project_units` (default: its own budget).
 
     Returns:
         the index dict.
