@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -79,6 +80,32 @@ def port_number(text: str) -> int:
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"must be a port from 1 to 65535 (or 0 for any free port), got {value}")
     return value
+
+
+def memory_size(text: str) -> int:
+    """``"512MB"`` / ``"4GB"`` / ``"300"`` (MB) → bytes: the one spelling of every ``--memory`` option."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)i?b?\s*", text.lower())
+    if not match:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size: use e.g. 512MB or 4GB")
+    value, unit = float(match.group(1)), match.group(2) or "m"
+    size = int(value * 1024 ** "kmgt".index(unit) * 1024)
+    if size < 1 << 20:
+        raise argparse.ArgumentTypeError(f"{text!r} is too small: give at least 1MB")
+    return size
+
+
+def add_batch_size_arg(parser: argparse.ArgumentParser, what: str, default: int | None = None) -> None:
+    """``--batch-size``: the one spelling of "how many per forward pass" in every command."""
+    shown = "automatic" if default is None else str(default)
+    parser.add_argument("--batch-size", type=positive_int, default=default, metavar="N",
+                        help=f"{what} per forward pass (default: {shown})")
+
+
+def add_memory_arg(parser: argparse.ArgumentParser, what: str, default: str | None = None) -> None:
+    """``--memory SIZE``: the one spelling of a memory budget in every command."""
+    parser.add_argument("--memory", type=memory_size, default=memory_size(default) if default else None,
+                        metavar="SIZE", help=f"memory budget for {what}, e.g. 512MB or 2GB "
+                                             f"(default: {default or 'automatic'})")
 
 
 def check_out(path: str | os.PathLike) -> Path:
