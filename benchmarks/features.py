@@ -24,8 +24,8 @@ contributes: stop the forward pass at the layer, frozen weights, optimize at the
 size (lucent upsamples to 224), and batching.
 
 Usage:
-    python benchmarks/features.py                               # the full task
-    python benchmarks/features.py --lucent-channels 4           # lucent on 4 of the 16 channels (per-channel rates)
+    python benchmarks/features.py                               # the full task (about 14 min on 2 idle cores)
+    python benchmarks/features.py --lucent-channels 8           # lucent on 8 of the 16 channels (about 8 min)
     python benchmarks/features.py --quick                       # smoke run
 """
 
