@@ -8,13 +8,16 @@ per layer: seconds per channel-step of feature visualization, per projection of 
 per photo and channel of the activation overlays, per image of the scan, per page.
 
 Then prints what the full atlas would cost: every channel of every conv layer, 256 steps at
-128 px, top 9 from a scan of ``--full-scan`` images, ``--full-photos`` photos.
+128 px, top 9 from a scan of ``--full-scan`` images, ``--full-photos`` photos. All times are wall
+times (``perf_counter``) on this machine with torch's threads, so the totals are wall hours,
+not CPU-hours.
 
 No peer tool builds such an atlas offline: OpenAI Microscope is a precomputed website for 8
 fixed models, and Lucid/lucent render one channel per call (see benchmarks/features.py for
 that side-by-side). This script only reports our own rates.
 
 Run: python benchmarks/atlas.py [--model vgg19] [--channels 2] [--steps 32]
+Quick smoke run: python benchmarks/atlas.py --quick
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import _machine
 import numpy as np
+import torch
 from PIL import Image
 
 import convscope
@@ -53,7 +58,7 @@ def overlay_rate(photo: np.ndarray, maps: np.ndarray, out: Path, n: int = 40) ->
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="vgg19")
     parser.add_argument("--channels", type=int, default=2, help="channels per layer in the measured build")
     parser.add_argument("--steps", type=int, default=32, help="feature-visualization steps in the measured build")
@@ -62,7 +67,11 @@ def main() -> None:
     parser.add_argument("--full-photos", type=int, default=8)
     parser.add_argument("--full-scan", type=int, default=10_000)
     parser.add_argument("--out", default=None, help="keep the measured atlas here (default: a temp folder)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 1 channel per layer, 8 steps, 8 scanned images")
     args = parser.parse_args()
+    if args.quick:
+        args.channels, args.steps, args.scan_images = 1, 8, 8
+    _machine.header("benchmark: what a full atlas costs (wall time, extrapolated)")
 
     loaded = load(args.model)
     photos = sample_photos()
@@ -104,7 +113,8 @@ def main() -> None:
           f"scan: {scan_rate:.1f} images/s")
 
     header = f"{'layer':<16} {'C':>5} {'grids s':>8} {'features s/ch':>14} {'deconv s/ch':>12} {'full h':>7}"
-    print(f"\nfull atlas, per layer (every channel, {args.full_steps} steps, top 9, {full_photos} photos):")
+    print(f"\nfull atlas, per layer (every channel, {args.full_steps} steps, top 9, {full_photos} photos; "
+          "'full h' in wall hours):")
     print(header)
     total = {"activations": 0.0, "features": 0.0, "deconv": 0.0}
     for layer in layers:
@@ -129,8 +139,14 @@ def main() -> None:
     total["pages"] = (1 + len(layers) + channels) * per_page
     print(f"\nfull {args.model} atlas: {channels} channels, {len(layers)} layers, {1 + len(layers) + channels} pages")
     for name, seconds in total.items():
-        print(f"  {name:<12} {seconds / 3600:8.2f} h")
-    print(f"  {'total':<12} {sum(total.values()) / 3600:8.2f} h   (this machine, CPU; scan of {args.full_scan} images)")
+        print(f"  {name:<12} {seconds / 3600:8.2f} wall hours")
+    hours = sum(total.values()) / 3600
+    share = total["features"] / max(sum(total.values()), 1e-9)
+    print(f"  {'total':<12} {hours:8.2f} wall hours   (this machine, CPU, {torch.get_num_threads()} threads; "
+          f"scan of {args.full_scan} images)")
+    _machine.footer(f"full {args.model} atlas ({channels} channels, {args.full_steps} steps at 128 px, "
+                    f"{args.full_scan}-image scan): {hours:.1f} wall hours on this machine, {share:.0%} feature "
+                    f"visualization (extrapolated from {args.channels} channel(s)/layer x {args.steps} steps)")
 
 
 if __name__ == "__main__":

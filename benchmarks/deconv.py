@@ -15,6 +15,7 @@ Usage:
     python benchmarks/deconv.py                      # all, 64 channels, best of 2 (about an hour on 2 busy cores)
     python benchmarks/deconv.py --captum-channels 16 # time captum on 16 of the 64 calls (rate per projection)
     python benchmarks/deconv.py --models vgg16 --threads 1
+    python benchmarks/deconv.py --quick                  # smoke run: 4 channels, captum on 2, one repeat
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import copy
 import time
 import warnings
 
+import _machine
 import numpy as np
 import torch
 from torch import nn
@@ -120,9 +122,13 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2, help="alternating repeats; the best time of each counts")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--layers", default="middle,deep", help="middle, deep or both")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 4 channels, captum on 2, one repeat")
     args = parser.parse_args()
+    if args.quick:
+        args.channels, args.captum_channels, args.repeat = 4, 2, 1
     if args.threads:
         torch.set_num_threads(args.threads)
+    _machine.header("benchmark: deconvnet / guided backprop, convscope vs captum")
     captum_channels = args.captum_channels or args.channels
     photo = convscope.sample_photos(("chelsea",))["chelsea"]
     print(f"deconv benchmark: {args.channels} channels, strongest unit each, {args.size}x{args.size}, "
@@ -143,6 +149,9 @@ def main() -> None:
     for row in results:
         print(f"  {row['layer']:<28} {row['method']:<9} {row['ours_rate']:7.2f} vs {row['captum_rate']:6.2f}  "
               f"{row['ours_rate'] / row['captum_rate']:5.1f}x  [{row['captum_method']}]")
+    ratios = [row["ours_rate"] / row["captum_rate"] for row in results]
+    _machine.footer(f"ours / captum projections per second: {min(ratios):.1f}x to {max(ratios):.1f}x over "
+                    f"{len(results)} cases (see the summary for which)")
 
 
 if __name__ == "__main__":

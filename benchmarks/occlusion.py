@@ -8,11 +8,12 @@ cover it, of ``p0 - p(occluded)``. To compare like with like, our per-position p
 map is turned into the same pixel map (same windows, same averaging), and the script
 prints the largest absolute difference between the two.
 
-Each method runs ``--repeats`` times, interleaved; the best wall time is reported (this
-machine may be shared: say so next to the figures), with the process CPU time beside it.
+Each method runs ``--repeats`` times (at least 3), interleaved; the best wall time is reported
+(this machine may be shared: say so next to the figures), with the process CPU time beside it.
 
 Usage:
-    python benchmarks/occlusion.py [--threads 1] [--repeats 2] [--ppe 1,32]
+    python benchmarks/occlusion.py [--threads 1] [--repeats 3] [--ppe 1,32]
+    python benchmarks/occlusion.py --quick        # smoke run: stride 32 (7x7 positions), still 3 repeats
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import time
 
+import _machine
 import numpy as np
 import torch
 
@@ -66,12 +68,19 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: on a shared, oversubscribed CPU, OpenMP barriers make "
                              "2 threads several times slower for every method; 0 = torch's default)")
-    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved runs of every method, at least 3")
     parser.add_argument("--ppe", default="1,32", help="captum perturbations_per_eval values to time")
     parser.add_argument("--batch", type=int, default=None, help="our copies per forward pass (default: automatic)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: stride 32 (49 positions); repeats unchanged")
     args = parser.parse_args()
+    if args.repeats < 3:
+        # one run of a method on a shared machine says more about the neighbours than about the method
+        parser.error("--repeats must be at least 3; use --quick for a cheaper run")
+    if args.quick:
+        args.stride = 32
     if args.threads:
         torch.set_num_threads(args.threads)
+    _machine.header("benchmark: occlusion maps, convscope vs captum Occlusion")
 
     loaded = convscope.load_model(device="cpu")
     photo = convscope.sample_photos(("chelsea",))["chelsea"]
@@ -112,10 +121,16 @@ def main() -> None:
     print(f"max |p| difference, incremental vs plain (per-position maps): "
           f"{np.abs(ours.probability - plain.probability).max():.2e}")
     ours_pixels = ours_as_captum(ours, *size)
+    diffs = []
     for name in results:
         if name.startswith("captum"):
-            print(f"max |difference| vs {name} (pixel maps, captum's form): "
-                  f"{np.abs(ours_pixels - results[name]).max():.2e}")
+            diff = np.abs(ours_pixels - results[name]).max()
+            diffs.append(diff)
+            print(f"max |difference| vs {name} (pixel maps, captum's form): {diff:.2e}")
+    captum = min((wall, name) for name, (wall, _) in best.items() if name.startswith("captum"))
+    _machine.footer(f"convscope incremental {captum[0] / reference:.2f}x faster (wall, best of {args.repeats}) than the "
+                    f"fastest captum run ({captum[1]}), plain batched {captum[0] / best['convscope plain batched'][0]:.2f}x; "
+                    f"max |difference| {max(diffs):.1e}")
 
 
 if __name__ == "__main__":
