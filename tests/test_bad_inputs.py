@@ -135,7 +135,7 @@ CASES = [
     ("occlusion-bomb", ["occlusion", "in/bomb.png"], "too large to decode", False),
     ("occlusion-thin", ["occlusion", "in/thin.png", "--size", "100"], "--max-side", False),
     # probe
-    ("probe-batch-zero", ["probe", "--samples", "--batch", "0"], "--batch", False),
+    ("probe-batch-size-zero", ["probe", "--samples", "--batch-size", "0"], "--batch-size", False),
     ("probe-folds-one", ["probe", "--samples", "--folds", "1"], "at least 2", False),
     ("probe-class-of-one", ["probe", "in/classes", "--folds", "2"], "add images to it", False),
     ("probe-bomb-only-class", ["probe", "in/bombclass"], "at least two classes", False),
