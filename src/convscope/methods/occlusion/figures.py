@@ -85,24 +85,25 @@ def _legend(rows: list[tuple[np.ndarray, str]], height: int) -> Image.Image:
     return image
 
 
+def _map_image(res: OcclusionResult, values: np.ndarray, cmap: str, heading: str, unoccluded: str) -> Image.Image:
+    """``values`` over the photo with a colour bar spanning their own min..max."""
+    low, high = float(values.min()), float(values.max())
+    picture = _overlay(res, values, cmap, low, high)
+    return _panel(picture, [heading, f"unoccluded: {unoccluded}; colour scale {low:.3g} .. {high:.3g}"],
+                  render.colorbar(picture.height, low, high, cmap))
+
+
 def probability_image(res: OcclusionResult, cmap: str = "jet") -> Image.Image:
     """The target-class probability map over the photo, with a colour bar (its own min..max)."""
-    low, high = float(res.probability.min()), float(res.probability.max())
-    picture = _overlay(res, res.probability, cmap, low, high)
-    return _panel(picture, [
-        f"p({res.target_name}) with the occluder centred at each point",
-        f"unoccluded: {res.base_probability:.3f}; colour scale {low:.3g} .. {high:.3g}",
-    ], render.colorbar(picture.height, low, high, cmap))
+    return _map_image(res, res.probability, cmap, f"p({res.target_name}) with the occluder centred at each point",
+                      f"{res.base_probability:.3f}")
 
 
 def activity_image(res: OcclusionResult, cmap: str = "viridis") -> Image.Image:
     """The chosen feature map's mean activation map over the photo, with a colour bar."""
-    low, high = float(res.activity.min()), float(res.activity.max())
-    picture = _overlay(res, res.activity, cmap, low, high)
-    return _panel(picture, [
-        f"{res.layer.alias or res.layer.name} ch {res.channel}: mean activation vs occluder",
-        f"unoccluded: {res.base_activity:.3g}; colour scale {low:.3g} .. {high:.3g}",
-    ], render.colorbar(picture.height, low, high, cmap))
+    return _map_image(res, res.activity, cmap,
+                      f"{res.layer.alias or res.layer.name} ch {res.channel}: mean activation vs occluder",
+                      f"{res.base_activity:.3g}")
 
 
 def label_image(res: OcclusionResult, max_classes: int = 12) -> Image.Image:
