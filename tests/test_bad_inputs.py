@@ -128,14 +128,14 @@ CASES = [
     # occlusion
     ("occlusion-patch-zero", ["occlusion", "in/good.jpg", "--patch", "0"], "--patch", False),
     ("occlusion-stride-zero", ["occlusion", "in/good.jpg", "--stride", "0"], "--stride", False),
-    ("occlusion-batch-zero", ["occlusion", "in/good.jpg", "--batch", "0"], "--batch", False),
-    ("occlusion-memory-zero", ["occlusion", "in/good.jpg", "--memory-mb", "0"], "--memory-mb", False),
-    ("occlusion-memory-inf", ["occlusion", "in/good.jpg", "--memory-mb", "inf"], "finite", False),
+    ("occlusion-batch-size-zero", ["occlusion", "in/good.jpg", "--batch-size", "0"], "--batch-size", False),
+    ("occlusion-memory-zero", ["occlusion", "in/good.jpg", "--memory", "0"], "--memory", False),
+    ("occlusion-memory-inf", ["occlusion", "in/good.jpg", "--memory", "inf"], "not a size", False),
     ("occlusion-tiny", ["occlusion", "in/tiny.png"], "at least 8 px", False),
     ("occlusion-bomb", ["occlusion", "in/bomb.png"], "too large to decode", False),
     ("occlusion-thin", ["occlusion", "in/thin.png", "--size", "100"], "--max-side", False),
     # probe
-    ("probe-batch-zero", ["probe", "--samples", "--batch", "0"], "--batch", False),
+    ("probe-batch-size-zero", ["probe", "--samples", "--batch-size", "0"], "--batch-size", False),
     ("probe-folds-one", ["probe", "--samples", "--folds", "1"], "at least 2", False),
     ("probe-class-of-one", ["probe", "in/classes", "--folds", "2"], "add images to it", False),
     ("probe-bomb-only-class", ["probe", "in/bombclass"], "at least two classes", False),

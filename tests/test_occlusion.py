@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import sys
 import warnings
 
 import numpy as np
@@ -14,7 +13,7 @@ from PIL import Image
 
 from convscope import ConvscopeError, LoadedModel
 from convscope.cli.main import main
-from convscope.methods.occlusion import occluder_grid, occlusion
+from convscope.methods.occlusion import engine, occluder_grid, occlusion
 
 from .conftest import model_state
 
@@ -59,7 +58,7 @@ def test_map_shapes_follow_patch_and_stride(default_model, photos, size, patch, 
         assert getattr(res, name).shape == shape, name
     assert list(res.tops) == list(range(0, shape[0] * stride, stride))
     assert list(res.lefts) == list(range(0, shape[1] * stride, stride))
-    data = res.as_dict()
+    data = res.to_dict()
     assert np.array(data["probability"]).shape == shape and np.array(data["activity"]).shape == shape
     assert data["map_shape"] == list(shape)
 
@@ -160,8 +159,7 @@ def test_unsupported_model_falls_back_to_plain_and_says_so(photos):
 @pytest.mark.parametrize("wrong_chunk, caught", [(1, True), (5, True), (3, False)])
 def test_the_spot_check_compares_the_first_and_last_chunks(default_model, photos, monkeypatch, wrong_chunk, caught):
     """An incremental result gone wrong in the first or last chunk is caught, and runs plainly from there."""
-    occlusion_module = sys.modules["convscope.occlusion"]
-    real = occlusion_module._incremental_chunk
+    real = engine.incremental_chunk
     calls = {"n": 0}
 
     def wrong_once(*args):
@@ -170,7 +168,7 @@ def test_the_spot_check_compares_the_first_and_last_chunks(default_model, photos
         return (out + 5.0, acts, trace) if calls["n"] == wrong_chunk else (out, acts, trace)
 
     kwargs = dict(patch=32, stride=32, size=(96, 96), batch_size=2)           # 3x3 copies in 5 chunks
-    monkeypatch.setattr(occlusion_module, "_incremental_chunk", wrong_once)
+    monkeypatch.setattr(engine, "incremental_chunk", wrong_once)
     with warnings.catch_warnings(record=True) as warned:
         warnings.simplefilter("always")
         res = occlusion(default_model, photos["chelsea"], **kwargs)
@@ -200,3 +198,15 @@ def test_cli_writes_maps_and_pictures(tmp_path, photos, capsys):
     assert main(["occlusion", str(photo), "--patch", "500", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "larger than the image" in err and "Traceback" not in err
+
+
+def test_save_writes_the_maps_pictures_and_json_index(default_model, photos, tmp_path):
+    res = occlusion(default_model, photos["chelsea"], patch=112, stride=112)     # 2x2 positions
+    index = res.save(tmp_path / "occ", stem="cat")
+    assert sorted(p.name for p in (tmp_path / "occ").iterdir()) == [
+        "cat.json", "cat.png", "cat_activity.png", "cat_labels.png", "cat_probability.png"]
+    assert index["files"] == {"json": "cat.json", "sheet": "cat.png", "probability": "cat_probability.png",
+                              "labels": "cat_labels.png", "activity": "cat_activity.png"}
+    assert json.loads((tmp_path / "occ" / "cat.json").read_text()) == json.loads(json.dumps(index))
+    assert {k: v for k, v in index.items() if k != "files"} == res.to_dict()
+    assert Image.open(tmp_path / "occ" / "cat.png").size == res.sheet().size

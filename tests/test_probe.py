@@ -54,7 +54,7 @@ def test_results_are_deterministic_for_the_seed(default_model):
     second = probe(default_model, _small_set(), **kwargs)
     assert np.array_equal(first.accuracy, second.accuracy)
     assert np.array_equal(first.baseline, second.baseline)
-    assert first.as_dict() == second.as_dict()
+    assert first.to_dict() == second.to_dict()
 
 
 def test_random_init_copy_is_seeded_and_leaves_the_model_alone(default_model):
@@ -116,3 +116,14 @@ def test_cli_on_a_folder_writes_table_plot_and_json(tmp_path, photos, capsys):
     assert "--samples" in capsys.readouterr().err
     assert main(["probe", str(tmp_path / "nope"), "--out", str(out)]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_save_writes_plot_table_and_json_index(default_model, tmp_path):
+    res = probe(default_model, _small_set(6), "bn1", size=32, folds=2, baseline=False)
+    index = res.save(tmp_path / "probe")
+    assert sorted(p.name for p in (tmp_path / "probe").iterdir()) == ["probe.json", "probe.png", "probe.txt"]
+    assert index["files"] == {"json": "probe.json", "plot": "probe.png", "table": "probe.txt"}
+    assert json.loads((tmp_path / "probe" / "probe.json").read_text()) == index
+    assert {k: v for k, v in index.items() if k != "files"} == res.to_dict()
+    assert (tmp_path / "probe" / "probe.txt").read_text() == res.table() + "\n"
+    assert Image.open(tmp_path / "probe" / "probe.png").size == res.plot().size

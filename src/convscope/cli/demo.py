@@ -23,8 +23,6 @@ from ..models import load_model
 from ._common import add_out_arg, out_dir
 from .activations import write_activation_outputs
 from .deconv import write_deconv_outputs
-from .occlusion import summary_lines, write_occlusion_outputs
-from .probe import write_probe_outputs
 
 # The atlas budget of the demo: 6 channels per layer, short feature visualizations, a scan of
 # 256 windows of the built-in sample set, on DEMO_LAYERS.
@@ -135,8 +133,8 @@ def step_occlusion(loaded, photos, out: Path) -> None:
 
     # stride 16 keeps the demo quick (169 positions); `convscope occlusion` defaults to stride 8
     result = occlusion(loaded, photos["chelsea"], patch=32, stride=16, progress=True)
-    write_occlusion_outputs(result, out / "occlusion", stem="chelsea")
-    for line in summary_lines(result):
+    result.save(out / "occlusion", stem="chelsea")
+    for line in result.summary_lines():
         print(f"  occlusion: {line}")
     print(f"  occlusion maps: {out / 'occlusion'}")
 
@@ -147,7 +145,7 @@ def step_probe(loaded, photos, out: Path) -> None:
     # Cheap settings: 64x64 inputs and 5 layers; `convscope probe --samples` runs the full-size version.
     layers = [layer.name for layer in default_layers(loaded, 5)]
     result = probe(loaded, None, layers, folds=5, seed=0, size=64, progress=True)
-    write_probe_outputs(result, out / "probe")
+    result.save(out / "probe")
     print("  " + result.table().replace("\n", "\n  "))
     print(f"  probe table and plot: {out / 'probe'}")
 

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-import numpy as np
-
-from .._io import save_json, save_png
 from ..images import load_image
-from ..methods.occlusion import FILLS, METHODS, OcclusionResult, occlusion
+from ..methods.occlusion import FILLS, METHODS, occlusion
 from ._common import (
+    add_batch_size_arg,
     add_max_side_arg,
+    add_memory_arg,
     add_model_args,
     add_out_arg,
     check_image,
@@ -21,7 +19,6 @@ from ._common import (
     non_negative_int,
     out_dir,
     parse_size,
-    positive_float,
     positive_int,
 )
 
@@ -47,42 +44,12 @@ def register(subparsers) -> None:
     p.add_argument("--size", default=None, help="N (shorter side) or HxW; default the model's input size")
     p.add_argument("--method", default="incremental", choices=METHODS,
                    help="incremental (exact, faster) or plain batched inference")
-    p.add_argument("--batch", type=positive_int, default=None, help="occluded copies per forward pass (default: automatic)")
-    p.add_argument("--memory-mb", type=positive_float, default=1024, help="memory budget per forward pass (default 1024)")
+    add_batch_size_arg(p, "occluded copies")
+    add_memory_arg(p, "each forward pass (sets the automatic --batch-size)", "1GB")
     add_max_side_arg(p)
     add_out_arg(p, "runs/occlusion")
     add_model_args(p)
     p.set_defaults(func=run)
-
-
-def write_occlusion_outputs(result: OcclusionResult, out: Path, stem: str = "occlusion") -> dict:
-    """Write the JSON (raw maps) and the pictures for one result; return the file names."""
-    files = {"json": f"{stem}.json", "sheet": f"{stem}.png", "probability": f"{stem}_probability.png",
-             "labels": f"{stem}_labels.png", "activity": f"{stem}_activity.png"}
-    save_png(result.sheet(), out / files["sheet"])
-    save_png(result.probability_image(), out / files["probability"])
-    save_png(result.label_image(), out / files["labels"])
-    save_png(result.activity_image(), out / files["activity"])
-    save_json({**result.as_dict(), "files": files}, out / files["json"])
-    return files
-
-
-def summary_lines(result: OcclusionResult) -> list[str]:
-    i, j = np.unravel_index(int(result.probability.argmin()), result.shape)
-    lines = [
-        f"target: {result.target_name} (class {result.target}); unoccluded p = {result.base_probability:.3f}",
-        f"{result.shape[0]}x{result.shape[1]} positions (patch {result.patch}, stride {result.stride}, "
-        f"{result.fill} fill): p from {result.probability.min():.3f} (occluder at top {result.tops[i]}, "
-        f"left {result.lefts[j]}) to {result.probability.max():.3f}",
-        f"top class changes at {np.mean(result.labels != result.base_label):.0%} of positions",
-        f"feature map: {result.layer.label} channel {result.channel}, mean activation "
-        f"{result.activity.min():.3g} .. {result.activity.max():.3g} (unoccluded {result.base_activity:.3g})",
-    ]
-    method = result.method
-    if result.incremental:
-        method += f" (convolution work: {result.incremental['conv_mac_fraction']:.0%} of the plain forward's)"
-    lines.append(f"{method}; {result.seconds:.1f} s")
-    return lines
 
 
 def run(args) -> int:
@@ -91,14 +58,13 @@ def run(args) -> int:
     image = check_image(load_image(args.image), args.image, args.max_side, size)
     loaded = load_from_args(args)
     check_image(image, args.image, args.max_side, size, model_short_side(loaded))
-    target = args.target
-    result = occlusion(loaded, image, patch=args.patch, stride=args.stride, fill=args.fill, target=target,
+    result = occlusion(loaded, image, patch=args.patch, stride=args.stride, fill=args.fill, target=args.target,
                        layer=args.layer, channel=args.channel, size=size, method=args.method,
-                       batch_size=args.batch, memory_mb=args.memory_mb, progress=True)
+                       batch_size=args.batch_size, memory_budget=args.memory, progress=True)
     out = out_dir(args.out)
-    files = write_occlusion_outputs(result, out)
+    index = result.save(out)
     print(f"model: {loaded.title}")
-    for line in summary_lines(result):
+    for line in result.summary_lines():
         print(f"  {line}")
-    print(f"wrote {', '.join(files.values())} to {out}")
+    print(f"wrote {', '.join(index['files'].values())} to {out}")
     return 0

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from .._io import atomic_path, save_json, save_png
 from ..errors import ConvscopeError
-from ..methods.probe import ProbeResult, check_dataset, image_folder, lfw_faces, probe
-from ._common import add_model_args, add_out_arg, check_out, load_from_args, out_dir, parse_size, positive_int
+from ..methods.probe import check_dataset, image_folder, lfw_faces, probe
+from ._common import (
+    add_batch_size_arg,
+    add_model_args,
+    add_out_arg,
+    check_out,
+    load_from_args,
+    out_dir,
+    parse_size,
+    positive_int,
+)
 
 
 def register(subparsers) -> None:
@@ -28,20 +35,11 @@ def register(subparsers) -> None:
     p.add_argument("--folds", type=positive_int, default=5, help="stratified cross-validation folds (default 5)")
     p.add_argument("--seed", type=int, default=0, help="fixes folds, classifier and the random-init baseline")
     p.add_argument("--size", default=None, help="N (square) or HxW fed to the model (default: the model's input size)")
-    p.add_argument("--batch", type=positive_int, default=16, help="images per forward pass (default 16)")
+    add_batch_size_arg(p, "images", 16)
     p.add_argument("--no-baseline", action="store_true", help="skip the random-init baseline")
     add_out_arg(p, "runs/probe")
     add_model_args(p)
     p.set_defaults(func=run)
-
-
-def write_probe_outputs(result: ProbeResult, out: Path) -> dict:
-    files = {"json": "probe.json", "plot": "probe.png", "table": "probe.txt"}
-    save_png(result.plot(), out / files["plot"])
-    with atomic_path(out / files["table"]) as tmp:
-        tmp.write_text(result.table() + "\n")
-    save_json({**result.as_dict(), "files": files}, out / files["json"])
-    return files
 
 
 def run(args) -> int:
@@ -58,10 +56,10 @@ def run(args) -> int:
     check_dataset(dataset, args.folds)
     loaded = load_from_args(args)
     result = probe(loaded, dataset, args.layers, folds=args.folds, seed=args.seed,
-                   size=size, baseline=not args.no_baseline, batch_size=args.batch, progress=True)
+                   size=size, baseline=not args.no_baseline, batch_size=args.batch_size, progress=True)
     out = out_dir(args.out)
-    files = write_probe_outputs(result, out)
+    index = result.save(out)
     print(f"model: {loaded.title}")
     print(result.table())
-    print(f"wrote {', '.join(files.values())} to {out}")
+    print(f"wrote {', '.join(index['files'].values())} to {out}")
     return 0

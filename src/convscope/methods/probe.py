@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import io
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from .._io import atomic_path, save_json, save_png
 from ..capture import capture
 from ..datasets import MIN_SIDE
 from ..errors import ConvscopeError
@@ -255,7 +257,8 @@ class ProbeResult:
         buffer.seek(0)
         return Image.open(buffer).convert("RGB")
 
-    def as_dict(self) -> dict:
+    def to_dict(self) -> dict:
+        """Settings and the per-layer accuracies (:meth:`rows`), for the JSON output."""
         return {"dataset": self.dataset, "n_images": self.n_images, "class_counts": self.class_counts,
                 "folds": self.folds, "seed": self.seed, "input_size": list(self.size), "chance": self.chance,
                 "model": self.model_title, "baseline_model": self.baseline_title,
@@ -263,10 +266,27 @@ class ProbeResult:
                 "features": "per-channel spatial mean and max of each layer's output",
                 "layers": self.rows()}
 
+    def save(self, folder: str | os.PathLike) -> dict:
+        """Write ``probe.png`` (:meth:`plot`), ``probe.txt`` (:meth:`table`) and ``probe.json`` (last).
 
-def default_layers(loaded: LoadedModel, count: int = 8) -> list[LayerInfo]:
-    """``count`` feature layers spread evenly over the depth, first and last included."""
-    feats = loaded.catalogue.features
+        Returns the JSON index: :meth:`to_dict` plus ``files``, the names written.
+        """
+        folder = Path(folder)
+        files = {"json": "probe.json", "plot": "probe.png", "table": "probe.txt"}
+        save_png(self.plot(), folder / files["plot"])
+        with atomic_path(folder / files["table"]) as tmp:
+            tmp.write_text(self.table() + "\n")
+        index = {**self.to_dict(), "files": files}
+        save_json(index, folder / files["json"])
+        return index
+
+
+def default_layers(loaded: LoadedModel, count: int = 8, size: tuple[int, int] | None = None) -> list[LayerInfo]:
+    """``count`` feature layers spread evenly over the depth, first and last included.
+
+    ``size``: the input size their shapes are given at (default the model's input size).
+    """
+    feats = (loaded.catalogue_at(size) if size is not None else loaded.catalogue).features
     if not feats:
         raise ConvscopeError("this model has no convolutional feature layer; pass layers explicitly")
     picks = np.unique(np.linspace(0, len(feats) - 1, min(count, len(feats))).round().astype(int))
@@ -328,7 +348,7 @@ def _cross_validate(features: list[np.ndarray], labels: np.ndarray, folds: int, 
 def probe(
     model: LoadedModel | torch.nn.Module,
     dataset: ProbeDataset | str | Path | None = None,
-    layers: str | list[str] | None = None,
+    layers: str | list[str | LayerInfo] | None = None,
     *,
     folds: int = 5,
     seed: int = 0,
@@ -343,7 +363,8 @@ def probe(
         model: a :class:`LoadedModel` or ``nn.Module``.
         dataset: a :class:`ProbeDataset`, a folder (one sub-folder per class), or None for
             the built-in :func:`lfw_faces`.
-        layers: names, aliases or patterns; default 8 feature layers spread over the depth.
+        layers: names, aliases or patterns (or :class:`LayerInfo` rows), resolved at the input
+            size used; default 8 feature layers spread over the depth.
         folds: stratified folds (each class needs at least this many images).
         seed: fixes the fold split, the classifier and the random-init baseline.
         size: image size fed to the model, ``(H, W)`` or a side; default the model's input size.
@@ -362,21 +383,26 @@ def probe(
     check_dataset(dataset, folds)
     if batch_size < 1:
         raise ConvscopeError(f"batch size must be at least 1 (got {batch_size})")
-    chosen = default_layers(loaded) if layers is None else loaded.catalogue.resolve(layers)
     if isinstance(size, int):
         size = (size, size)
     size = tuple(size) if size is not None else tuple(loaded.preprocessing.input_size)
+    if layers is None:
+        chosen = default_layers(loaded, size=size)
+    else:
+        if not isinstance(layers, str):
+            layers = [layer.name if isinstance(layer, LayerInfo) else layer for layer in layers]
+        chosen = loaded.catalogue_at(size).resolve(layers)
 
     feats, shapes = pooled_features(loaded, dataset.images, chosen, size, batch_size, progress)
     accuracy = _cross_validate(feats, dataset.labels, folds, seed)
     base_scores, base_title = None, None
     if baseline:
         random_model = random_init_like(loaded, seed)
-        rows = {layer.name for layer in random_model.catalogue}
-        missing = [layer.name for layer in chosen if layer.name not in rows]
+        random_catalogue = random_model.catalogue_at(size)
+        missing = [layer.name for layer in chosen if layer.name not in random_catalogue]
         if missing:
             raise ConvscopeError(f"the random-init copy lacks layers {missing}")
-        random_layers = [random_model.catalogue.get(layer.name) for layer in chosen]
+        random_layers = [random_catalogue.get(layer.name) for layer in chosen]
         base_feats, _ = pooled_features(random_model, dataset.images, random_layers, size, batch_size, progress)
         base_scores = _cross_validate(base_feats, dataset.labels, folds, seed)
         base_title = random_model.title
