@@ -268,13 +268,9 @@ def collect_photos(images: ImageSource | Iterable[ImageSource] | dict | None, ma
             for path in files:
                 if len(found) >= max_photos:
                     break
-                try:
-                    rgb = load_image(path)
-                except ConvscopeError as err:
-                    tqdm.write(f"warning: skipped {path}: {err}")
-                    continue
-                if min(rgb.shape[:2]) < MIN_SIDE:
-                    tqdm.write(f"warning: skipped {path}: {rgb.shape[1]}x{rgb.shape[0]} px, under {MIN_SIDE} px on a side")
+                rgb, reason = _read_photo(path)
+                if rgb is None:
+                    tqdm.write(f"warning: skipped {path}: {reason}")
                     continue
                 found.append((path.name, str(path), rgb))
         elif isinstance(item, (str, Path)):
@@ -284,3 +280,14 @@ def collect_photos(images: ImageSource | Iterable[ImageSource] | dict | None, ma
     if not found:
         raise ConvscopeError("no readable photos for the atlas; pass image files or a folder with --images")
     return found
+
+
+def _read_photo(path: Path) -> tuple[np.ndarray | None, str]:
+    """A photo found in a folder, or None and why it is not usable (unreadable, or too small)."""
+    try:
+        rgb = load_image(path)
+    except ConvscopeError as err:
+        return None, str(err)
+    if min(rgb.shape[:2]) < MIN_SIDE:
+        return None, f"{rgb.shape[1]}x{rgb.shape[0]} px, under {MIN_SIDE} px on a side"
+    return rgb, ""
