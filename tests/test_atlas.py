@@ -17,7 +17,7 @@ from torch import nn
 
 import convscope
 from convscope.atlas import AtlasSettings, Stage, build_atlas, render_site
-from convscope.atlas.build import ActivationsStage
+from convscope.atlas.stages import ActivationsStage
 from convscope.atlas.store import slugify, unique_slugs
 from convscope.cli.main import main
 from convscope.serve import start_server

@@ -8,7 +8,9 @@ Example:
     >>> build.index                      # open it, or: convscope serve runs/atlas
 """
 
-from .build import STAGE_NAMES, STAGES, AtlasBuild, AtlasSettings, Stage, build_atlas
+from .context import AtlasBuild, AtlasSettings, Stage
+from .driver import build_atlas
 from .pages import render_site
+from .stages import STAGE_NAMES, STAGES
 
 __all__ = ["AtlasBuild", "AtlasSettings", "STAGES", "STAGE_NAMES", "Stage", "build_atlas", "render_site"]

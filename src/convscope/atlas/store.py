@@ -26,7 +26,7 @@ from PIL import Image
 from .._io import atomic_path, save_json, save_png
 
 __all__ = ["slugify", "unique_slugs", "make_key", "save_picture", "record_files",
-           "read_json", "Picture"]
+           "read_json", "Picture", "sig_figure", "sig_figures"]
 
 # A picture as the pages see it: the file to show ("src", possibly a smaller copy sized for the
 # screen), the full-resolution file ("full") and the shown size in pixels.
@@ -137,3 +137,13 @@ def read_json(path: Path) -> dict | None:
 
 def write_record(path: Path, record: dict) -> None:
     save_json(record, path)
+
+
+def sig_figures(values: Any, digits: int = 4) -> list[float]:
+    """Floats rounded to ``digits`` significant digits, for small JSON records."""
+    return [float(f"{v:.{digits}g}") for v in np.asarray(values, dtype=np.float64).ravel()]
+
+
+def sig_figure(value: Any) -> float | None:
+    """One number rounded to 4 significant digits (None stays None)."""
+    return None if value is None else float(f"{float(value):.4g}")

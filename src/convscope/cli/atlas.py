@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..atlas import STAGE_NAMES, AtlasSettings, build_atlas
+from ..atlas.driver import atlas_layers, check_settings
 from ..datasets import FolderImages
 from ..errors import ConvscopeError
 from ..images import IMAGE_EXTENSIONS, load_image
@@ -59,20 +60,13 @@ def register(subparsers) -> None:
 
 
 def settings_from_args(args) -> AtlasSettings:
-    for flag, value in (("--photos", args.photos), ("--steps", args.steps), ("--size", args.size), ("--top", args.top)):
-        if value < 1:
-            raise ConvscopeError(f"{flag} must be at least 1, got {value}")
-    for flag, value in (("--channels-per-layer", args.channels_per_layer), ("--scan-limit", args.scan_limit)):
-        if value is not None and value < 1:
-            raise ConvscopeError(f"{flag} must be at least 1, got {value}")
     skip = tuple(s.strip() for s in args.skip.split(",") if s.strip())
-    unknown = [name for name in skip if name not in STAGE_NAMES]
-    if unknown:
-        raise ConvscopeError(f"unknown stage {unknown[0]!r} in --skip; stages are {', '.join(STAGE_NAMES)}")
-    return AtlasSettings(layers=args.layers, channels_per_layer=args.channels_per_layer, steps=args.steps,
-                         feature_size=args.size, recipe=args.recipe, seed=args.seed, top=args.top,
-                         max_photos=args.photos, scan_images=args.scan, skip=skip,
-                         deconv_method=args.deconv_method, scan_limit=args.scan_limit)
+    settings = AtlasSettings(layers=args.layers, channels_per_layer=args.channels_per_layer, steps=args.steps,
+                             feature_size=args.size, recipe=args.recipe, seed=args.seed, top=args.top,
+                             max_photos=args.photos, scan_images=args.scan, skip=skip,
+                             deconv_method=args.deconv_method, scan_limit=args.scan_limit)
+    check_settings(settings)
+    return settings
 
 
 def check_sources(args) -> dict:
@@ -102,10 +96,10 @@ def run(args) -> int:
     loaded = load_from_args(args)
     for item, image in named.items():  # the photos are fitted to the model's input size: shorter side
         check_image(image, item, args.max_side, None, model_short_side(loaded))
+    layers = atlas_layers(loaded, settings.layers)
     out = out_dir(args.out)
     print(f"model: {loaded.title}")
-    layers = [layer for layer in loaded.catalogue.resolve(settings.layers) if layer.is_spatial]
-    channels = sum(min(layer.channels, settings.channels_per_layer or layer.channels) for layer in layers)
+    channels = sum(len(settings.channels(layer)) for layer in layers)
     print(f"plan: {len(layers)} layers, {channels} channels with pages, feature visualizations ({settings.steps} "
           f"steps at {settings.feature_size} px) and top-{settings.top} projections; valid results in {out} are "
           "reused (budget with --layers, --channels-per-layer, --steps)")

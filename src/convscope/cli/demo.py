@@ -30,8 +30,8 @@ DEMO_SETTINGS = AtlasSettings(channels_per_layer=6, steps=64, feature_size=96, t
                               scan_limit=256)
 # The default model's stem, the output of each of its 7 stages, and its head. The stage outputs
 # are linear bottlenecks (conv + BN, no ReLU6): their strongest units are not tied at the cap of 6,
-# so the scan's top 9 are distinct and guided backprop is not zero there (issues 4 and 5 chose
-# these layers for the same reasons).
+# so the scan's top 9 are distinct and guided backprop is not zero there (the deconv and scan
+# steps take such layers for the same reasons).
 DEMO_LAYERS = ("bn1", "blocks.0.0.bn2", "blocks.1.1.bn3", "blocks.2.1.bn3", "blocks.3.2.bn3", "blocks.4.2.bn3",
                "blocks.5.3.bn3", "blocks.6.0.bn3", "bn2")
 
