@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 
 import numpy as np
@@ -12,6 +11,7 @@ from PIL import Image
 from torch import nn
 
 import convscope
+import convscope.methods.deconv.engine as deconv_engine  # noqa: E402
 from convscope.cli.main import main
 from convscope.errors import ConvscopeError
 from convscope.methods.deconv import (
@@ -24,8 +24,6 @@ from convscope.methods.deconv import (
 )
 
 from .conftest import model_state
-
-deconv_module = importlib.import_module("convscope.methods.deconv")  # the attribute convscope.deconv is the function
 
 
 def _close(actual: np.ndarray, expected: np.ndarray, rel: float = 1e-5) -> None:
@@ -101,7 +99,7 @@ def test_batched_equals_one_at_a_time(vgg16, vgg_x):
 
 def test_a_wrong_crop_is_caught_and_recomputed(vgg16, vgg_x, monkeypatch):
     """The safety net: crop values are checked against the whole image, never trusted blindly."""
-    plan_of = deconv_module._crop_plan
+    plan_of = deconv_engine._crop_plan
 
     def shifted(layer, boxes, hw):
         plan = plan_of(layer, boxes, hw)
@@ -109,7 +107,7 @@ def test_a_wrong_crop_is_caught_and_recomputed(vgg16, vgg_x, monkeypatch):
         return plan
 
     units = strongest_units(vgg16, vgg_x, "block3_conv1", channels=[3, 5])
-    monkeypatch.setattr(deconv_module, "_crop_plan", shifted)
+    monkeypatch.setattr(deconv_engine, "_crop_plan", shifted)
     with pytest.warns(UserWarning, match="recomputed on the whole image"):
         p = project_units(vgg16, vgg_x, "block3_conv1", units, method="deconvnet")
     assert p.strategy == "crop+shared"
@@ -240,7 +238,7 @@ def test_deconv_result_sheets(default_model, photos):
     sheet = res.sheet(tile=48)
     whole = res.whole("guided", tile=64)
     assert isinstance(sheet, Image.Image) and sheet.width > 4 * 48 and isinstance(whole, Image.Image)
-    index = res.index()
+    index = res.to_dict()
     assert index["methods"] == ["deconvnet", "guided", "gradient"] and len(index["units"]) == 3
     with pytest.raises(ConvscopeError, match="exactly one channel"):
         convscope.deconv(default_model, photos["coffee"], "blocks.2.1.bn3", top=2, positions=3, size=96)

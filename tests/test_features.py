@@ -16,7 +16,7 @@ from convscope.cli.main import main
 from convscope.errors import ConvscopeError
 from convscope.methods.features import make_recipe, visualize, visualize_features
 from convscope.methods.features.objectives import Objective, channel
-from convscope.methods.features.redirect import redirected_rectifiers
+from convscope.rectifiers import redirected_rectifiers
 
 from .conftest import model_state
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from convscope.methods.features.redirect import redirected_clamp, redirected_rectifiers
+from convscope.rectifiers import redirected_clamp, redirected_rectifiers
 
 from .conftest import model_state
 

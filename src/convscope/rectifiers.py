@@ -1,4 +1,4 @@
-"""Backward rules for the rectifiers: deconvnet, guided backprop and the plain gradient, one mechanism.
+"""Backward rules at the rectifiers, one mechanism: deconvnet, guided backprop, gradient, redirected ReLU.
 
 The three projection methods (Zeiler & Fergus 2013; Springenberg et al. 2014; Simonyan et al.
 2013) differ only in what the backward pass does at a rectifier ``y = clamp(x, 0, high)``
@@ -10,7 +10,15 @@ method         backward at the rectifier                   reference
 ``deconvnet``  ``relu(g)``: the forward pass is ignored    Zeiler & Fergus, sec. 2.1 "Rectification"
 ``guided``     ``relu(g) * (0 < x < high)``                Springenberg et al., eq. (guided)
 ``gradient``   ``g * (0 < x < high)`` (plain autograd)     Simonyan et al., "saliency"
+``redirected`` the plain gradient; where it is zero over    Lucid's ``redirected_relu_grad`` (Olah
+               a whole image, ``g`` in the direction that   et al. 2017), for feature visualization
+               brings ``x`` back into ``(0, high)``
 =============  ==========================================  ======================================
+
+Each rule is a :class:`Rule` value (:data:`DECONVNET`, :data:`GUIDED`, :data:`GRADIENT`,
+:data:`REDIRECTED`) that also says how its maps are shown; a method name becomes a Rule once,
+at the public call (:func:`resolve_projection`), and only the Rule travels further. A new rule
+is one short subclass with a ``backward``.
 
 For ReLU6 the forward mask is ``0 < x < 6``: the plain gradient of ``clamp(x, 0, 6)`` is zero
 where the unit is saturated at either end, and guided backprop keeps that forward mask. The
@@ -24,7 +32,7 @@ How the rule reaches every rectifier
 ------------------------------------
 captum swaps the gradient of ``nn.ReLU`` *modules* only; a ``F.relu`` in ``forward``, an
 ``nn.ReLU6`` or a ``clamp(min=0)`` silently keeps the plain gradient. Here a
-:class:`~torch.overrides.TorchFunctionMode` (:class:`RectifierRule`) is active during the
+:class:`~torch.overrides.TorchFunctionMode` (:class:`RectifierMode`) is active during the
 forward pass and replaces every relu-family call on the signal path by one autograd function
 that carries the rule: ``nn.ReLU``/``nn.ReLU6`` modules (shared ones too, and in-place ones,
 since they call ``F.relu``/``F.hardtanh``), timm's ``BatchNormAct2d``, ``F.relu``, ``F.relu_``,
@@ -48,63 +56,158 @@ import contextlib
 import re
 from collections import Counter
 from collections.abc import Iterator
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .errors import ConvscopeError
+from .errors import ConvscopeError, suggest
 
 __all__ = [
-    "METHODS", "Method", "RectifierRule", "RuleFunction", "backward_rule", "audit_graph", "check_scriptable",
+    "Rule", "DECONVNET", "GUIDED", "GRADIENT", "REDIRECTED", "PROJECTIONS", "PROJECTION_NAMES",
+    "resolve_projection", "RectifierMode", "backward_rule", "redirected_rectifiers", "redirected_clamp",
+    "audit_graph", "check_scriptable",
 ]
-
-Method = Literal["deconvnet", "guided", "gradient"]
-METHODS: tuple[str, ...] = ("deconvnet", "guided", "gradient")
 
 # Names (without a trailing "_" for the in-place form) of torch functions that can be a rectifier.
 _RECTIFIER_NAMES = frozenset({"relu", "relu6", "hardtanh", "clamp", "clip", "clamp_min", "threshold"})
 
 
-def check_method(method: str) -> str:
-    if method not in METHODS:
-        raise ConvscopeError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
-    return method
+def _plain(grad: torch.Tensor, y: torch.Tensor, low: float, high: float | None) -> torch.Tensor:
+    """The ordinary gradient of ``clamp(x, low, high)``, by the fused kernels nn.ReLU / nn.ReLU6 use.
+
+    ``y`` (the output) carries the forward mask: ``low < y < high`` exactly where ``low < x < high``,
+    so rules need not keep the input alive (torch's own relu saves its result too).
+    """
+    if high is None:
+        return torch.ops.aten.threshold_backward(grad, y, low)
+    return torch.ops.aten.hardtanh_backward(grad, y, low, high)
 
 
-class RuleFunction(torch.autograd.Function):
-    """``clamp(x, low, high)`` forward; the backward of ``rule`` (see the module docstring)."""
+class Rule:
+    """What the backward pass does at a rectifier ``y = clamp(x, 0, high)``, and how its maps are shown.
+
+    ``grad`` is the signal arriving from above, ``y`` the rectifier's output. A rule that
+    ``intercepts`` nothing leaves autograd alone (the plain gradient).
+    """
+
+    name: ClassVar[str]
+    title: ClassVar[str]  # for figures and pages
+    display: ClassVar[Literal["signed", "magnitude"]] = "signed"  # magnitude: maps shown as |g| by default
+    intercepts: ClassVar[bool] = True
+    uses_forward: ClassVar[bool] = True  # False: the forward mask is ignored, nothing is saved
+    audited: ClassVar[bool] = True  # the graph audit applies (projections); not for optimization aids
+
+    def backward(self, grad: torch.Tensor, y: torch.Tensor | None, low: float, high: float | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<rule {self.name}>"
+
+    def __reduce__(self):  # the module-level instances are singletons, also across processes
+        return _rule_named, (self.name,)
+
+
+class _Deconvnet(Rule):
+    name, title = "deconvnet", "deconvnet"
+    uses_forward = False
+
+    def backward(self, grad, y, low, high):
+        return grad.clamp(min=0)
+
+
+class _Guided(Rule):
+    name, title = "guided", "guided backprop"
+
+    def backward(self, grad, y, low, high):
+        return _plain(grad.clamp(min=0), y, low, high)
+
+
+class _Gradient(Rule):
+    name, title = "gradient", "gradient (saliency)"
+    display = "magnitude"
+    intercepts = False
+
+    def backward(self, grad, y, low, high):
+        return _plain(grad, y, low, high)
+
+
+class _Redirected(Rule):
+    """Lucid's redirected gradient, so units dead at the start of an optimization can come alive.
+
+    A channel negative everywhere on the starting image sits behind a ReLU with zero gradient:
+    plain gradient ascent never moves it. Per image (so an image's gradient never depends on the
+    others in the batch), where the plain gradient through this rectifier is zero over the whole
+    map, the signal passes in the direction that brings the input back into the active range.
+    """
+
+    name, title = "redirected", "redirected ReLU gradient"
+    audited = False
+
+    def backward(self, grad, y, low, high):
+        plain = _plain(grad, y, low, high)
+        if grad.dim() < 2:
+            return plain
+        blocked = torch.count_nonzero(plain.flatten(1), dim=1) == 0
+        if not bool(blocked.any()):
+            return plain
+        idx = blocked.nonzero().squeeze(1)
+        ys, gs = y[idx], grad[idx]
+        # ``grad`` is d(loss)/d(output) for a loss that is minimised: grad > 0 pushes x down.
+        wrong_way = (ys <= low) & (gs > 0)
+        if high is not None:
+            wrong_way |= (ys >= high) & (gs < 0)
+        plain[idx] = gs.masked_fill(wrong_way, 0.0)
+        return plain
+
+
+DECONVNET: Rule = _Deconvnet()
+GUIDED: Rule = _Guided()
+GRADIENT: Rule = _Gradient()
+REDIRECTED: Rule = _Redirected()
+PROJECTIONS: tuple[Rule, ...] = (DECONVNET, GUIDED, GRADIENT)
+PROJECTION_NAMES: tuple[str, ...] = tuple(rule.name for rule in PROJECTIONS)
+_RULES = {rule.name: rule for rule in (*PROJECTIONS, REDIRECTED)}
+
+
+def _rule_named(name: str) -> Rule:
+    return _RULES[name]
+
+
+def resolve_projection(method: str | Rule) -> Rule:
+    """A projection method's :class:`Rule` from its name (or the Rule itself); the one place names are read."""
+    if isinstance(method, Rule):
+        return method
+    for rule in PROJECTIONS:
+        if method == rule.name:
+            return rule
+    raise ConvscopeError(f"unknown method {method!r}: use one of {', '.join(PROJECTION_NAMES)}."
+                         f"{suggest(str(method), PROJECTION_NAMES)}")
+
+
+class _RuleFunction(torch.autograd.Function):
+    """``clamp(x, low, high)`` forward; the rule's backward."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, low: float, high: float | None, rule: str, inplace: bool = False) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, low: float, high: float | None, rule: Rule, inplace: bool = False):
         ctx.rule, ctx.low, ctx.high = rule, low, high
         if inplace:
             ctx.mark_dirty(x)
             y = x.clamp_(min=low, max=high)
         else:
             y = x.clamp(min=low, max=high)
-        if rule != "deconvnet":
-            # The output carries the forward mask: low < y < high exactly where low < x < high.
-            # (torch's own relu saves its result too.)
+        if rule.uses_forward:
             ctx.save_for_backward(y)
         return y
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        if ctx.rule == "deconvnet":
-            return grad.clamp(min=0), None, None, None, None
-        (y,) = ctx.saved_tensors
-        signal = grad.clamp(min=0) if ctx.rule == "guided" else grad
-        # torch's fused backward kernels apply the mask: zero where y <= low (or y >= high)
-        if ctx.high is None:
-            out = torch.ops.aten.threshold_backward(signal, y, ctx.low)
-        else:
-            out = torch.ops.aten.hardtanh_backward(signal, y, ctx.low, ctx.high)
-        return out, None, None, None, None
+        y = ctx.saved_tensors[0] if ctx.rule.uses_forward else None
+        return ctx.rule.backward(grad, y, ctx.low, ctx.high), None, None, None, None
 
 
-_RULE_NODE = f"{RuleFunction.__name__}Backward"
+_RULE_NODE = f"{_RuleFunction.__name__}Backward"
 _COPY_SLICES_KEY = "convscope_inplace_op"
 
 
@@ -159,33 +262,42 @@ def _parse_rectifier(name: str, args: tuple, kwargs: dict):
     return x, low, high, inplace
 
 
-class RectifierRule(TorchFunctionMode):
+def _kind(low: float, high: float | None) -> str:
+    return "relu" if high is None else "relu6" if high == 6.0 else f"hardtanh(0, {high:g})"
+
+
+class RectifierMode(TorchFunctionMode):
     """While active, every rectifier call on the signal path uses the backward of ``rule``.
 
     Only calls whose input requires grad while grad mode is on are replaced; anything else
-    (constants, ``no_grad`` code) runs unchanged. ``replaced`` counts the replaced calls.
-    Use it through :func:`backward_rule`.
+    (constants, ``no_grad`` code) runs unchanged. ``counts`` counts the replaced calls by kind
+    (``relu``, ``relu6``, ``hardtanh(0, t)``). Use it through :func:`backward_rule`.
     """
 
-    def __init__(self, rule: str):
+    def __init__(self, rule: Rule):
         super().__init__()
-        self.rule = check_method(rule)
-        self.replaced = 0
+        self.rule = rule
+        self.counts: Counter[str] = Counter()
+
+    @property
+    def replaced(self) -> int:
+        return sum(self.counts.values())
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        name = getattr(func, "__name__", "")
         if not torch.is_grad_enabled():
             return func(*args, **kwargs)
-        target = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        name = getattr(func, "__name__", "")
+        # Only audited rules need to know what an in-place op on a view was (see audit_graph).
+        target = args[0] if self.rule.audited and args and isinstance(args[0], torch.Tensor) else None
         before = _root_node(target)
         if name.strip("_") in _RECTIFIER_NAMES:
             parsed = _parse_rectifier(name, args, kwargs)
             if parsed is not None and parsed[0].requires_grad:
                 x, low, high, inplace = parsed
-                self.replaced += 1
+                self.counts[_kind(low, high)] += 1
                 # In-place calls stay in place (callers may keep using x), as torch's own relu_ does.
-                result = RuleFunction.apply(x, low, high, self.rule, inplace)
+                result = _RuleFunction.apply(x, low, high, self.rule, inplace)
                 _tag_copy_slices(target, before, _RULE_NODE)
                 return result
         result = func(*args, **kwargs)
@@ -224,28 +336,50 @@ def _inplace_kind(name: str, args: tuple, kwargs: dict) -> str:
 
 
 @contextlib.contextmanager
-def backward_rule(rule: str) -> Iterator[RectifierRule]:
+def backward_rule(rule: str | Rule) -> Iterator[RectifierMode | None]:
     """Apply ``rule`` to every rectifier of the forward passes run inside; removed on exit.
+
+    A rule that intercepts nothing (:data:`GRADIENT`) yields ``None`` and leaves autograd alone.
 
     Example:
         >>> with backward_rule("guided"):
         ...     y = model(x.requires_grad_())
-        >>> audit_graph(y)                # raises if some nonlinearity escaped the rule
+        >>> audit_graph(y, "guided")      # raises if some nonlinearity escaped the rule
         >>> y[0, 7].backward()            # x.grad is the guided-backprop projection
     """
-    mode = RectifierRule(rule)
+    rule = rule if isinstance(rule, Rule) else _RULES.get(rule) or resolve_projection(rule)
+    if not rule.intercepts:
+        yield None
+        return
+    mode = RectifierMode(rule)
     with mode:
         yield mode
 
 
-def check_scriptable(module: nn.Module, method: str) -> None:
+def redirected_rectifiers() -> RectifierMode:
+    """Context manager: every ReLU/ReLU6 run inside it backpropagates Lucid's redirected gradient.
+
+    Example:
+        >>> with redirected_rectifiers() as mode:
+        ...     loss = -model(x)[:, 3].sum()
+        >>> loss.backward(); mode.counts
+        Counter({'relu6': 33})
+    """
+    return RectifierMode(REDIRECTED)
+
+
+def redirected_clamp(x: torch.Tensor, low: float = 0.0, high: float | None = None) -> torch.Tensor:
+    """ReLU (``high=None``) or ReLU6 (``high=6``) with the redirected gradient."""
+    return _RuleFunction.apply(x, low, high, REDIRECTED, False)
+
+def check_scriptable(module: nn.Module, rule: Rule) -> None:
     """Refuse TorchScript modules: their layers cannot be hooked and their rectifiers are invisible."""
     for name, sub in module.named_modules():
         if isinstance(sub, torch.jit.ScriptModule):
             where = f" (submodule {name!r})" if name else ""
             raise ConvscopeError(
                 f"the model is TorchScript{where}: convscope can neither hook its layers nor see its rectifiers "
-                f"to apply the {method} rule. Load the Python nn.Module instead."
+                f"to apply the {rule.name} rule. Load the Python nn.Module instead."
             )
 
 
@@ -274,7 +408,7 @@ def _node_kind(node) -> str:
     if name.startswith(_RULE_NODE):
         return "rule"
     if name == "CopySlices":
-        # The in-place op it wraps was recorded by RectifierRule; an unrecorded one is unknown.
+        # The in-place op it wraps was recorded by RectifierMode; an unrecorded one is unknown.
         wrapped = node.metadata.get(_COPY_SLICES_KEY)
         return "rule" if wrapped == _RULE_NODE else "linear" if wrapped == "linear" else "other"
     base = re.sub(r"(Backward\d*|\d+)$", "", name)
@@ -299,14 +433,15 @@ def _node_label(node) -> str:
     return name
 
 
-def audit_graph(output: torch.Tensor, method: str, *, strict: bool = True) -> dict[str, int]:
-    """Check that ``method``'s rule holds on the whole backward path of ``output``.
+def audit_graph(output: torch.Tensor, rule: str | Rule, *, strict: bool = True) -> dict[str, int]:
+    """Check that ``rule`` holds on the whole backward path of ``output``.
 
     Returns the count of node types backpropagated plainly without a rule (empty when all
     is covered; only non-empty with ``strict=False``). Raises :class:`ConvscopeError` for a
     rectifier that escaped the rule, and with ``strict`` for any other nonlinearity.
     """
-    if method == "gradient" or output.grad_fn is None:
+    rule = resolve_projection(rule)
+    if not (rule.intercepts and rule.audited) or output.grad_fn is None:
         return {}
     missed: Counter[str] = Counter()
     other: Counter[str] = Counter()
@@ -329,14 +464,14 @@ def audit_graph(output: torch.Tensor, method: str, *, strict: bool = True) -> di
     if missed:
         names = ", ".join(f"{n} x{k}" for n, k in missed.items())
         raise ConvscopeError(
-            f"the {method} rule could not reach every rectifier: the backward path still has plain {names}. "
+            f"the {rule.name} rule could not reach every rectifier: the backward path still has plain {names}. "
             "They were called in a way convscope cannot intercept (inside a TorchScript function or a custom "
             "autograd.Function). Use method 'gradient', or write those activations with nn.ReLU or F.relu."
         )
     if other and strict:
         names = ", ".join(f"{n} x{k}" for n, k in sorted(other.items()))
         raise ConvscopeError(
-            f"the path to this layer goes through operations with no {method} rule: {names}. Only ReLU-family "
+            f"the path to this layer goes through operations with no {rule.name} rule: {names}. Only ReLU-family "
             "rectifiers have a deconvnet/guided backward; these would be backpropagated plainly. Use method "
             "'gradient', or pass strict=False (CLI: --not-strict) to backpropagate them plainly, as captum does."
         )

@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import numpy as np
-
-from .._io import save_json, save_npz, save_png
 from ..errors import ConvscopeError
 from ..images import load_image
-from ..methods.deconv import DeconvResult, deconv
-from ..rectifiers import METHODS
+from ..methods.deconv import deconv
+from ..rectifiers import PROJECTION_NAMES
 from ._common import (
     add_max_side_arg,
     add_model_args,
@@ -49,7 +44,7 @@ def register(subparsers) -> None:
                    help="the N channels with the highest peaks (default 16 when --channels is not given)")
     p.add_argument("--positions", type=positive_int, default=None, metavar="N",
                    help="instead, the N strongest positions of one channel (give one --channels, or --top 1)")
-    p.add_argument("--method", default="deconvnet", choices=(*METHODS, "all"),
+    p.add_argument("--method", default="deconvnet", choices=(*PROJECTION_NAMES, "all"),
                    help="backward rule at the rectifiers; 'all' draws the three side by side")
     p.add_argument("--signed", action="store_true", help="draw the gradient signed instead of as |gradient|")
     p.add_argument("--size", default=None, help="N (shorter side) or HxW; default the model's input size")
@@ -65,29 +60,6 @@ def register(subparsers) -> None:
     add_model_args(p)
     p.set_defaults(func=run)
 
-
-def write_deconv_outputs(result: DeconvResult, out: Path, *, signed: bool = False, tile: int | None = None,
-                         cols: int | None = None, save_arrays: bool = False) -> dict:
-    """Write the sheet, one whole-image sheet per method, the JSON index (and arrays); return the index."""
-    stem = (result.layer.alias or result.layer.name).replace("/", "_")
-    methods = list(result.projections)
-    label = "all" if len(methods) > 1 else methods[0]
-    files = {"sheet": f"{stem}_{label}.png"}
-    save_png(result.sheet(signed=signed, tile=tile, cols=cols), out / files["sheet"])
-    for method in methods:
-        files[f"whole_{method}"] = f"{stem}_{method}_whole.png"
-        save_png(result.whole(method, signed=signed), out / files[f"whole_{method}"])
-    index = {**result.index(), "files": files}
-    if save_arrays:
-        first = result.projections[methods[0]]
-        index["arrays"] = f"{stem}_projections.npz"
-        save_npz(out / index["arrays"],
-                 units=np.array([[u.channel, u.row, u.col, u.image_index] for u in first.units], np.int64).reshape(-1, 4),
-                 values=first.values, boxes=np.array(first.boxes, np.int64).reshape(-1, 4),
-                 clipped=np.array(first.clipped, bool), image=result.image,
-                 **{m: p.maps for m, p in result.projections.items()})
-    save_json(index, out / "deconv.json")
-    return index
 
 
 def run(args) -> int:
@@ -107,8 +79,7 @@ def run(args) -> int:
     result = deconv(loaded, image, layer, channels=channels, top=top, positions=args.positions,
                     method=method, size=size, batch_size=args.batch_size, strict=args.strict, progress=True)
     out = out_dir(args.out)
-    index = write_deconv_outputs(result, out, signed=args.signed, tile=args.tile, cols=args.cols,
-                                 save_arrays=args.save_npz)
+    index = result.save(out, signed=args.signed, tile=args.tile, cols=args.cols, save_arrays=args.save_npz)
     print(f"model: {loaded.title}")
     strategies = ", ".join(f"{m} {s}" for m, s in index["strategy"].items())
     print(f"layer {result.layer.label}: {len(result.units)} units, image {result.image.shape[0]}x{result.image.shape[1]} "

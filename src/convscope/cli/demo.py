@@ -22,7 +22,6 @@ from ..methods.features import visualize_features
 from ..models import load_model
 from ._common import add_out_arg, out_dir
 from .activations import write_activation_outputs
-from .deconv import write_deconv_outputs
 
 # The atlas budget of the demo: 6 channels per layer, short feature visualizations, a scan of
 # 256 windows of the built-in sample set, on DEMO_LAYERS.
@@ -79,7 +78,7 @@ def step_deconv(loaded, photos, out: Path) -> None:
         if name not in loaded.catalogue:
             continue
         result = deconv(loaded, photo, name, top=8, method="all")
-        index = write_deconv_outputs(result, out / "deconv" / name)
+        index = result.save(out / "deconv" / name)
         print(f"  deconv {name}: {len(result.units)} units ({index['strategy']['deconvnet']}) -> "
               f"{out / 'deconv' / name / index['files']['sheet']}")
 

@@ -37,9 +37,9 @@ from ...capture import StopForward, frozen, recording
 from ...errors import ConvscopeError
 from ...layers import LayerInfo
 from ...models import LoadedModel
+from ...rectifiers import redirected_rectifiers
 from . import param as param_mod
 from .objectives import INPUT, LOGITS, Objective, diversity, l2, total_variation
-from .redirect import redirected_rectifiers
 from .transforms import standard_transforms
 
 __all__ = ["Recipe", "RECIPES", "make_recipe", "optimize", "Optimized", "Levers", "estimate_bytes_per_image",
