@@ -20,6 +20,7 @@ from ..errors import ConvscopeError
 from ..images import ImageSource
 from ..layers import LayerInfo
 from ..models import LoadedModel, as_loaded
+from ..rectifiers import resolve_projection
 from .context import AtlasBuild, AtlasSettings, BuildContext, Photo, Stage, collect_photos
 from .pages import render_site
 from .stages import STAGE_NAMES, STAGES, build_photos
@@ -29,10 +30,12 @@ __all__ = ["atlas_layers", "build_atlas", "check_settings", "stage_report"]
 
 
 def check_settings(settings: AtlasSettings) -> None:
-    """Refuse settings no build can follow (an unknown stage to skip) before any work."""
+    """Refuse settings no build can follow (an unknown stage to skip or projection method) before any work."""
     unknown = [name for name in settings.skip if name not in STAGE_NAMES]
     if unknown:
         raise ConvscopeError(f"unknown stage {unknown[0]!r} to skip; stages are {', '.join(STAGE_NAMES)}")
+    if settings.deconv_method != "auto":
+        resolve_projection(settings.deconv_method)
 
 
 def atlas_layers(loaded: LoadedModel, spec: str | Sequence[str] | None) -> list[LayerInfo]:

@@ -7,31 +7,29 @@ import time
 
 import numpy as np
 
-from ...errors import ConvscopeError
 from ...methods.deconv import Unit, project_units, render_projection_pair, strongest_units
 from ...models import LoadedModel
+from ...rectifiers import DECONVNET, GUIDED, PROJECTION_NAMES, Rule, resolve_projection
 from ..context import Stage
 from ..store import Picture, read_json
 
 __all__ = ["DeconvStage", "DECONV_METHODS", "projection_method"]
 
-DECONV_METHODS = ("auto", "deconvnet", "guided", "gradient")
+DECONV_METHODS = ("auto", *PROJECTION_NAMES)
 
 # How the channel pages name each method's projections.
 _SHOWN = {"deconvnet": "deconvnet projection (Zeiler & Fergus)", "guided": "guided-backprop projection",
           "gradient": "gradient (saliency)"}
 
 
-def projection_method(loaded: LoadedModel, requested: str) -> str:
-    """The projection method the stage uses on ``loaded`` for ``settings.deconv_method``.
+def projection_method(loaded: LoadedModel, requested: str | Rule) -> Rule:
+    """The projection rule the stage uses on ``loaded`` for ``settings.deconv_method``.
 
     ``"auto"`` is the deconvnet for a model with max-pooling, else guided backprop.
     """
-    if requested not in DECONV_METHODS:
-        raise ConvscopeError(f"unknown projection method {requested!r}; use one of {', '.join(DECONV_METHODS)}")
     if requested == "auto":
-        return "deconvnet" if _has_max_pooling(loaded) else "guided"
-    return requested
+        return DECONVNET if _has_max_pooling(loaded) else GUIDED
+    return resolve_projection(requested)
 
 
 def _has_max_pooling(loaded: LoadedModel) -> bool:
@@ -65,11 +63,11 @@ class DeconvStage(Stage):
         scan = ctx.keys.get(("scan", layer.name)) if ctx.record("scan", layer) else None
         # Without a scan the units are the photos' strongest, read from the activations record.
         acts = None if scan else ctx.keys.get(("activations", layer.name))
-        method = projection_method(ctx.loaded, ctx.settings.deconv_method)
-        return {"top": ctx.settings.top, "method": method, "scan": scan, "activations": acts}
+        rule = projection_method(ctx.loaded, ctx.settings.deconv_method)
+        return {"top": ctx.settings.top, "method": rule.name, "scan": scan, "activations": acts}
 
     def run(self, ctx, layers):
-        method = projection_method(ctx.loaded, ctx.settings.deconv_method)
+        rule = projection_method(ctx.loaded, ctx.settings.deconv_method)
         total = sum(len(ctx.channels(layer)) for layer in layers)
         bar = ctx.bar(self.name, total, "ch")
         with bar:
@@ -77,22 +75,22 @@ class DeconvStage(Stage):
                 start = time.perf_counter()
                 scan = ctx.record("scan", layer)
                 if scan is not None:
-                    data = self._from_scan(ctx, layer, method, scan, bar)
+                    data = self._from_scan(ctx, layer, rule, scan, bar)
                 else:
-                    data = self._from_photos(ctx, layer, method, bar)
-                data["method"] = method
-                data["description"] = f"{data['description']} {self._method_note(ctx, method)}"
+                    data = self._from_photos(ctx, layer, rule, bar)
+                data["method"] = rule.name
+                data["description"] = f"{data['description']} {self._method_note(ctx, rule)}"
                 ctx.save_record(self, layer, data, seconds=time.perf_counter() - start)
 
     @staticmethod
-    def _method_note(ctx, method: str) -> str:
-        note = (f"Each {_SHOWN[method]}, gray for zero and stretched symmetrically, is cropped to the unit's "
+    def _method_note(ctx, rule: Rule) -> str:
+        note = (f"Each {_SHOWN[rule.name]}, gray for zero and stretched symmetrically, is cropped to the unit's "
                 "receptive field, like the image patch beside it.")
-        if method == "deconvnet" and not _has_max_pooling(ctx.loaded):
+        if rule is DECONVNET and not _has_max_pooling(ctx.loaded):
             note += (" This model has no max-pooling, so the deconvnet's projection of a unit does not depend on "
                      "the image (its rectifier rule ignores the forward pass): use guided backprop for "
                      "image-specific projections.")
-        elif method != "deconvnet":
+        elif rule is not DECONVNET:
             if ctx.settings.deconv_method == "auto":
                 note += (" Guided backprop, not the deconvnet: this model has no max-pooling, so the deconvnet's "
                          "projection would be the same for every image.")
@@ -101,16 +99,16 @@ class DeconvStage(Stage):
         return note
 
     @staticmethod
-    def _project(ctx, layer, method: str, pixels: list[np.ndarray], units):
-        """Projections with ``method``; all-zero ones redone with the deconvnet (``fallback``)."""
+    def _project(ctx, layer, rule: Rule, pixels: list[np.ndarray], units):
+        """Projections with ``rule``; all-zero ones redone with the deconvnet (``fallback``)."""
         x = ctx.tensor(pixels)
-        proj = project_units(ctx.loaded, x, layer, units, method=method)
+        proj = project_units(ctx.loaded, x, layer, units, method=rule)
         fallback = np.zeros(len(units), dtype=bool)
-        if method != "deconvnet" and len(units):
+        if rule is not DECONVNET and len(units):
             fallback = np.abs(proj.maps).reshape(len(units), -1).max(axis=1) == 0
             if fallback.any():
                 redo = [units[i] for i in np.flatnonzero(fallback)]
-                again = project_units(ctx.loaded, x, layer, redo, method="deconvnet")
+                again = project_units(ctx.loaded, x, layer, redo, method=DECONVNET)
                 proj.maps[fallback] = again.maps
         return proj, fallback
 
@@ -118,7 +116,7 @@ class DeconvStage(Stage):
         image, _ = render_projection_pair(projection, photo, box)
         return ctx.picture(ctx.data_path(self.name, layer, name), image)
 
-    def _from_scan(self, ctx, layer, method: str, scan: dict, bar) -> dict:
+    def _from_scan(self, ctx, layer, rule: Rule, scan: dict, bar) -> dict:
         images = ctx.image_set()
         per_channel = {c: [dict(e) for e in entries] for c, entries in scan["per_channel"].items()}
         channels = sorted(per_channel, key=int)
@@ -140,7 +138,7 @@ class DeconvStage(Stage):
             pixels = [images.load(image_id) for image_id in order]
             units = [Unit(int(c), e["row"], e["col"], slot[e["image_id"]]) for c in chunk for e in per_channel[c]]
             if units:
-                proj, fallback = self._project(ctx, layer, method, pixels, units)
+                proj, fallback = self._project(ctx, layer, rule, pixels, units)
                 at = 0
                 for c in chunk:
                     for e in per_channel[c]:
@@ -156,7 +154,7 @@ class DeconvStage(Stage):
         return {"per_channel": per_channel, "from": "scan", "max_drift": drift,
                 "description": scan.get("description", "")}
 
-    def _from_photos(self, ctx, layer, method: str, bar) -> dict:
+    def _from_photos(self, ctx, layer, rule: Rule, bar) -> dict:
         acts = ctx.record("activations", layer)
         channels = ctx.channels(layer)
         candidates: dict[int, list[dict]] = {c: [] for c in channels}
@@ -168,7 +166,7 @@ class DeconvStage(Stage):
                 units = [Unit(c, *entry[str(c)]["argmax"]) for c in channels]
             else:
                 units = strongest_units(ctx.loaded, ctx.tensor(photo.rgb), layer, channels)
-            proj, fallback = self._project(ctx, layer, method, [photo.rgb], units)
+            proj, fallback = self._project(ctx, layer, rule, [photo.rgb], units)
             for i, unit in enumerate(units):
                 box = [int(v) for v in proj.boxes[i]]
                 top, left, bottom, right = box
