@@ -310,6 +310,14 @@ def test_save_writes_the_index_without_figures(default_model, small_samples, tmp
     assert np.array_equal(arrays["blocks.2.1.bn3/images"], result.topk.images["blocks.2.1.bn3"].numpy())
 
 
+def test_to_dict_is_the_index_without_figures_and_a_bad_method_writes_nothing(full_scan, tmp_path):
+    index = full_scan.save(tmp_path / "run", method=None, progress=False)
+    assert full_scan.to_dict() == {key: value for key, value in index.items() if key != "arrays"}
+    with pytest.raises(convscope.ConvscopeError, match="deconvnet"):
+        full_scan.save(tmp_path / "typo", method="deconvnett", progress=False)
+    assert not (tmp_path / "typo").exists()
+
+
 def test_a_run_is_read_only_through_its_manifest(default_model, small_samples, tmp_path, monkeypatch):
     result = scan(default_model, small_samples, "blocks.2.1.bn3", top=3, batch_size=20, progress=False)
     result.save(tmp_path, channels=[1], progress=False)

@@ -63,7 +63,7 @@ from ...datasets import ImageSet
 from ...errors import ConvscopeError
 from ...layers import LayerInfo
 from ...models import LoadedModel
-from ...rectifiers import Rule, resolve_projection
+from ...rectifiers import DECONVNET, Rule, resolve_projection
 from .figures import DRIFT_TOLERANCE, relative_drift, render_channels
 from .topk import EMPTY, TopK
 
@@ -139,7 +139,7 @@ class ScanResult:
     def images_scanned(self) -> int:
         return self.topk.images_seen
 
-    def figure(self, layer: str | LayerInfo, channel: int, *, method: str | Rule = "deconvnet") -> Image.Image:
+    def figure(self, layer: str | LayerInfo, channel: int, *, method: str | Rule = DECONVNET) -> Image.Image:
         """One channel's figure: its top examples' projections beside their image patches.
 
         Example:
@@ -158,7 +158,7 @@ class ScanResult:
         self,
         folder: str | Path,
         *,
-        method: str | Rule | None = "deconvnet",
+        method: str | Rule | None = DECONVNET,
         channels: Channels = None,
         batch_size: int | None = None,
         progress: bool = True,
