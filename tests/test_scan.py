@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import shutil
@@ -15,11 +14,11 @@ import convscope
 from convscope.capture import capture
 from convscope.cli.main import main
 from convscope.datasets import SampleImages, TensorImages
-from convscope.methods.scan import EMPTY, TopK, default_layers, load_checkpoint, read_scan, scan, write_scan
+from convscope.methods.scan import EMPTY, TopK, default_layers, load_checkpoint, read_scan, scan
+from convscope.methods.scan import engine as scan_engine
+from convscope.methods.scan import result as scan_result
 
 from .conftest import model_state
-
-scan_module = importlib.import_module("convscope.methods.scan")  # the package's `scan` attribute is the function
 
 # ----------------------------------------------------------------- TopK on synthetic maps
 
@@ -229,7 +228,7 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_result(default_mod
                                                                      tmp_path, monkeypatch):
     checkpoint = tmp_path / "state.pt"
     saves = []
-    real_save = scan_module._save_checkpoint
+    real_save = scan_engine._save_checkpoint
 
     def spy(path, payload):
         real_save(path, payload)
@@ -237,7 +236,7 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_result(default_mod
         if payload["next"] == 16:                                   # the periodic save after batch 2
             shutil.copy(path, tmp_path / "periodic.pt")
 
-    monkeypatch.setattr(scan_module, "_save_checkpoint", spy)
+    monkeypatch.setattr(scan_engine, "_save_checkpoint", spy)
     calls = {"n": 0}
     real_update = TopK.update
 
@@ -295,9 +294,9 @@ def test_scan_memory_is_flat_in_the_number_of_images(default_model, small_sample
     assert few.images_scanned == 8 and many.images_scanned == 40
 
 
-def test_write_scan_index_without_figures(default_model, small_samples, tmp_path):
+def test_save_writes_the_index_without_figures(default_model, small_samples, tmp_path):
     result = scan(default_model, small_samples, "blocks.1.1.bn3,blocks.2.1.bn3", top=9, batch_size=20, progress=False)
-    index = write_scan(result, tmp_path, method=None, progress=False)
+    index = result.save(tmp_path, method=None, progress=False)
     on_disk = json.loads((tmp_path / "scan.json").read_text())
     assert on_disk == json.loads(json.dumps(index))
     assert on_disk["format"] == "convscope.scan/1" and on_disk["top"] == 9 and on_disk["images_scanned"] == 40
@@ -311,9 +310,17 @@ def test_write_scan_index_without_figures(default_model, small_samples, tmp_path
     assert np.array_equal(arrays["blocks.2.1.bn3/images"], result.topk.images["blocks.2.1.bn3"].numpy())
 
 
+def test_to_dict_is_the_index_without_figures_and_a_bad_method_writes_nothing(full_scan, tmp_path):
+    index = full_scan.save(tmp_path / "run", method=None, progress=False)
+    assert full_scan.to_dict() == {key: value for key, value in index.items() if key != "arrays"}
+    with pytest.raises(convscope.ConvscopeError, match="deconvnet"):
+        full_scan.save(tmp_path / "typo", method="deconvnett", progress=False)
+    assert not (tmp_path / "typo").exists()
+
+
 def test_a_run_is_read_only_through_its_manifest(default_model, small_samples, tmp_path, monkeypatch):
     result = scan(default_model, small_samples, "blocks.2.1.bn3", top=3, batch_size=20, progress=False)
-    write_scan(result, tmp_path, channels=[1], progress=False)
+    result.save(tmp_path, channels=[1], progress=False)
     index, arrays = read_scan(tmp_path)
     manifest = json.loads((tmp_path / "run.json").read_text())
     assert sorted(manifest["files"]) == ["blocks.2.1.bn3/c0001.png", "scan.json", "topk.npz"]
@@ -321,7 +328,7 @@ def test_a_run_is_read_only_through_its_manifest(default_model, small_samples, t
 
     # a second write dies after topk.npz and before scan.json: the arrays are new, the index old
     other = scan(default_model, small_samples, "blocks.2.1.bn3", top=5, batch_size=20, progress=False)
-    real_save_json = scan_module.save_json
+    real_save_json = scan_result.save_json
 
     def crash(data, path):
         if str(path).endswith("scan.json"):
@@ -329,15 +336,15 @@ def test_a_run_is_read_only_through_its_manifest(default_model, small_samples, t
         return real_save_json(data, path)
 
     with monkeypatch.context() as patch:
-        patch.setattr(scan_module, "save_json", crash)
+        patch.setattr(scan_result, "save_json", crash)
         with pytest.raises(OSError, match="disk full"):
-            write_scan(other, tmp_path, method=None, progress=False)
+            other.save(tmp_path, method=None, progress=False)
     assert json.loads((tmp_path / "scan.json").read_text())["top"] == 3
     assert np.load(tmp_path / "topk.npz")["blocks.2.1.bn3/images"].shape == (40, 5)
     with pytest.raises(convscope.ConvscopeError, match="no complete scan run"):
         read_scan(tmp_path)
 
-    write_scan(other, tmp_path, method=None, progress=False)
+    other.save(tmp_path, method=None, progress=False)
     assert read_scan(tmp_path)[0]["top"] == 5
     (tmp_path / "scan.json").write_text((tmp_path / "scan.json").read_text().replace('"top": 5', '"top": 6'))
     with pytest.raises(convscope.ConvscopeError, match="scan.json changed"):
@@ -352,7 +359,7 @@ def test_a_failed_checkpoint_save_keeps_the_original_error(default_model, small_
         raise OSError("no space left on device")
 
     monkeypatch.setattr(TopK, "update", fail_on_batch_2)
-    monkeypatch.setattr(scan_module, "_save_checkpoint", no_space)
+    monkeypatch.setattr(scan_engine, "_save_checkpoint", no_space)
     with pytest.warns(UserWarning, match="could not be saved"), \
             pytest.raises(RuntimeError, match="the scan's own error") as caught:
         scan(default_model, TensorImages(small_samples.pixels[:4]), "blocks.2.1.bn3", batch_size=2,
@@ -412,7 +419,8 @@ def test_scan_copies_maps_that_are_changed_in_place():
 def test_tiles_stand_for_the_whole_receptive_field(vgg16):
     from PIL import Image
 
-    from convscope.methods.scan import Example, _place, channel_figure
+    from convscope.methods.scan import Example, channel_figure
+    from convscope.methods.scan.figures import _place
 
     layer = vgg16.catalogue.get("block3_conv3")                       # RF 40, stride 4, starts at -18
     photo = np.full((224, 224, 3), 90, np.uint8)
@@ -442,7 +450,7 @@ def rendered(default_model, small_samples, tmp_path_factory):
     out = tmp_path_factory.mktemp("scan")
     result = scan(default_model, small_samples, "blocks.1.1.bn3,blocks.2.1.bn3", top=9, batch_size=20, progress=False)
     before = model_state(default_model.module)
-    index = write_scan(result, out, channels=[0, 5, 23], progress=False)
+    index = result.save(out, channels=[0, 5, 23], progress=False)
     assert model_state(default_model.module) == before
     return result, index, out
 
@@ -490,5 +498,5 @@ def test_drift_between_scan_and_rerun_is_warned(rendered, tmp_path):
         skewed.k, {name: skewed.values[name]}, {name: skewed.images[name]}, {name: skewed.positions[name]},
         {name: skewed.map_sizes[name]}, skewed.images_seen), result.images)
     with pytest.warns(UserWarning, match="differ from the scan"):
-        index = write_scan(fake, tmp_path, channels=[0], progress=False)
+        index = fake.save(tmp_path, channels=[0], progress=False)
     assert index["drift"]["units"] > 0

@@ -33,7 +33,7 @@ from .methods.deconv import (
 from .methods.features import FeatureResult, visualize, visualize_classes, visualize_features
 from .methods.occlusion import OcclusionResult, occlusion
 from .methods.probe import ProbeDataset, ProbeResult, probe
-from .methods.scan import ScanResult, TopK, scan, write_scan
+from .methods.scan import ScanResult, TopK, scan
 from .models import LoadedModel, Preprocessing, as_loaded, list_models, load_model
 from .rectifiers import backward_rule
 from .render import channel_grid, overlay_heatmap
@@ -45,5 +45,5 @@ __all__ = [
     "backward_rule", "build_atlas", "build_catalogue", "capture", "channel_grid", "deconv", "frozen", "list_models",
     "load_image", "load_model", "occlusion", "overlay_heatmap", "predict", "probe", "project_units",
     "recording", "render_projection_pair", "sample_photos", "scan", "strongest_units", "top_positions",
-    "visualize", "visualize_classes", "visualize_features", "write_scan",
+    "visualize", "visualize_classes", "visualize_features",
 ]

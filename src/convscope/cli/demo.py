@@ -92,11 +92,11 @@ DEMO_SCAN_CHANNELS = range(8)
 
 def step_scan(loaded, photos, out: Path) -> None:
     from ..datasets import SampleImages
-    from ..methods.scan import scan, write_scan
+    from ..methods.scan import scan
 
     images = SampleImages(loaded.preprocessing.input_size, loaded.preprocessing.resample, limit=DEMO_SCAN_IMAGES)
     result = scan(loaded, images, DEMO_SCAN_LAYERS, top=9, batch_size=32, progress=False)
-    write_scan(result, out / "scan", channels=DEMO_SCAN_CHANNELS, progress=False)
+    result.save(out / "scan", channels=DEMO_SCAN_CHANNELS, progress=False)
     print(f"  dataset scan: top 9 of {result.images_scanned} sample windows for channels 0-7 of "
           f"{DEMO_SCAN_LAYERS.replace(',', ', ')}: {out / 'scan'}")
 

@@ -11,16 +11,9 @@ import torch
 
 from ..datasets import FolderImages, SampleImages
 from ..errors import ConvscopeError
-from ..methods.scan import (
-    DEFAULT_TOP,
-    INDEX_FILE,
-    STATE_FILE,
-    default_layers,
-    load_checkpoint,
-    scan,
-    write_scan,
-)
+from ..methods.scan import DEFAULT_TOP, INDEX_FILE, STATE_FILE, default_layers, load_checkpoint, scan
 from ..models import DEFAULT_MODEL, is_model_file
+from ..rectifiers import PROJECTION_NAMES
 from ._common import (
     add_model_args,
     add_out_arg,
@@ -72,7 +65,7 @@ def register(subparsers) -> None:
     p.add_argument("--limit", type=positive_int, default=None, metavar="N", help="scan only the first N images")
     p.add_argument("--channels", default=None,
                    help="channels to draw, e.g. 0-15 (default all; the index lists every channel)")
-    p.add_argument("--method", default="deconvnet", choices=("deconvnet", "guided", "gradient"),
+    p.add_argument("--method", default="deconvnet", choices=PROJECTION_NAMES,
                    help="projection method (deconvnet is Zeiler & Fergus's)")
     p.add_argument("--no-render", action="store_true", help="write the index and arrays only, no figures")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -153,15 +146,16 @@ def run(args) -> int:
         workers = _default_workers() if args.workers is None else args.workers
         if not resume:
             images.require_readable(args.limit)
+    catalogue = loaded.catalogue_at(images.size)
+    layers = default_layers(catalogue) if args.layers is None else catalogue.resolve(args.layers)
     channels = None
     if args.channels:
-        chosen = default_layers(loaded.catalogue) if args.layers is None else loaded.catalogue.resolve(args.layers)
-        channels = parse_channels(args.channels, max((layer.channels for layer in chosen), default=0))
+        channels = parse_channels(args.channels, max((layer.channels for layer in layers), default=0))
     created = not out.exists()
     had_state = (out / STATE_FILE).exists()
     out_dir(args.out)  # created only once the model and the images are known to be good
     try:
-        return _scan_and_write(args, loaded, images, workers, resume, channels, out)
+        return _scan_and_write(args, loaded, images, layers, workers, resume, channels, out)
     except BaseException:
         # An error (or Ctrl-C) before the first image leaves nothing behind; a partial state is kept to resume.
         if not _has_images(out):
@@ -183,14 +177,14 @@ def _has_images(out: Path) -> bool:
         return False
 
 
-def _scan_and_write(args, loaded, images, workers, resume, channels, out: Path) -> int:
+def _scan_and_write(args, loaded, images, layers, workers, resume, channels, out: Path) -> int:
     meta = {key: getattr(args, key) for key in RESUMED_OPTIONS}
     meta.update(_model_identity(args.model, args.weights, args.random))
     if args.folder:
         meta["folder"] = str(images.root.resolve())
     print(f"model: {loaded.title}")
     print(f"images: {len(images)} from {images.describe()['root']}" + (" (demonstration set)" if args.samples else ""))
-    result = scan(loaded, images, args.layers, top=args.top or DEFAULT_TOP, batch_size=args.batch_size,
+    result = scan(loaded, images, layers, top=args.top or DEFAULT_TOP, batch_size=args.batch_size,
                   workers=workers, checkpoint=out / STATE_FILE, checkpoint_every=args.checkpoint_every,
                   resume=resume, stop=args.limit, progress=not args.quiet, meta=meta)
     if result.images_scanned == 0:
@@ -205,8 +199,8 @@ def _scan_and_write(args, loaded, images, workers, resume, channels, out: Path) 
         print(f"  ... and {len(result.skipped) - 20} more (all listed in {INDEX_FILE})")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        index = write_scan(result, out, channels=channels, method=None if args.no_render else args.method,
-                           progress=not args.quiet)
+        index = result.save(out, method=None if args.no_render else args.method, channels=channels,
+                            progress=not args.quiet)
     for warning in caught:
         print(f"warning: {warning.message}")
     for layer in index["layers"]:
