@@ -26,7 +26,7 @@ from torch.overrides import TorchFunctionMode
 from .capture import frozen, named_layers, parse_layer_name
 from .errors import ConvscopeError, suggest
 
-__all__ = ["LayerInfo", "Catalogue", "build_catalogue", "parse_layer_name", "named_layers", "stage_outputs"]
+__all__ = ["LayerInfo", "Catalogue", "build_catalogue", "parse_layer_name", "named_layers"]
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
@@ -435,27 +435,3 @@ def _replace(layer: LayerInfo, **changes) -> LayerInfo:
 
 
 # ---------------------------------------------------------------------- layer-selection policies
-
-
-def stage_outputs(catalogue: Catalogue) -> list[LayerInfo]:
-    """At stride 4, 8 and 16, the last of the narrowest feature layers (the dataset scan's default).
-
-    That is each stage's output in VGG-like nets (VGG16: block3_conv3, block4_conv3,
-    block5_conv3) and in inverted-residual nets (EfficientNet-Lite0: blocks.1.1.bn3,
-    blocks.2.1.bn3, blocks.3.2.bn3, not the wide ReLU6 expansions, whose saturation at 6 makes
-    ties of most top lists), and it keeps the number of figures modest. Falls back to three
-    feature layers spread over the depth when the strides differ.
-    """
-    features = [f for f in catalogue.features if f.is_spatial]
-    chosen = []
-    for stride in (4, 8, 16):
-        at = [f for f in features if f.stride and f.stride[0] == stride]
-        if at:
-            narrowest = min(f.channels for f in at)
-            chosen.append([f for f in at if f.channels == narrowest][-1])
-    if len(chosen) == 3:
-        return chosen
-    if not features:
-        raise ConvscopeError("this model has no spatial feature layer to scan; name layers with --layers")
-    picks = sorted({round(i * (len(features) - 1) / 3) for i in (1, 2, 3)})
-    return [features[i] for i in picks]

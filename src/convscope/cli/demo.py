@@ -139,10 +139,11 @@ def step_occlusion(loaded, photos, out: Path) -> None:
 
 
 def step_probe(loaded, photos, out: Path) -> None:
-    from ..methods.probe import default_layers, probe
+    from ..methods.probe import probe
+    from ..selection import spread
 
     # Cheap settings: 64x64 inputs and 5 layers; `convscope probe --samples` runs the full-size version.
-    layers = [layer.name for layer in default_layers(loaded, 5)]
+    layers = [layer.name for layer in spread(loaded.catalogue, 5)]
     result = probe(loaded, None, layers, folds=5, seed=0, size=64, progress=True)
     result.save(out / "probe")
     print("  " + result.table().replace("\n", "\n  "))

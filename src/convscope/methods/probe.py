@@ -38,8 +38,9 @@ from ..errors import ConvscopeError
 from ..images import IMAGE_EXTENSIONS, load_image
 from ..layers import LayerInfo
 from ..models import LoadedModel, as_loaded
+from ..selection import spread
 
-__all__ = ["ProbeDataset", "ProbeResult", "probe", "lfw_faces", "image_folder", "random_init_like", "default_layers",
+__all__ = ["ProbeDataset", "ProbeResult", "probe", "lfw_faces", "image_folder", "random_init_like",
            "pooled_features"]
 
 
@@ -281,17 +282,6 @@ class ProbeResult:
         return index
 
 
-def default_layers(loaded: LoadedModel, count: int = 8, size: tuple[int, int] | None = None) -> list[LayerInfo]:
-    """``count`` feature layers spread evenly over the depth, first and last included.
-
-    ``size``: the input size their shapes are given at (default the model's input size).
-    """
-    feats = (loaded.catalogue_at(size) if size is not None else loaded.catalogue).features
-    if not feats:
-        raise ConvscopeError("this model has no convolutional feature layer; pass layers explicitly")
-    picks = np.unique(np.linspace(0, len(feats) - 1, min(count, len(feats))).round().astype(int))
-    return [feats[i] for i in picks]
-
 
 def pooled_features(loaded: LoadedModel, images: list[np.ndarray], layers: list[LayerInfo],
                     size: tuple[int, int], batch_size: int = 16,
@@ -387,7 +377,7 @@ def probe(
         size = (size, size)
     size = tuple(size) if size is not None else tuple(loaded.preprocessing.input_size)
     if layers is None:
-        chosen = default_layers(loaded, size=size)
+        chosen = spread(loaded.catalogue_at(size) if size is not None else loaded.catalogue)
     else:
         if not isinstance(layers, str):
             layers = [layer.name if isinstance(layer, LayerInfo) else layer for layer in layers]

@@ -45,8 +45,8 @@ import torch
 from ...datasets import ImageSet
 from ...errors import ConvscopeError
 from ...layers import LayerInfo
-from ...layers import stage_outputs as default_layers
 from ...models import LoadedModel, as_loaded
+from ...selection import stage_outputs as default_layers
 from .engine import STATE_FILE, Checkpoint, fold, load_checkpoint, resume_from, run_identity
 from .figures import channel_figure, render_channels
 from .result import INDEX_FILE, MANIFEST_FILE, Example, ScanResult, read_scan
@@ -82,7 +82,7 @@ def scan(
         model: a :class:`LoadedModel` (or an ``nn.Module`` with ImageNet preprocessing); left untouched.
         images: an :class:`~convscope.datasets.ImageSet` (folder, sample set, tensors).
         layers: names, aliases or patterns (see :meth:`Catalogue.resolve`), or LayerInfo rows;
-            default :func:`~convscope.layers.stage_outputs`. The forward pass stops after the deepest one.
+            default :func:`~convscope.selection.stage_outputs`. The forward pass stops after the deepest one.
         top: k, the examples kept per channel (one per image).
         batch_size, workers: the DataLoader's batch size and number of reader processes.
         checkpoint: file for the state, written atomically every ``checkpoint_every`` batches,
