@@ -104,7 +104,7 @@ def test_dead_channels_are_flagged_and_counted(photos):
     assert dead == [False, True, False]
     assert result.dead_count == 1 and result.dead_channels == [1]
     assert result.records[1]["photo_peak"] == 0.0 and result.records[1]["objective"] == 0.0
-    assert result.summary()["dead"] == 1 and result.summary()["dead_channels"] == [1]
+    assert result.to_dict()["dead"] == 1 and result.to_dict()["dead_channels"] == [1]
     assert model_state(model) == before
 
 
