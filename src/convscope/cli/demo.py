@@ -21,7 +21,6 @@ from ..methods.deconv import deconv
 from ..methods.features import visualize_features
 from ..models import load_model
 from ._common import add_out_arg, out_dir
-from .activations import write_activation_outputs
 from .deconv import write_deconv_outputs
 from .occlusion import summary_lines, write_occlusion_outputs
 from .probe import write_probe_outputs
@@ -63,7 +62,7 @@ def step_predict(loaded, photos, out: Path) -> None:
 def step_activations(loaded, photos, out: Path) -> None:
     for name, photo in photos.items():
         result = activations(loaded, photo)
-        write_activation_outputs(result, out / "activations" / name, overlay=True)
+        result.save(out / "activations" / name, overlay=True, progress=True)
         save_png(result.evolution(), out / f"evolution_{name}.png")
     print(f"  feature-map grids: {out / 'activations'}")
 
