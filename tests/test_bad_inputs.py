@@ -96,7 +96,7 @@ CASES = [
     ("features-lr-nan", ["features", "--layer", "blocks.1.0", "--lr", "nan"], "finite", False),
     ("features-lr-negative", ["features", "--layer", "blocks.1.0", "--lr", "-1"], "greater than 0", False),
     ("features-steps-zero", ["features", "--layer", "blocks.1.0", "--steps", "0"], "--steps", False),
-    ("features-batch-zero", ["features", "--layer", "blocks.1.0", "--batch", "0"], "--batch", False),
+    ("features-batch-size-zero", ["features", "--layer", "blocks.1.0", "--batch-size", "0"], "--batch-size", False),
     ("features-cols-zero", ["features", "--layer", "blocks.1.0", "--cols", "0"], "--cols", False),
     ("features-tv-negative", ["features", "--layer", "blocks.1.0", "--tv", "-0.5"], "--tv", False),
     ("features-out-proc", ["features", "--layer", "blocks.1.0", "--out", "/sys/convscope-out"], "cannot write", False),

@@ -104,7 +104,7 @@ def test_dead_channels_are_flagged_and_counted(photos):
     assert dead == [False, True, False]
     assert result.dead_count == 1 and result.dead_channels == [1]
     assert result.records[1]["photo_peak"] == 0.0 and result.records[1]["objective"] == 0.0
-    assert result.summary()["dead"] == 1 and result.summary()["dead_channels"] == [1]
+    assert result.to_dict()["dead"] == 1 and result.to_dict()["dead_channels"] == [1]
     assert model_state(model) == before
 
 
@@ -203,7 +203,7 @@ def test_bad_channel_and_layer_give_clear_errors(default_model):
     (["--objective", "class:5000"], "class 5000 is out of range"),
     (["--objective", "chanel", "--layer", MIDDLE], "unknown objective"),
     (["--objective", "channel"], "needs --layer"),
-    (["--layer", MIDDLE, "--memory", "lots"], "bad --memory"),
+    (["--layer", MIDDLE, "--memory", "lots"], "--memory: 'lots' is not a size"),
 ])
 def test_cli_errors_are_one_line_and_exit_2(argv, message, capsys, tmp_path):
     assert main(["features", *argv, "--out", str(tmp_path)]) == 2

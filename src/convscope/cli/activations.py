@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from tqdm import tqdm
-
-from .._io import save_json, save_npz, save_png
 from ..images import load_image
 from ..methods.activations import activations
 from ._common import (
@@ -44,28 +39,6 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def write_activation_outputs(result, out: Path, *, cols=16, cmap="viridis", scale="channel",
-                             overlay=False, save_arrays=False, progress=True) -> dict:
-    """Write grids (and overlays, strip, arrays) for one :class:`ActivationResult`; return the index."""
-    index = {"model": result.model_title, "image_size": list(result.image.shape[:2]), "layers": []}
-    for layer in tqdm(result.layers, desc="grids", unit="layer", disable=not progress, leave=False):
-        stem = (layer.alias or layer.name).replace("/", "_")
-        entry = {**layer.as_dict(), "captured_shape": list(result.maps[layer.name].shape),
-                 "grid": f"{stem}.png"}
-        save_png(result.grid(layer, cols=cols, cmap=cmap, scale=scale), out / entry["grid"])
-        if overlay:
-            entry["overlay"] = f"{stem}_overlay.png"
-            save_png(result.overlay(layer), out / entry["overlay"])
-        index["layers"].append(entry)
-    save_png(result.evolution(), out / "evolution.png")
-    index["evolution"] = "evolution.png"
-    if save_arrays:
-        save_npz(out / "activations.npz", **{layer.name: result.maps[layer.name] for layer in result.layers})
-        index["arrays"] = "activations.npz"
-    save_json(index, out / "activations.json")
-    return index
-
-
 def run(args) -> int:
     check_out(args.out)
     size = parse_size(args.size)
@@ -74,8 +47,8 @@ def run(args) -> int:
     check_image(image, args.image, args.max_side, size, model_short_side(loaded))
     result = activations(loaded, image, args.layers, size=size)
     out = out_dir(args.out)
-    write_activation_outputs(result, out, cols=args.cols, cmap=args.cmap, scale=args.scale,
-                             overlay=args.overlay, save_arrays=args.save_npz)
+    result.save(out, cols=args.cols, cmap=args.cmap, scale=args.scale, overlay=args.overlay,
+                save_npz=args.save_npz, progress=True)
     print(f"model: {loaded.title}")
     for layer in result.layers:
         print(f"  {layer.label:<34} {'×'.join(map(str, result.maps[layer.name].shape))}")

@@ -21,7 +21,6 @@ from ..methods.deconv import deconv
 from ..methods.features import visualize_features
 from ..models import load_model
 from ._common import add_out_arg, out_dir
-from .activations import write_activation_outputs
 
 # The atlas budget of the demo: 6 channels per layer, short feature visualizations, a scan of
 # 256 windows of the built-in sample set, on DEMO_LAYERS.
@@ -60,7 +59,7 @@ def step_predict(loaded, photos, out: Path) -> None:
 def step_activations(loaded, photos, out: Path) -> None:
     for name, photo in photos.items():
         result = activations(loaded, photo)
-        write_activation_outputs(result, out / "activations" / name, overlay=True)
+        result.save(out / "activations" / name, overlay=True, progress=True)
         save_png(result.evolution(), out / f"evolution_{name}.png")
     print(f"  feature-map grids: {out / 'activations'}")
 

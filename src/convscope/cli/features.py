@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import re
 import time
 
-from .._io import save_json
 from ..errors import ConvscopeError
-from ..methods.features import visualize_classes, visualize_features
+from ..methods.features import FeatureSet, visualize_classes, visualize_features
 from ..methods.features.objectives import parse_objective
 from ._common import (
+    add_batch_size_arg,
+    add_memory_arg,
     add_model_args,
     add_out_arg,
     check_out,
@@ -56,27 +56,12 @@ def register(subparsers) -> None:
     p.add_argument("--diversity", type=non_negative_float, default=None, help="weight of the diversity term between variants")
     p.add_argument("--tv", type=non_negative_float, default=None, help="weight of a total-variation penalty")
     p.add_argument("--l2", type=non_negative_float, default=None, help="weight of an L2 penalty")
-    p.add_argument("--memory", default=None, metavar="SIZE",
-                   help="memory budget per chunk, e.g. 512MB or 4GB (default 2GB on CPU, half the free GPU memory)")
-    p.add_argument("--batch", type=positive_int, default=None, help="at most this many channels per chunk")
+    add_memory_arg(p, "each chunk of channels optimized together")
+    add_batch_size_arg(p, "channels")
     p.add_argument("--cols", type=positive_int, default=8, help="tiles per row on the sheet")
     add_out_arg(p, "runs/features")
     add_model_args(p)
     p.set_defaults(func=run)
-
-
-def parse_memory(text: str | None) -> int | None:
-    """``"512MB"`` / ``"4GB"`` / ``"300"`` (MB) → bytes."""
-    if text is None:
-        return None
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)i?b?\s*", text.lower())
-    if not match:
-        raise ConvscopeError(f"bad --memory {text!r}: use e.g. 512MB or 4GB")
-    value, unit = float(match.group(1)), match.group(2) or "m"
-    size = int(value * 1024 ** "kmgt".index(unit) * 1024)
-    if size < 1 << 20:
-        raise ConvscopeError(f"--memory {text!r} is too small: give at least 1MB")
-    return size
 
 
 def _channels(text: str | None, count: int) -> list[int]:
@@ -100,7 +85,6 @@ def run(args) -> int:
     size = parse_size(args.size)
     if isinstance(size, int):
         size = (size, size)
-    memory = parse_memory(args.memory)
     if args.channels is not None and args.channels.strip().lower() != "all":
         parse_channels(args.channels, 1 << 30)  # the syntax now; the range once the layer is known
     if kind == "class" and args.layer:
@@ -117,33 +101,22 @@ def run(args) -> int:
     else:
         layers = loaded.catalogue.resolve(args.layer)
         plans = [(layer, _channels(args.channels, layer.channels) if kind != "layer" else None) for layer in layers]
-    out = out_dir(args.out)  # only once every input is known to be good: no empty folder left on an error
     common = dict(recipe=args.recipe, steps=args.steps, size=size, seed=args.seed, lr=args.lr,
                   variants=args.variants, diversity=args.diversity, tv=args.tv, l2=args.l2,
-                  memory_budget=memory, max_batch=args.batch, progress=True)
+                  memory_budget=args.memory, max_batch=args.batch_size, progress=True)
     print(f"model: {loaded.title}")
-    index = {"model": loaded.describe(), "objective": args.objective, "layers": []}
     results = []
     if kind == "class":
         t0 = time.perf_counter()
         result = visualize_classes(loaded, classes, **common)
-        entry = result.save(out / "classes", cols=args.cols)
-        index["layers"].append({"layer": None, "folder": "classes", "sheet": "classes/sheet.png",
-                                "count": entry["count"], "dead": 0})
         results.append(("classes", result, time.perf_counter() - t0))
     else:
         for layer, channels in plans:
             t0 = time.perf_counter()
             result = visualize_features(loaded, layer, channels, objective=kind, **common)
-            stem = (layer.alias or layer.name).replace("/", "_")
-            entry = result.save(out / stem, cols=args.cols)
-            index["layers"].append({"layer": layer.name, "alias": layer.alias, "folder": stem,
-                                    "sheet": f"{stem}/sheet.png", "count": entry["count"], "dead": entry["dead"],
-                                    "dead_channels": entry["dead_channels"]})
             results.append((layer.label, result, time.perf_counter() - t0))
-    index["recipe"] = results[0][1].recipe.as_dict()
-    index["seed"] = args.seed
-    save_json(index, out / "features.json")
+    out = out_dir(args.out)
+    FeatureSet([result for _, result, _ in results], loaded.describe(), args.objective).save(out, cols=args.cols)
     for label, result, seconds in results:
         ratios = [r["ratio"] for r in result.records if r["ratio"] is not None]
         ratio = f"median x{sorted(ratios)[len(ratios) // 2]:.2f} of the best photo" if ratios else "no photo reference"

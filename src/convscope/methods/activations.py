@@ -3,19 +3,24 @@
 Push a photo through the network and look at what each layer outputs (edges and colours
 early, textures next, parts deep). :func:`activations` returns arrays; :class:`ActivationResult` draws them
 (grids, heat-map overlays, the shallow-to-deep evolution strip) as PIL images, which a
-Jupyter notebook shows inline.
+Jupyter notebook shows inline, and :meth:`ActivationResult.save` writes them as PNGs with a JSON index.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 from .. import render
-from ..capture import capture
+from .._io import save_json, save_png
+from .._io import save_npz as write_npz
+from ..capture import capture, frozen
 from ..errors import ConvscopeError
 from ..images import ImageSource, load_image
 from ..layers import LayerInfo
@@ -103,6 +108,35 @@ class ActivationResult:
             "each tile scaled to its own min..max"])
         return render.stack_vertical([strip, body])
 
+    def to_dict(self) -> dict:
+        """Model, image size and each captured layer (its catalogue entry and the captured shape); no arrays."""
+        return {"model": self.model_title, "image_size": list(self.image.shape[:2]),
+                "layers": [{**layer.as_dict(), "captured_shape": list(self.maps[layer.name].shape)}
+                           for layer in self.layers]}
+
+    def save(self, folder: str | os.PathLike, *, cols: int = 16, cmap: str = "viridis", scale: str = "channel",
+             overlay: bool = False, save_npz: bool = False, progress: bool = False) -> dict:
+        """Write one grid per layer (``<alias>.png``; ``<alias>_overlay.png`` with ``overlay``),
+        ``evolution.png``, ``activations.npz`` with ``save_npz``, and ``activations.json`` last;
+        return the index."""
+        folder = Path(folder)
+        index = self.to_dict()
+        for layer, entry in tqdm(list(zip(self.layers, index["layers"])), desc="grids", unit="layer",
+                                 disable=not progress, leave=False):
+            stem = (layer.alias or layer.name).replace("/", "_")
+            entry["grid"] = f"{stem}.png"
+            save_png(self.grid(layer, cols=cols, cmap=cmap, scale=scale), folder / entry["grid"])
+            if overlay:
+                entry["overlay"] = f"{stem}_overlay.png"
+                save_png(self.overlay(layer), folder / entry["overlay"])
+        save_png(self.evolution(), folder / "evolution.png")
+        index["evolution"] = "evolution.png"
+        if save_npz:
+            write_npz(folder / "activations.npz", **{layer.name: self.maps[layer.name] for layer in self.layers})
+            index["arrays"] = "activations.npz"
+        save_json(index, folder / "activations.json")
+        return index
+
 
 def activations(
     model: LoadedModel | torch.nn.Module,
@@ -138,8 +172,6 @@ def predict(model: LoadedModel | torch.nn.Module, image: ImageSource, top: int =
 
     The whole photo is resized to the model's input size (no crop), as in the blog post.
     """
-    from ..capture import frozen
-
     loaded = as_loaded(model)
     rgb = loaded.preprocessing.fit(load_image(image), loaded.preprocessing.input_size)
     x = loaded.preprocessing.to_tensor(rgb, loaded.device)

@@ -18,6 +18,8 @@ Two recipes:
 
 Each record compares the objective reached with the same objective's best value over the
 sample photos (``convscope.images.sample_photos()``, each at the model's input size).
+The calls return a :class:`FeatureResult` (:mod:`convscope.methods.features.result`), which
+draws the sheet and saves one PNG per image, the sheet and a JSON index.
 
 Example:
     >>> lm = convscope.load_model()
@@ -25,22 +27,18 @@ Example:
     >>> res.images.shape, res.records[0]["ratio"], res.dead_count
     ((3, 96, 96, 3), 2.7, 0)
     >>> res.sheet().save("sheet.png")
+    >>> res.save("runs/features/blocks.3.1.bn1")["dead"]
+    0
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
-from ... import render
-from ..._io import save_json, save_png
 from ...capture import StopForward, capture, frozen, recording
 from ...errors import ConvscopeError
 from ...images import sample_photos
@@ -48,144 +46,10 @@ from ...layers import LayerInfo
 from ...models import LoadedModel, as_loaded
 from . import objectives as obj
 from .engine import Optimized, Recipe, make_recipe, optimize, resolve_layers
+from .result import DEAD_THRESHOLD, FeatureResult, FeatureSet
 
-__all__ = ["FeatureResult", "visualize_features", "visualize_classes", "visualize", "DEAD_THRESHOLD"]
-
-# A channel whose objective the optimization cannot lift above this (and that is zero on
-# every sample photo) is reported dead. Live channels of trained nets reach 0.1-6 here.
-DEAD_THRESHOLD = 1e-3
-
-
-@dataclass
-class FeatureResult:
-    """Synthesized images and what they reached.
-
-    Attributes:
-        images: ``(N, H, W, 3)`` uint8, one per record.
-        records: one dict per image: ``channel`` (or ``class``), ``variant``, ``objective``
-            (reached, on the image without transforms), ``start``, ``photo_best`` (the same
-            objective's best over the sample photos), ``ratio`` (objective / photo_best, None
-            when photo_best <= 0), ``peak`` (the channel's strongest unit on the image),
-            ``photo_peak`` (the channel's strongest unit on any photo), ``dead``.
-        layer: the layer (None for class objectives).
-        objective: ``"channel"``, ``"neuron"``, ``"layer"``, ``"class"`` or a custom objective's name.
-        recipe: the :class:`~convscope.methods.features.engine.Recipe` used.
-        seed: the seed; the same seed gives the same images.
-        model_title: model name and weights (says RANDOM INIT when so).
-    """
-
-    images: np.ndarray
-    records: list[dict]
-    layer: LayerInfo | None
-    objective: str
-    recipe: Recipe
-    seed: int
-    model_title: str
-    dead_threshold: float = DEAD_THRESHOLD
-    seconds: float = 0.0
-    chunk_size: int = 0
-    history: np.ndarray | None = field(default=None, repr=False)
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    @property
-    def dead_count(self) -> int:
-        return sum(bool(r["dead"]) for r in self.records)
-
-    @property
-    def dead_channels(self) -> list[int]:
-        return [r["channel"] for r in self.records if r["dead"] and "channel" in r]
-
-    def image(self, i: int) -> Image.Image:
-        return Image.fromarray(self.images[i])
-
-    def settings(self) -> dict:
-        """Everything that determines the images (a cache key for callers such as the atlas)."""
-        return {"objective": self.objective, "layer": self.layer.name if self.layer else None,
-                "recipe": self.recipe.as_dict(), "seed": self.seed, "model": self.model_title,
-                "dead_threshold": self.dead_threshold}
-
-    def summary(self) -> dict:
-        ratios = [r["ratio"] for r in self.records if r["ratio"] is not None]
-        return {
-            **self.settings(),
-            "layer_info": self.layer.as_dict() if self.layer else None,
-            "count": len(self.records), "dead": self.dead_count, "dead_channels": self.dead_channels,
-            "median_ratio": float(np.median(ratios)) if ratios else None,
-            "seconds": round(self.seconds, 2), "chunk_size": self.chunk_size,
-        }
-
-    def caption(self, i: int) -> str:
-        r = self.records[i]
-        head = _unit_label(r)
-        if r["dead"]:
-            return f"{head} DEAD"
-        if r["ratio"] is not None:
-            return f"{head} x{r['ratio']:.1f}"
-        if r["photo_best"] is not None:  # the photos never raise this objective above zero
-            return f"{head} {r['objective']:.2g}/0"
-        return f"{head} {r['objective']:.3g}"
-
-    def sheet(self, cols: int = 8, min_tile: int = 96) -> Image.Image:
-        """All images in a grid, each captioned with its channel and objective / best-photo ratio."""
-        tiles = []
-        for i in range(len(self.records)):
-            im = self.image(i)
-            if im.width < min_tile:
-                factor = -(-min_tile // im.width)
-                im = im.resize((im.width * factor, im.height * factor), Image.NEAREST)
-            if self.records[i]["dead"]:  # dim dead channels: their image is noise, not a feature
-                im = Image.blend(im, Image.new("RGB", im.size, (128, 128, 128)), 0.6)
-            tiles.append(np.asarray(render.label_image(im, self.caption(i), size=12)))
-        grid = Image.fromarray(render.tile(np.stack(tiles), cols, sep=2))
-        height, width = self.recipe.size
-        what = self.layer.label if self.layer else "classes"
-        # the default PIL font has no em dash (the RANDOM INIT marker uses one)
-        title = self.model_title.replace("\u2014", "-").replace("\u00d7", "x")
-        lines = [
-            f"{what} - feature visualization - {title}",
-            f"recipe {self.recipe.name}: {self.recipe.steps} steps at {height}x{width}, seed {self.seed}, objective {self.objective}",
-            "x = objective reached / best value of the same objective on the sample photos; "
-            "a/0 = reached a, photos 0",
-        ]
-        if self.objective in ("channel", "neuron"):
-            lines.append(f"{self.dead_count} of {len(self.records)} dead (zero on every sample photo and never above "
-                         f"{self.dead_threshold:g}); dead tiles dimmed")
-        # the strip is at least as wide as its text, even for a sheet of one image
-        return render.stack_vertical([render.title_strip(max(grid.width, 720), lines), grid])
-
-    def filenames(self) -> list[str]:
-        names = []
-        for r in self.records:
-            if "channel" in r:
-                stem = f"ch{r['channel']:04d}"
-            elif "class" in r:
-                stem = f"class{r['class']:04d}"
-            else:
-                stem = f"image{r['index']:03d}"
-            names.append(f"{stem}_v{r['variant']}.png" if r.get("variant") else f"{stem}.png")
-        return names
-
-    def save(self, folder: str | os.PathLike, cols: int = 8) -> dict:
-        """Write one PNG per image, ``sheet.png`` and ``features.json`` into ``folder``; return the index."""
-        folder = Path(folder)
-        records = []
-        for i, name in enumerate(self.filenames()):
-            save_png(self.image(i), folder / name)
-            records.append({**self.records[i], "png": name})
-        save_png(self.sheet(cols=cols), folder / "sheet.png")
-        index = {**self.summary(), "sheet": "sheet.png", "records": records}
-        save_json(index, folder / "features.json")
-        return index
-
-
-def _unit_label(r: dict) -> str:
-    if "channel" in r:
-        return f"ch {r['channel']}"
-    if "class" in r:
-        return f"class {r['class']}"
-    return f"#{r['index']}"
+__all__ = ["FeatureResult", "FeatureSet", "visualize_features", "visualize_classes", "visualize", "DEAD_THRESHOLD",
+           "make_recipe", "Recipe"]
 
 
 def _to_uint8(images: np.ndarray, recipe: Recipe) -> np.ndarray:

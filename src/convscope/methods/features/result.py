@@ -1,0 +1,163 @@
+"""What feature visualization returns: the images, one record per image, and the files they are saved as."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ..._io import save_json, save_png
+from ...layers import LayerInfo
+from . import figures
+from .engine import Recipe
+
+__all__ = ["DEAD_THRESHOLD", "FeatureResult", "FeatureSet"]
+
+# A channel whose objective the optimization cannot lift above this (and that is zero on
+# every sample photo) is reported dead. Live channels of trained nets reach 0.1-6 here.
+DEAD_THRESHOLD = 1e-3
+
+
+@dataclass
+class FeatureResult:
+    """Synthesized images and what they reached.
+
+    Attributes:
+        images: ``(N, H, W, 3)`` uint8, one per record.
+        records: one dict per image: ``channel`` (or ``class``), ``variant``, ``objective``
+            (reached, on the image without transforms), ``start``, ``photo_best`` (the same
+            objective's best over the sample photos), ``ratio`` (objective / photo_best, None
+            when photo_best <= 0), ``peak`` (the channel's strongest unit on the image),
+            ``photo_peak`` (the channel's strongest unit on any photo), ``dead``.
+        layer: the layer (None for class objectives).
+        objective: ``"channel"``, ``"neuron"``, ``"layer"``, ``"class"`` or a custom objective's name.
+        recipe: the :class:`~convscope.methods.features.engine.Recipe` used.
+        seed: the seed; the same seed gives the same images.
+        model_title: model name and weights (says RANDOM INIT when so).
+    """
+
+    images: np.ndarray
+    records: list[dict]
+    layer: LayerInfo | None
+    objective: str
+    recipe: Recipe
+    seed: int
+    model_title: str
+    dead_threshold: float = DEAD_THRESHOLD
+    seconds: float = 0.0
+    chunk_size: int = 0
+    history: np.ndarray | None = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def dead_count(self) -> int:
+        return sum(bool(r["dead"]) for r in self.records)
+
+    @property
+    def dead_channels(self) -> list[int]:
+        return [r["channel"] for r in self.records if r["dead"] and "channel" in r]
+
+    def image(self, i: int) -> Image.Image:
+        return Image.fromarray(self.images[i])
+
+    def settings(self) -> dict:
+        """Everything that determines the images (a cache key for callers such as the atlas)."""
+        return {"objective": self.objective, "layer": self.layer.name if self.layer else None,
+                "recipe": self.recipe.as_dict(), "seed": self.seed, "model": self.model_title,
+                "dead_threshold": self.dead_threshold}
+
+    def _totals(self) -> dict:
+        ratios = [r["ratio"] for r in self.records if r["ratio"] is not None]
+        return {
+            **self.settings(),
+            "layer_info": self.layer.as_dict() if self.layer else None,
+            "count": len(self.records), "dead": self.dead_count, "dead_channels": self.dead_channels,
+            "median_ratio": float(np.median(ratios)) if ratios else None,
+            "seconds": round(self.seconds, 2), "chunk_size": self.chunk_size,
+        }
+
+    def to_dict(self) -> dict:
+        """The settings, the totals (count, dead, median ratio) and every record; no arrays."""
+        return {**self._totals(), "records": [dict(r) for r in self.records]}
+
+    def caption(self, i: int) -> str:
+        return figures.caption(self.records[i])
+
+    def sheet(self, cols: int = 8, min_tile: int = 96) -> Image.Image:
+        """All images in a grid, each captioned with its channel and objective / best-photo ratio."""
+        return figures.feature_sheet(self, cols=cols, min_tile=min_tile)
+
+    def filenames(self) -> list[str]:
+        names = []
+        for r in self.records:
+            if "channel" in r:
+                stem = f"ch{r['channel']:04d}"
+            elif "class" in r:
+                stem = f"class{r['class']:04d}"
+            else:
+                stem = f"image{r['index']:03d}"
+            names.append(f"{stem}_v{r['variant']}.png" if r.get("variant") else f"{stem}.png")
+        return names
+
+    def save(self, folder: str | os.PathLike, cols: int = 8) -> dict:
+        """Write one PNG per image, ``sheet.png`` and ``features.json`` (last) into ``folder``; return the index."""
+        folder = Path(folder)
+        records = []
+        for i, name in enumerate(self.filenames()):
+            save_png(self.image(i), folder / name)
+            records.append({**self.records[i], "png": name})
+        save_png(self.sheet(cols=cols), folder / "sheet.png")
+        index = {**self._totals(), "sheet": "sheet.png", "records": records}
+        save_json(index, folder / "features.json")
+        return index
+
+
+@dataclass
+class FeatureSet:
+    """Feature visualizations of several layers (or of classes), saved side by side under one index.
+
+    Attributes:
+        results: one :class:`FeatureResult` per layer, or one for classes.
+        model: the model's description (:meth:`LoadedModel.describe`).
+        objective: the objective as asked for, e.g. ``"channel"`` or ``"class:281"``.
+    """
+
+    results: list[FeatureResult]
+    model: dict
+    objective: str
+
+    @staticmethod
+    def folder(result: FeatureResult) -> str:
+        """The sub-folder a result is saved in: the layer's alias (or name), or ``classes``."""
+        if result.layer is None:
+            return "classes"
+        return (result.layer.alias or result.layer.name).replace("/", "_")
+
+    def _entry(self, result: FeatureResult) -> dict:
+        stem = self.folder(result)
+        if result.layer is None:
+            return {"layer": None, "folder": stem, "sheet": f"{stem}/sheet.png", "count": len(result), "dead": 0}
+        return {"layer": result.layer.name, "alias": result.layer.alias, "folder": stem,
+                "sheet": f"{stem}/sheet.png", "count": len(result), "dead": result.dead_count,
+                "dead_channels": result.dead_channels}
+
+    def to_dict(self) -> dict:
+        """The index: model, objective, one entry per layer (folder, sheet, counts), recipe and seed."""
+        first = self.results[0]
+        return {"model": self.model, "objective": self.objective,
+                "layers": [self._entry(result) for result in self.results],
+                "recipe": first.recipe.as_dict(), "seed": first.seed}
+
+    def save(self, folder: str | os.PathLike, cols: int = 8) -> dict:
+        """Save each result in its sub-folder, then ``features.json`` indexing them; return the index."""
+        folder = Path(folder)
+        for result in self.results:
+            result.save(folder / self.folder(result), cols=cols)
+        index = self.to_dict()
+        save_json(index, folder / "features.json")
+        return index
