@@ -34,7 +34,7 @@ import torch  # noqa: E402
 
 import convscope  # noqa: E402
 from convscope._io import save_png  # noqa: E402
-from convscope.capture import capture  # noqa: E402
+from convscope.hooks import capture  # noqa: E402
 from convscope.images import sample_photos  # noqa: E402
 
 

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 import convscope  # noqa: E402
-from convscope.capture import capture  # noqa: E402
+from convscope.hooks import capture  # noqa: E402
 from convscope.methods.features.engine import Levers, make_recipe, optimize  # noqa: E402
 from convscope.methods.features.objectives import channel  # noqa: E402
 

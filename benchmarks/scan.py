@@ -49,8 +49,8 @@ import torch
 from PIL import Image
 
 import convscope
-from convscope.capture import StopForward, recording
 from convscope.datasets import FolderImages, SampleImages, TensorImages
+from convscope.hooks import StopForward, recording
 from convscope.layers import build_catalogue
 from convscope.methods.scan import default_layers, scan
 from convscope.models import fingerprint

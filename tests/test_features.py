@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 import convscope
-from convscope.capture import StopForward, frozen, recording
 from convscope.cli.main import main
 from convscope.errors import ConvscopeError
+from convscope.hooks import StopForward, frozen, recording
 from convscope.methods.features import make_recipe, visualize, visualize_features
 from convscope.methods.features.objectives import Objective, channel
 from convscope.rectifiers import redirected_rectifiers

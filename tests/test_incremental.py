@@ -11,7 +11,7 @@ import torch
 import torchvision
 from torch import nn
 
-from convscope.capture import frozen
+from convscope.hooks import frozen
 from convscope.methods.occlusion.incremental import (
     Patch,
     Unsupported,

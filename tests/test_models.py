@@ -7,11 +7,11 @@ import torch
 from torch import nn
 
 import convscope
-from convscope import models
+from convscope import sources
 from convscope.cli.main import main
 from convscope.errors import ConvscopeError
 from convscope.methods.activations import predict
-from convscope.models import map_state_dict_by_order
+from convscope.weights import map_state_dict_by_order
 
 
 def test_default_model_real_weights_cat_and_espresso(default_model, photos):
@@ -143,14 +143,14 @@ def test_hub_probe_reaches_a_listening_port_only(monkeypatch):
         listener.listen()
         port = listener.getsockname()[1]
         monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
-        assert models._hub_reachable(timeout=2.0)
-    assert not models._hub_reachable(timeout=2.0)  # the port is closed now
+        assert sources._hub_reachable(timeout=2.0)
+    assert not sources._hub_reachable(timeout=2.0)  # the port is closed now
 
 
 def test_timm_offline_fails_fast_and_restores_the_hub_setting(monkeypatch, tmp_path):
     from huggingface_hub import constants
 
-    monkeypatch.setattr(models, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(sources, "_hub_reachable", lambda timeout=3.0: False)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))  # nothing cached
     start = time.perf_counter()
     with pytest.raises(ConvscopeError, match="--random"):

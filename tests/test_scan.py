@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import convscope
-from convscope.capture import capture
 from convscope.cli.main import main
 from convscope.datasets import SampleImages, TensorImages
+from convscope.hooks import capture
 from convscope.methods.scan import EMPTY, TopK, default_layers, load_checkpoint, read_scan, scan
 from convscope.methods.scan import engine as scan_engine
 from convscope.methods.scan import result as scan_result

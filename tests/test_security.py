@@ -96,11 +96,11 @@ def test_state_dict_with_wrong_shapes_or_values_names_the_key(tmp_path):
     shapes = tmp_path / "shapes.pt"
     torch.save({"0.weight": torch.zeros(4, 3, 5, 5), "0.bias": torch.zeros(4)}, shapes)
     with pytest.raises(ConvscopeError, match=r"'0.weight' has shape \(4, 3, 5, 5\) in the file but \(4, 3, 3, 3\)"):
-        convscope.models._load_state_dict(net, shapes)
+        convscope.weights.load_state_dict(net, shapes)
     values = tmp_path / "values.pt"
     torch.save({"0.weight": [1.0, 2.0], "0.bias": torch.zeros(4)}, values)
     with pytest.raises(ConvscopeError, match="'0.weight' holds a list, not a tensor"):
-        convscope.models._load_state_dict(net, values)
+        convscope.weights.load_state_dict(net, values)
 
 
 # --------------------------------------------------------------------------- scan --resume

@@ -23,8 +23,8 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .capture import frozen, named_layers, parse_layer_name
 from .errors import ConvscopeError, suggest
+from .hooks import frozen, named_layers, parse_layer_name
 
 __all__ = ["LayerInfo", "Catalogue", "build_catalogue", "parse_layer_name", "named_layers"]
 
@@ -334,7 +334,7 @@ def _kind(module: nn.Module) -> str:
 def build_catalogue(model: nn.Module, input_size: tuple[int, int] = (224, 224), device: torch.device | str = "cpu") -> Catalogue:
     """Trace one forward pass of ``model`` at ``input_size = (H, W)`` and describe every layer.
 
-    The model is left as it was (mode, hooks); see :func:`convscope.capture.frozen`.
+    The model is left as it was (mode, hooks); see :func:`convscope.hooks.frozen`.
     """
 
     records: list[tuple[str, nn.Module, torch.Tensor]] = []

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..capture import capture
 from ..datasets import MIN_SIDE, FolderImages, SampleImages
 from ..errors import ConvscopeError
+from ..hooks import capture
 from ..images import IMAGE_EXTENSIONS, ImageSource, load_image, sample_photos
 from ..layers import LayerInfo
 from ..models import LoadedModel, fingerprint

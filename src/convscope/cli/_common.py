@@ -11,7 +11,8 @@ import tempfile
 from pathlib import Path
 
 from ..errors import ConvscopeError
-from ..models import LoadedModel, load_model
+from ..models import LoadedModel
+from ..sources import load_model
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:

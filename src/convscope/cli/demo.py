@@ -19,7 +19,7 @@ from ..images import sample_photos
 from ..methods.activations import activations, predict
 from ..methods.deconv import deconv
 from ..methods.features import visualize_features
-from ..models import load_model
+from ..sources import load_model
 from ._common import add_out_arg, out_dir
 
 # The atlas budget of the demo: 6 channels per layer, short feature visualizations, a scan of

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from ..models import DEFAULT_MODEL, list_models
+from ..models import DEFAULT_MODEL
+from ..sources import list_models
 
 
 def register(subparsers) -> None:

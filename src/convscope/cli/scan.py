@@ -12,8 +12,9 @@ import torch
 from ..datasets import FolderImages, SampleImages
 from ..errors import ConvscopeError
 from ..methods.scan import DEFAULT_TOP, INDEX_FILE, STATE_FILE, default_layers, load_checkpoint, scan
-from ..models import DEFAULT_MODEL, is_model_file
+from ..models import DEFAULT_MODEL
 from ..rectifiers import PROJECTION_NAMES
+from ..sources import is_model_file
 from ._common import (
     add_model_args,
     add_out_arg,

@@ -20,8 +20,8 @@ from tqdm import tqdm
 from .. import render
 from .._io import save_json, save_png
 from .._io import save_npz as write_npz
-from ..capture import capture, frozen
 from ..errors import ConvscopeError
+from ..hooks import capture, frozen
 from ..images import ImageSource, load_image
 from ..layers import LayerInfo
 from ..models import LoadedModel, as_loaded

@@ -32,9 +32,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from .._io import atomic_path, save_json, save_png
-from ..capture import capture
 from ..datasets import MIN_SIDE
 from ..errors import ConvscopeError
+from ..hooks import capture
 from ..images import IMAGE_EXTENSIONS, load_image
 from ..layers import LayerInfo
 from ..models import LoadedModel, as_loaded
@@ -139,7 +139,7 @@ def random_init_like(loaded: LoadedModel, seed: int = 0) -> LoadedModel:
     initialisation; any other module is deep-copied and its layers' ``reset_parameters``
     run (PyTorch's default initialisation, batch-norm statistics reset).
     """
-    from ..models import list_models, load_model
+    from ..sources import list_models, load_model
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ...capture import StopForward, capture, frozen, recording
 from ...errors import ConvscopeError
+from ...hooks import StopForward, capture, frozen, recording
 from ...layers import LayerInfo
 from ...models import LoadedModel, as_loaded
 from ...rectifiers import Rule, audit_graph, backward_rule, check_scriptable, resolve_projection

@@ -7,8 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ...capture import capture
 from ...errors import ConvscopeError
+from ...hooks import capture
 from ...layers import LayerInfo
 from ...models import LoadedModel, as_loaded
 from .engine import spatial_layer

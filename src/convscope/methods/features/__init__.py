@@ -39,8 +39,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ...capture import StopForward, capture, frozen, recording
 from ...errors import ConvscopeError
+from ...hooks import StopForward, capture, frozen, recording
 from ...images import sample_photos
 from ...layers import LayerInfo
 from ...models import LoadedModel, as_loaded

@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ...capture import StopForward, frozen, recording
 from ...errors import ConvscopeError
+from ...hooks import StopForward, frozen, recording
 from ...layers import LayerInfo
 from ...models import LoadedModel
 from ...rectifiers import redirected_rectifiers

@@ -36,8 +36,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ...capture import frozen, recording
 from ...errors import ConvscopeError, suggest
+from ...hooks import frozen, recording
 from ...images import ImageSource, load_image
 from ...layers import Catalogue, LayerInfo
 from ...models import LoadedModel, as_loaded

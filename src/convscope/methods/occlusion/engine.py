@@ -18,8 +18,8 @@ import torch
 from PIL import Image, ImageFilter
 from tqdm import tqdm
 
-from ...capture import recording
 from ...errors import ConvscopeError
+from ...hooks import recording
 from ...layers import Catalogue, LayerInfo
 from .incremental import Patch, Unsupported, incremental_forward, window
 

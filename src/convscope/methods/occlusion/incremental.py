@@ -531,14 +531,14 @@ def incremental_forward(module: nn.Module, x0: torch.Tensor, edits: Patch):
     """Run ``module`` on the ``B`` copies of ``x0`` described by ``edits``, incrementally.
 
     Args:
-        module: the network, already in eval mode (see :func:`convscope.capture.frozen`).
+        module: the network, already in eval mode (see :func:`convscope.hooks.frozen`).
         x0: the unedited input ``(1, C, H, W)``.
         edits: each copy's changed box (values in the model's input scale).
 
     Returns:
         ``(outputs, mode)``: the model output for all copies ``(B, ...)``, and the mode, whose
         ``full(t)`` / ``state(t)`` give any tensor of the pass per copy (such as one recorded by
-        :func:`convscope.capture.recording` around this call).
+        :func:`convscope.hooks.recording` around this call).
 
     Raises:
         Unsupported: the model did something the engine cannot follow exactly.

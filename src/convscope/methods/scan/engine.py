@@ -19,9 +19,9 @@ import torch
 from tqdm import tqdm
 
 from ..._io import atomic_path
-from ...capture import StopForward, frozen, recording
 from ...datasets import ImageSet
 from ...errors import ConvscopeError
+from ...hooks import StopForward, frozen, recording
 from ...models import LoadedModel, fingerprint
 from .topk import TopK
 

@@ -3,8 +3,8 @@ import torch
 from torch import nn
 
 import convscope
-from convscope.capture import frozen, recording
 from convscope.errors import ConvscopeError
+from convscope.hooks import frozen, recording
 
 from .conftest import model_state
 
