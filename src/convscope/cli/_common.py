@@ -10,7 +10,10 @@ import re
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 from ..errors import ConvscopeError
+from ..images import load_image
 from ..models import LoadedModel
 from ..sources import load_model
 
@@ -48,32 +51,20 @@ def _number(text: str, kind: type, what: str):
     return value
 
 
-def positive_int(text: str) -> int:
-    value = _number(text, int, "a whole number")
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def _bounded(kind: type, what: str, ok, rule: str):
+    """An argparse ``type=`` that parses ``kind`` and refuses values for which ``ok(value)`` is false."""
+    def parse(text: str):
+        value = _number(text, kind, what)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
+        return value
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    value = _number(text, int, "a whole number")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = _number(text, float, "a finite number")
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    value = _number(text, float, "a finite number")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
+positive_int = _bounded(int, "a whole number", lambda v: v >= 1, "at least 1")
+non_negative_int = _bounded(int, "a whole number", lambda v: v >= 0, "0 or more")
+positive_float = _bounded(float, "a finite number", lambda v: v > 0, "greater than 0")
+non_negative_float = _bounded(float, "a finite number", lambda v: v >= 0, "0 or more")
 
 
 def port_number(text: str) -> int:
@@ -170,6 +161,19 @@ def fitted_shape(shape: tuple[int, int], size, default_short: int | None) -> tup
 
 
 DEFAULT_MAX_SIDE = 2048
+
+
+def image_arg(args: argparse.Namespace) -> tuple[np.ndarray, int | tuple[int, int] | None]:
+    """``(image, size)`` of a one-photo command, both checked before any model is loaded."""
+    size = parse_size(args.size)
+    return check_image(load_image(args.image), args.image, args.max_side, size), size
+
+
+def model_for_image(args: argparse.Namespace, image: np.ndarray, size) -> LoadedModel:
+    """The model of ``args``, and the image checked again at the model's own input size."""
+    loaded = load_from_args(args)
+    check_image(image, args.image, args.max_side, size, model_short_side(loaded))
+    return loaded
 
 
 def add_max_side_arg(parser: argparse.ArgumentParser) -> None:

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-from ..images import load_image
 from ..methods.activations import activations
 from ._common import (
     add_max_side_arg,
     add_model_args,
     add_out_arg,
-    check_image,
     check_out,
-    load_from_args,
-    model_short_side,
+    image_arg,
+    model_for_image,
     out_dir,
-    parse_size,
     positive_int,
 )
 
@@ -41,10 +38,8 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     check_out(args.out)
-    size = parse_size(args.size)
-    image = check_image(load_image(args.image), args.image, args.max_side, size)  # before loading a large model
-    loaded = load_from_args(args)
-    check_image(image, args.image, args.max_side, size, model_short_side(loaded))
+    image, size = image_arg(args)
+    loaded = model_for_image(args, image, size)
     result = activations(loaded, image, args.layers, size=size)
     out = out_dir(args.out)
     result.save(out, cols=args.cols, cmap=args.cmap, scale=args.scale, overlay=args.overlay,

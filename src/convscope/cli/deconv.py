@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 from ..errors import ConvscopeError
-from ..images import load_image
 from ..methods.deconv import deconv
 from ..rectifiers import PROJECTION_NAMES
 from ._common import (
+    add_batch_size_arg,
     add_max_side_arg,
     add_model_args,
     add_out_arg,
-    check_image,
     check_out,
-    load_from_args,
-    model_short_side,
+    image_arg,
+    model_for_image,
     out_dir,
     parse_channels,
-    parse_size,
     positive_int,
 )
 
@@ -51,7 +49,7 @@ def register(subparsers) -> None:
     p.add_argument("--tile", type=positive_int, default=None,
                    help="display size of the largest receptive-field box, px (default: its size, within 96..160)")
     p.add_argument("--cols", type=positive_int, default=None, help="cells per row of the sheet")
-    p.add_argument("--batch-size", type=positive_int, default=None, help="crops or images per batch (default: automatic)")
+    add_batch_size_arg(p, "crops or images")
     p.add_argument("--not-strict", dest="strict", action="store_false",
                    help="backpropagate nonlinearities without a rule (GELU, SiLU, gates) plainly instead of refusing")
     p.add_argument("--save-npz", action="store_true", help="keep the raw projections (LAYER_projections.npz)")
@@ -67,11 +65,9 @@ def run(args) -> int:
     if any(c in args.layer for c in "*?[,"):
         raise ConvscopeError(f"--layer takes one layer name or alias, not {args.layer!r}; list candidates with "
                              f"convscope layers --filter '{args.layer}'")
-    size = parse_size(args.size)
-    image = check_image(load_image(args.image), args.image, args.max_side, size)
+    image, size = image_arg(args)
     parse_channels(args.channels, 1 << 30)  # the syntax now; the range once the layer is known
-    loaded = load_from_args(args)
-    check_image(image, args.image, args.max_side, size, model_short_side(loaded))
+    loaded = model_for_image(args, image, size)
     layer = loaded.catalogue.get(args.layer)
     channels = parse_channels(args.channels, layer.channels)
     top = args.top if args.top is not None or channels is not None else 16

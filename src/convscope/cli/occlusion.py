@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from ..images import load_image
 from ..methods.occlusion import FILLS, METHODS, occlusion
 from ._common import (
     add_batch_size_arg,
@@ -12,13 +11,11 @@ from ._common import (
     add_memory_arg,
     add_model_args,
     add_out_arg,
-    check_image,
     check_out,
-    load_from_args,
-    model_short_side,
+    image_arg,
+    model_for_image,
     non_negative_int,
     out_dir,
-    parse_size,
     positive_int,
 )
 
@@ -54,10 +51,8 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     check_out(args.out)
-    size = parse_size(args.size)
-    image = check_image(load_image(args.image), args.image, args.max_side, size)
-    loaded = load_from_args(args)
-    check_image(image, args.image, args.max_side, size, model_short_side(loaded))
+    image, size = image_arg(args)
+    loaded = model_for_image(args, image, size)
     result = occlusion(loaded, image, patch=args.patch, stride=args.stride, fill=args.fill, target=args.target,
                        layer=args.layer, channel=args.channel, size=size, method=args.method,
                        batch_size=args.batch_size, memory_budget=args.memory, progress=True)

@@ -16,6 +16,7 @@ from ..models import DEFAULT_MODEL
 from ..rectifiers import PROJECTION_NAMES
 from ..sources import is_model_file
 from ._common import (
+    add_batch_size_arg,
     add_model_args,
     add_out_arg,
     check_out,
@@ -56,7 +57,7 @@ def register(subparsers) -> None:
                         "feature layers; VGG16: block3_conv3, block4_conv3, block5_conv3)")
     p.add_argument("--top", type=positive_int, default=None, help=f"examples per channel (default {DEFAULT_TOP})")
     p.add_argument("--size", default=None, help="analysis size N or HxW (default: the model's input size)")
-    p.add_argument("--batch-size", type=positive_int, default=32, help="images per forward pass (default 32)")
+    add_batch_size_arg(p, "images", 32)
     p.add_argument("--workers", type=non_negative_int, default=None,
                    help=f"image reader processes (default {_default_workers()} here; 0 reads in the main process)")
     p.add_argument("--checkpoint-every", type=positive_int, default=50, metavar="N", help="save the state every N batches")
