@@ -189,3 +189,15 @@ def test_folder_fingerprint_sees_a_replaced_file_of_the_same_size(tmp_path):
     assert target.stat().st_size == size  # same size, other pixels
     os.utime(target, ns=(time.time_ns(), mtime + 1_000_000))
     assert FolderImages(tmp_path, (8, 8)).fingerprint != before
+
+
+def test_a_hostile_checkpoint_is_refused_without_running_or_torchs_advice(tmp_path, capsys):
+    from convscope.methods.scan import load_checkpoint
+
+    marker = tmp_path / "MARKER"
+    state = tmp_path / "scan_state.pt"
+    torch.save({"format": "convscope.scan-state/1", "meta": _Marker(marker)}, state)
+    with pytest.raises(ConvscopeError) as err:
+        load_checkpoint(state)
+    assert "weights_only=False" not in str(err.value) and "start afresh" in str(err.value)
+    assert not marker.exists()

@@ -23,6 +23,7 @@ from ...datasets import ImageSet
 from ...errors import ConvscopeError
 from ...hooks import StopForward, frozen, recording
 from ...models import LoadedModel, fingerprint
+from ...weights import refused_global
 from .topk import TopK
 
 __all__ = ["STATE_FILE", "Checkpoint", "load_checkpoint", "run_identity", "resume_from", "fold"]
@@ -36,7 +37,9 @@ def load_checkpoint(path: str | Path) -> dict:
     try:
         state = torch.load(Path(path), map_location="cpu", weights_only=True)
     except Exception as err:
-        raise ConvscopeError(f"cannot read the scan checkpoint {path}: {err}. Delete it and start afresh "
+        # torch's own message would advise weights_only=False, i.e. running code from the file: never.
+        raise ConvscopeError(f"cannot read the scan checkpoint {path} ({type(err).__name__}{refused_global(err)}): "
+                             "a checkpoint holds only tensors and numbers. Delete it and start afresh "
                              "(without --resume).") from None
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise ConvscopeError(f"{path} is not a convscope scan checkpoint")
