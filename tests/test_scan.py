@@ -500,3 +500,29 @@ def test_drift_between_scan_and_rerun_is_warned(rendered, tmp_path):
     with pytest.warns(UserWarning, match="differ from the scan"):
         index = fake.save(tmp_path, channels=[0], progress=False)
     assert index["drift"]["units"] > 0
+
+
+def test_rerun_values_stay_with_their_examples_when_an_image_is_gone(rendered, tmp_path, monkeypatch):
+    """An image that cannot be read again leaves its examples' rerun_value empty; the others keep their own."""
+    from convscope.errors import ConvscopeError
+
+    result, _, _ = rendered
+    name = "blocks.2.1.bn3"
+    gone = result.examples(name, 5)[1].image  # the channel's second example: a misalignment would show
+    load = result.images.load
+
+    def load_but_one(i):
+        if i == gone:
+            raise ConvscopeError("deleted")
+        return load(i)
+
+    monkeypatch.setattr(result.images, "load", load_but_one)
+    with pytest.warns(UserWarning, match="can no longer be read"):
+        index = result.save(tmp_path, channels={name: [5]}, progress=False)
+    unit = next(u for layer in index["layers"] if layer["name"] == name for u in layer["units"] if u["channel"] == 5)
+    assert any(e["image"] == gone for e in unit["examples"])
+    for e in unit["examples"]:
+        if e["image"] == gone:
+            assert e["rerun_value"] is None
+        else:
+            assert e["rerun_value"] == pytest.approx(e["value"], rel=1e-3, abs=1e-4)

@@ -25,12 +25,15 @@ __all__ = ["channel_figure", "render_channels", "relative_drift", "DRIFT_TOLERAN
 DRIFT_TOLERANCE = 0.01  # relative to the channel's top value
 
 
-def relative_drift(examples: Sequence[Example], values: Sequence[float]) -> list[float]:
-    """How far each re-run value is from the scanned one, relative to the channel's top value."""
+def relative_drift(examples: Sequence[Example], values: Sequence[float | None]) -> list[float]:
+    """How far each re-run value is from the scanned one, relative to the channel's top value.
+
+    ``values`` align with ``examples``; ``None`` (an example whose image could not be read again) is skipped.
+    """
     if not examples:
         return []
     scale = max(abs(examples[0].value), 1e-6)
-    return [abs(v - e.value) / scale for v, e in zip(values, examples)]
+    return [abs(v - e.value) / scale for v, e in zip(values, examples) if v is not None]
 
 
 def _tile_frame(layer: LayerInfo, image_hw: tuple[int, int]) -> tuple[int, int]:
@@ -138,7 +141,8 @@ def render_channels(
         method: ``"deconvnet"`` (Zeiler & Fergus), ``"guided"`` or ``"gradient"``, or its Rule.
 
     Returns:
-        ``channel -> re-run values`` (in example order).
+        ``channel -> re-run values``, one per example of the channel (``None`` where its image could not
+        be read again).
     """
     rule = resolve_projection(method)
     layer = result.layer(layer)
@@ -152,10 +156,9 @@ def render_channels(
     try:
         for first in range(0, len(channels), per_chunk):
             chunk = channels[first:first + per_chunk]
-            examples = {c: result.examples(layer, c) for c in chunk}
-            photos = _load_photos(result, sorted({e.image for c in chunk for e in examples[c]}))
-            for c in chunk:
-                examples[c] = [e for e in examples[c] if e.image in photos]
+            found = {c: result.examples(layer, c) for c in chunk}
+            photos = _load_photos(result, sorted({e.image for c in chunk for e in found[c]}))
+            examples = {c: [e for e in found[c] if e.image in photos] for c in chunk}
             slot = {i: j for j, i in enumerate(sorted(photos))}
             units = [Unit(channel=c, row=e.row, col=e.col, image_index=slot[e.image])
                      for c in chunk for e in examples[c]]
@@ -168,10 +171,12 @@ def render_channels(
                 values = [float(v) for v in proj.values[at:at + len(mine)]] if mine else []
                 pairs = [render_projection_pair(proj.maps[at + j], photos[e.image], e.box) for j, e in enumerate(mine)]
                 at += len(mine)
-                off = relative_drift(mine, values)
+                # Aligned with all of the channel's examples: None where the image could not be read again.
+                by_rank = {e.rank: v for e, v in zip(mine, values)}
+                rerun[c] = [by_rank.get(e.rank) for e in found[c]]
+                off = relative_drift(found[c], rerun[c])
                 drifted += sum(o > DRIFT_TOLERANCE for o in off)
                 worst = max(worst, *off) if off else worst
-                rerun[c] = values
                 if on_figure is not None:
                     figure = channel_figure(layer, c, mine, pairs, image_hw=result.images.size, rule=rule,
                                             images_scanned=result.images_scanned, model_title=model.title)
