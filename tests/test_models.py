@@ -157,3 +157,20 @@ def test_timm_offline_fails_fast_and_restores_the_hub_setting(monkeypatch, tmp_p
         convscope.load_model("timm:resnet18", device="cpu")
     assert time.perf_counter() - start < 15  # huggingface_hub's retries took about 50 s
     assert constants.HF_HUB_OFFLINE is False
+
+
+def test_random_init_is_seeded_and_leaves_the_global_rng_alone():
+    state = torch.random.get_rng_state()
+    a = convscope.load_model("resnet18", random=True)
+    b = convscope.load_model("resnet18", random=True)
+    c = convscope.load_model("resnet18", random=True, seed=1)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    first = "conv1.weight"
+    assert torch.equal(a.module.state_dict()[first], b.module.state_dict()[first])  # the same construction
+    assert not torch.equal(a.module.state_dict()[first], c.module.state_dict()[first])
+    assert "RANDOM INIT seed 0" in a.title and "RANDOM INIT seed 1" in c.title
+
+
+def test_cli_random_says_its_seed(capsys):
+    assert main(["layers", "--model", "resnet18", "--random", "--seed", "3", "--filter", "conv1"]) == 0
+    assert "RANDOM INIT seed 3" in capsys.readouterr().out

@@ -22,7 +22,9 @@ from .layers import Catalogue, build_catalogue
 __all__ = ["Preprocessing", "LoadedModel", "as_loaded", "resolve_device", "imagenet_classes", "fingerprint", "guess_classes",
            "DEFAULT_MODEL"]
 
+
 DEFAULT_MODEL = "efficientnet_lite0"
+
 
 @dataclass(frozen=True)
 class Preprocessing:
@@ -101,6 +103,7 @@ class Preprocessing:
         return {"input_size": list(self.input_size), "mean": list(self.mean), "std": list(self.std),
                 "crop_pct": self.crop_pct, "interpolation": self.interpolation, "description": self.description}
 
+
 @dataclass
 class LoadedModel:
     """A network plus what it needs to be used: preprocessing, class names, provenance."""
@@ -111,6 +114,7 @@ class LoadedModel:
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
     class_names: list[str] | None = None
     random_init: bool = False
+    seed: int | None = None  # of the initialisation, when random_init
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     _catalogues: dict[tuple[int, int], Catalogue] = field(default_factory=dict, init=False, repr=False, compare=False)
@@ -138,7 +142,10 @@ class LoadedModel:
     @property
     def title(self) -> str:
         """Name and weights, with a loud marker when the weights are random."""
-        return f"{self.name} [RANDOM INIT - not trained]" if self.random_init else f"{self.name} ({self.weights})"
+        if not self.random_init:
+            return f"{self.name} ({self.weights})"
+        seed = f" seed {self.seed}" if self.seed is not None else ""
+        return f"{self.name} [RANDOM INIT{seed} - not trained]"
 
     def tensor(self, image: ImageSource, size: int | tuple[int, int] | None = None) -> tuple[torch.Tensor, np.ndarray]:
         """Load, resize (see :meth:`Preprocessing.fit`) and normalise one image: ``(x, rgb_uint8)``."""
@@ -149,6 +156,7 @@ class LoadedModel:
         return {"name": self.name, "weights": self.weights, "random_init": self.random_init,
                 "title": self.title, "preprocessing": self.preprocessing.as_dict(),
                 "num_classes": len(self.class_names) if self.class_names else None}
+
 
 @torch.no_grad()
 def fingerprint(module: nn.Module) -> str:
@@ -170,6 +178,7 @@ def fingerprint(module: nn.Module) -> str:
             digest.update(f"{flat.double().sum().item():.10g}".encode())
     return digest.hexdigest()[:16]
 
+
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -178,11 +187,13 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
         raise ConvscopeError("--device cuda was asked for but no CUDA device is available; use --device cpu or auto")
     return device
 
+
 def imagenet_classes() -> list[str]:
     """The 1000 ImageNet class names, from torchvision's weight metadata (no download)."""
     from torchvision.models import ResNet50_Weights
 
     return list(ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
+
 
 def as_loaded(model: LoadedModel | nn.Module, preprocessing: Preprocessing | None = None) -> LoadedModel:
     """Wrap a user's ``nn.Module`` (ImageNet preprocessing unless given) without touching it.
@@ -198,6 +209,7 @@ def as_loaded(model: LoadedModel | nn.Module, preprocessing: Preprocessing | Non
     device = param.device if param is not None else torch.device("cpu")
     return LoadedModel(model, type(model).__name__, "user module", preprocessing or Preprocessing(),
                        guess_classes(model), device=device)
+
 
 def guess_classes(module: nn.Module) -> list[str] | None:
     classifier = [m for m in module.modules() if isinstance(m, nn.Linear)]

@@ -53,19 +53,25 @@ def list_models(pattern: str = "*") -> list[str]:
 
     return [n for n in [DEFAULT_MODEL, *_torchvision_names()] if fnmatch.fnmatch(n, pattern)]
 
+
 def is_model_file(spec: str) -> bool:
     """Does ``spec`` name a model file (rather than a registry name or a factory)?"""
     return spec.endswith((".pt", ".pth", ".ts", ".pkl")) or os.path.sep in spec and Path(spec).exists()
+
 
 def load_model(
     spec: str | nn.Module | None = None,
     *,
     weights: str | os.PathLike | None = None,
     random: bool = False,
+    seed: int = 0,
     trust_file: bool = False,
     device: str | torch.device | None = "auto",
 ) -> LoadedModel:
     """Load a model by spec (see the module docstring) onto ``device``, in eval mode.
+
+    ``seed`` seeds the initialisation, so ``random=True`` gives the same network on every run;
+    the caller's global RNG state is left as it was.
 
     Example:
         >>> lm = load_model()                 # EfficientNet-Lite0, real ImageNet weights, offline
@@ -74,19 +80,26 @@ def load_model(
     if isinstance(spec, nn.Module):
         return as_loaded(spec)
     device = resolve_device(device)
-    if spec in (None, "", "default", DEFAULT_MODEL):
-        loaded = _load_default(weights=weights, random=random)
-    elif spec.startswith("timm:"):
-        loaded = _load_timm(spec[5:], weights=weights, random=random)
-    elif is_model_file(spec):
-        loaded = _load_file(Path(spec), trust_file=trust_file, weights=weights)
-    elif ":" in spec:
-        loaded = _load_factory(spec, weights=weights)
-    else:
-        loaded = _load_torchvision(spec, weights=weights, random=random)
+    # Architectures initialise from the global RNG: a seeded fork makes --random reproducible
+    # without touching the caller's random state.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if spec in (None, "", "default", DEFAULT_MODEL):
+            loaded = _load_default(weights=weights, random=random)
+        elif spec.startswith("timm:"):
+            loaded = _load_timm(spec[5:], weights=weights, random=random)
+        elif is_model_file(spec):
+            loaded = _load_file(Path(spec), trust_file=trust_file, weights=weights)
+        elif ":" in spec:
+            loaded = _load_factory(spec, weights=weights)
+        else:
+            loaded = _load_torchvision(spec, weights=weights, random=random)
+    if loaded.random_init:
+        loaded.seed = seed
     loaded.module.to(device).eval()
     loaded.device = device
     return loaded
+
 
 def _offline_message(what: str, err: Exception) -> ConvscopeError:
     return ConvscopeError(
@@ -94,6 +107,7 @@ def _offline_message(what: str, err: Exception) -> ConvscopeError:
         "If you are offline, pass a local state dict with --weights PATH, "
         "or use --random for the architecture with random weights."
     )
+
 
 def _load_default(weights=None, random=False) -> LoadedModel:
     import timm
@@ -111,10 +125,12 @@ def _load_default(weights=None, random=False) -> LoadedModel:
     pre = Preprocessing((224, 224), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), crop_pct=0.875, interpolation="bicubic")
     return LoadedModel(module, DEFAULT_MODEL, "random init" if random else label, pre, imagenet_classes(), random)
 
+
 def _torchvision_names() -> list[str]:
     import torchvision.models as tvm
 
     return sorted(tvm.list_models(module=tvm))
+
 
 def _load_torchvision(name: str, weights=None, random=False) -> LoadedModel:
     import torchvision.models as tvm
@@ -146,11 +162,13 @@ def _load_torchvision(name: str, weights=None, random=False) -> LoadedModel:
     )
     return LoadedModel(module, name, "random init" if random else label, pre, list(meta_weights.meta.get("categories") or []) or None, random)
 
+
 def _pair_int(value) -> tuple[int, int]:
     if isinstance(value, int):
         return (value, value)
     value = list(value)
     return (value[0], value[-1]) if value else (224, 224)
+
 
 def _load_timm(name: str, weights=None, random=False) -> LoadedModel:
     import timm
@@ -175,6 +193,7 @@ def _load_timm(name: str, weights=None, random=False) -> LoadedModel:
     )
     return LoadedModel(module, f"timm:{name}", "random init" if random else label, pre, guess_classes(module), random)
 
+
 def _hub_reachable(timeout: float = 3.0) -> bool:
     """Can one TCP connection to the Hugging Face endpoint open within ``timeout`` (name lookup included)?"""
     from urllib.parse import urlsplit
@@ -197,6 +216,7 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
     thread.start()
     thread.join(timeout + 0.5)
     return bool(reached)
+
 
 @contextlib.contextmanager
 def _hub_offline_unless_reachable(pretrained: bool):
@@ -221,6 +241,7 @@ def _hub_offline_unless_reachable(pretrained: bool):
     finally:
         constants.HF_HUB_OFFLINE = False
 
+
 def _load_file(path: Path, trust_file=False, weights=None) -> LoadedModel:
     if not path.is_file():
         raise ConvscopeError(f"model file not found: {path}")
@@ -241,6 +262,7 @@ def _load_file(path: Path, trust_file=False, weights=None) -> LoadedModel:
     if weights:
         load_state_dict(module, weights)
     return LoadedModel(module, path.stem, f"{label} {path.name}", class_names=guess_classes(module))
+
 
 def _load_factory(spec: str, weights=None) -> LoadedModel:
     module_name, _, attr = spec.partition(":")

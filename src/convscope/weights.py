@@ -24,6 +24,7 @@ from .errors import ConvscopeError
 __all__ = ["torch_file_kind", "KIND_TEXT", "refused_global", "safe_load", "load_state_dict", "unpickle_module",
            "map_state_dict_by_order"]
 
+
 def torch_file_kind(path: Path) -> str:
     """What ``path`` holds, from its container alone (nothing is unpickled).
 
@@ -53,6 +54,7 @@ def torch_file_kind(path: Path) -> str:
     except (OSError, zipfile.BadZipFile) as err:
         raise ConvscopeError(f"cannot read {path}: {getattr(err, 'strerror', None) or err}") from None
 
+
 def _parses_as_pickle(data: bytes | BinaryIO) -> bool:
     """Is there one complete pickle at the start? Read opcode by opcode, nothing is executed."""
     try:
@@ -62,14 +64,17 @@ def _parses_as_pickle(data: bytes | BinaryIO) -> bool:
         return False
     return True
 
+
 KIND_TEXT = {"torchscript": "a TorchScript archive", "torch-save": "a torch.save archive",
               "pickle": "a pickle", "damaged": "a damaged or truncated torch.save file",
               "unknown": "not a PyTorch file (neither TorchScript nor torch.save)"}
+
 
 def refused_global(err: Exception) -> str:
     """The Python name a weights_only load refused, as ``" (it names builtins.open)"``, or ``""``."""
     match = re.search(r"GLOBAL ([\w.]+)", str(err))
     return f" (it names {match.group(1)})" if match else ""
+
 
 def safe_load(path: Path, what: str):
     """``torch.load(weights_only=True)`` with an error that says what the file is and what is accepted."""
@@ -88,6 +93,7 @@ def safe_load(path: Path, what: str):
     except Exception as err:
         raise ConvscopeError(f"{path} is {KIND_TEXT[kind]} that cannot be read ({type(err).__name__}); "
                              "it may be truncated or damaged") from None
+
 
 def load_state_dict(module: nn.Module, path: str | os.PathLike) -> None:
     path = Path(path)
@@ -123,6 +129,7 @@ def load_state_dict(module: nn.Module, path: str | os.PathLike) -> None:
         first = str(err).strip().splitlines()[-1].strip()[:200]
         raise ConvscopeError(f"weights in {path} do not fit this architecture: {first}") from None
 
+
 def map_state_dict_by_order(source: dict, target: dict) -> dict:
     """Copy ``source`` tensors onto ``target`` keys position by position, checking every shape.
 
@@ -139,6 +146,7 @@ def map_state_dict_by_order(source: dict, target: dict) -> dict:
             raise ConvscopeError(f"shape mismatch mapping {src_key} {tuple(value.shape)} onto {dst_key} {tuple(target[dst_key].shape)}")
         mapped[dst_key] = value
     return mapped
+
 
 def unpickle_module(path: Path, kind: str, trust_file: bool) -> nn.Module:
     try:

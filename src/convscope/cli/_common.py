@@ -25,13 +25,15 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                             "(vgg19, resnet50, ...), timm:NAME, a .pt file, or package.module:factory")
     group.add_argument("--weights", default=None, metavar="PATH", help="load this local state dict")
     group.add_argument("--random", action="store_true", help="random weights (architecture only); outputs say so")
+    if not any("--seed" in action.option_strings for action in parser._actions):
+        group.add_argument("--seed", type=int, default=0, help="seed of the --random initialisation (default 0)")
     group.add_argument("--trust-file", action="store_true",
                        help="allow unpickling a model file (runs code from it; only for files you trust)")
     group.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto uses CUDA when present")
 
 
 def load_from_args(args: argparse.Namespace) -> LoadedModel:
-    return load_model(args.model, weights=args.weights, random=args.random,
+    return load_model(args.model, weights=args.weights, random=args.random, seed=args.seed,
                       trust_file=args.trust_file, device=args.device)
 
 

@@ -7,8 +7,6 @@ import shutil
 import warnings
 from pathlib import Path
 
-import torch
-
 from ..datasets import FolderImages, SampleImages
 from ..errors import ConvscopeError
 from ..methods.scan import DEFAULT_TOP, INDEX_FILE, STATE_FILE, default_layers, load_checkpoint, scan
@@ -79,17 +77,17 @@ def register(subparsers) -> None:
 # Data options a resumed scan takes from its checkpoint when they are not given again. The model
 # options never come from it: a checkpoint is only data, and must not choose the code that runs.
 RESUMED_OPTIONS = ("folder", "samples", "limit", "layers", "top", "size")
-MODEL_OPTIONS = ("model", "weights", "random")
+MODEL_OPTIONS = ("model", "weights", "random", "seed")
 
 
-def _model_identity(model, weights, random) -> dict:
+def _model_identity(model, weights, random, seed=0) -> dict:
     """The model flags in a comparable form: the default spelled one way, files as absolute paths."""
     if model in (None, "", "default", DEFAULT_MODEL):
         model = DEFAULT_MODEL
     elif is_model_file(model):
         model = str(Path(model).expanduser().resolve())
     return {"model": model, "weights": str(Path(weights).expanduser().resolve()) if weights else None,
-            "random": bool(random)}
+            "random": bool(random), "seed": int(seed or 0) if random else None}
 
 
 def _flags(identity: dict) -> str:
@@ -97,7 +95,7 @@ def _flags(identity: dict) -> str:
     if identity["weights"]:
         flags.append(f"--weights {identity['weights']}")
     if identity["random"]:
-        flags.append("--random")
+        flags.append(f"--random --seed {identity['seed']}")
     return " ".join(flags)
 
 
@@ -109,7 +107,7 @@ def _check_resumed_model(args, saved: dict, path: Path) -> None:
         raise ConvscopeError(
             f"cannot resume from {path}: it was scanned with {_flags(theirs)}, this run has {_flags(mine)}. "
             "A resumed scan loads only the model named by your own flags: give the same --model/--weights/"
-            "--random again, or run without --resume to start afresh.")
+            "--random/--seed again, or run without --resume to start afresh.")
 
 
 def run(args) -> int:
@@ -131,8 +129,6 @@ def run(args) -> int:
         raise ConvscopeError("give a FOLDER of images or --samples (not both, not neither)")
     if args.channels:
         parse_channels(args.channels, 1 << 30)  # the syntax now; the range once the layers are known
-    if args.random:
-        torch.manual_seed(0)  # a reproducible random init, so that --resume finds the same weights
     loaded = load_from_args(args)
     size = parse_size(args.size)
     if size is None:
@@ -181,7 +177,7 @@ def _has_images(out: Path) -> bool:
 
 def _scan_and_write(args, loaded, images, layers, workers, resume, channels, out: Path) -> int:
     meta = {key: getattr(args, key) for key in RESUMED_OPTIONS}
-    meta.update(_model_identity(args.model, args.weights, args.random))
+    meta.update(_model_identity(args.model, args.weights, args.random, args.seed))
     if args.folder:
         meta["folder"] = str(images.root.resolve())
     print(f"model: {loaded.title}")

@@ -145,7 +145,7 @@ def random_init_like(loaded: LoadedModel, seed: int = 0) -> LoadedModel:
         torch.manual_seed(seed)
         if loaded.name in list_models() or loaded.name.startswith("timm:"):
             try:
-                return load_model(loaded.name, random=True, device=loaded.device)
+                return load_model(loaded.name, random=True, seed=seed, device=loaded.device)
             except ConvscopeError:
                 pass
         module = copy.deepcopy(loaded.module)
@@ -153,7 +153,7 @@ def random_init_like(loaded: LoadedModel, seed: int = 0) -> LoadedModel:
             if hasattr(m, "reset_parameters") and callable(m.reset_parameters):
                 m.reset_parameters()
     return LoadedModel(module, loaded.name, "random init", loaded.preprocessing, loaded.class_names,
-                       random_init=True, device=loaded.device)
+                       random_init=True, seed=seed, device=loaded.device)
 
 
 @dataclass
