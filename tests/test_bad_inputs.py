@@ -150,6 +150,7 @@ CASES = [
     ("atlas-images-empty-folder", ["atlas", "--images", "in/empty"], "no images", False),
     ("atlas-photos-zero", ["atlas", "--photos", "0"], "--photos", False),
     ("atlas-skip-bogus", ["atlas", "--skip", "bogus"], "unknown stage", False),
+    ("atlas-scan-limit-without-scan", ["atlas", "--scan-limit", "5"], "give --scan too", False),
     ("atlas-out-proc", ["atlas", "--out", "/proc/convscope-atlas"], "cannot write", False),
     ("atlas-images-thin", ["atlas", "--images", "in/thin.png"], "--max-side", True),
     # serve

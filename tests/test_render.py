@@ -32,11 +32,13 @@ def test_channel_grid_scales_each_channel_and_says_so():
     assert (scaled[0] == 0).all()  # a flat channel stays at the bottom of the scale
     np.testing.assert_array_equal(highs, [1.0, 1500.0])
     image = render.channel_grid(maps, cols=2, title="t")
-    assert image.width == 2 * 5 + 1
+    # tiles at native resolution (2 x 4 px + separators); the strip above may be wider, so that its text is whole
+    body = np.asarray(image.convert("RGB"))[-(4 + 2):]
+    assert (body[:, 2 * 5 + 1:] == render.BACKGROUND).all() and not (body[:, :2 * 5 + 1] == render.BACKGROUND).all()
 
 
 def test_layer_scale_has_a_colour_bar():
-    maps = np.random.default_rng(0).random((8, 6, 6))
+    maps = np.random.default_rng(0).random((8, 120, 120))  # wider than the caption, so the grid sets the width
     per_channel = render.channel_grid(maps, cols=4, scale="channel")
     shared = render.channel_grid(maps, cols=4, scale="layer")
     assert shared.width > per_channel.width
@@ -50,3 +52,9 @@ def test_colorize_uses_the_colormap_ends():
 def test_signed_to_gray_is_gray_at_zero_and_symmetric():
     out = render.signed_to_gray(np.array([-2.0, 0.0, 1.0]))
     assert out.tolist() == [0, 128, 191]
+
+
+def test_a_narrow_grid_keeps_its_whole_title():
+    title = "tiny.layer · resnet18 [RANDOM INIT seed 0 - not trained]"
+    grid = render.channel_grid(np.random.default_rng(0).random((2, 4, 4)).astype(np.float32), title=title)
+    assert grid.width >= render.font(14).getlength(title)

@@ -124,9 +124,13 @@ def tile(tiles: np.ndarray, cols: int, sep: int = 1, sep_value=SEPARATOR_COLOR, 
 
 
 def title_strip(width: int, lines: list[str], size: int = 14, cmap: str | None = None) -> Image.Image:
-    """A white strip of ``width`` pixels holding ``lines`` of text (a palette image when ``cmap``)."""
+    """A white strip at least ``width`` pixels wide holding ``lines`` of text (a palette image when ``cmap``).
+
+    The strip widens to its longest line: a narrow grid must not cut its own title.
+    """
     line_height = size + 4
-    shape = (max(width, 1), line_height * len(lines) + 6)
+    text_width = max((int(font(size).getlength(line)) + 8 for line in lines), default=0)
+    shape = (max(width, text_width, 1), line_height * len(lines) + 6)
     if cmap:
         strip = Image.new("P", shape, BACKGROUND_INDEX)
         strip.putpalette(palette(cmap))

@@ -82,6 +82,8 @@ def check_sources(args) -> dict:
                 raise ConvscopeError(f"--images {item}: no images ({', '.join(IMAGE_EXTENSIONS)}) in this folder")
         else:
             named[item] = check_image(load_image(path), item, max_side=None)
+    if args.scan_limit is not None and args.scan is None:
+        raise ConvscopeError("--scan-limit limits the scan of --scan DIR (or --scan samples); give --scan too")
     if args.scan is not None and args.scan != "samples":
         if not Path(args.scan).expanduser().is_dir():
             raise ConvscopeError(f"--scan {args.scan}: not a folder (or use --scan samples for the built-in set)")

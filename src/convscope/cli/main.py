@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
 from ..errors import ConvscopeError
 
@@ -44,17 +45,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _say(text: str) -> None:
+    # A progress bar may own the terminal's current line: start the message on a clean one.
+    start = "\r\x1b[K" if sys.stderr.isatty() else ""
+    print(f"{start}convscope: {text}", file=sys.stderr)
+
+
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one line for a CLI user, without the library's source line."""
+    _say(f"warning: {message}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-        return int(args.func(args) or 0)
-    except (ConvscopeError, UsageError) as err:
-        print(f"convscope: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("convscope: interrupted", file=sys.stderr)
-        return 130
+    with warnings.catch_warnings():
+        warnings.showwarning = _warning_line
+        try:
+            args = parser.parse_args(argv)
+            return int(args.func(args) or 0)
+        except (ConvscopeError, UsageError) as err:
+            _say(f"error: {err}")
+            return 2
+        except KeyboardInterrupt:
+            _say("interrupted")
+            return 130
 
 
 if __name__ == "__main__":

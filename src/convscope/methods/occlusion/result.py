@@ -86,7 +86,8 @@ class OcclusionResult:
         """A few lines for the terminal: target, range of the maps, top-class changes, method and time."""
         i, j = np.unravel_index(int(self.probability.argmin()), self.shape)
         lines = [
-            f"target: {self.target_name} (class {self.target}); unoccluded p = {self.base_probability:.3f}",
+            f"target: {self.target_name}{'' if self.target_name == f'class {self.target}' else f' (class {self.target})'}; "
+            f"unoccluded p = {self.base_probability:.3f}",
             f"{self.shape[0]}x{self.shape[1]} positions (patch {self.patch}, stride {self.stride}, "
             f"{self.fill} fill): p from {self.probability.min():.3f} (occluder at top {self.tops[i]}, "
             f"left {self.lefts[j]}) to {self.probability.max():.3f}",
