@@ -53,7 +53,10 @@ class AtlasSettings:
         cmap: colour map of the heat-map overlays.
         deconv_method: ``"auto"`` (the deconvnet for models with max-pooling, else guided
             backprop; see :class:`~convscope.atlas.stages.deconv.DeconvStage`), ``"deconvnet"``,
-            ``"guided"`` or ``"gradient"``.
+            ``"guided"`` or ``"gradient"``. Chosen per layer: where the rule does not hold (a
+            nonlinearity other than a ReLU on the path) the plain gradient, with the reason.
+        strict: False backpropagates nonlinearities without a deconvnet/guided rule (GELU,
+            Hardswish, gates) plainly under the rule, instead of using the plain gradient there.
     """
 
     layers: str | None = None
@@ -69,6 +72,7 @@ class AtlasSettings:
     cmap: str = "jet"
     deconv_method: str = "auto"
     scan_limit: int | None = None
+    strict: bool = True
 
     def as_dict(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}

@@ -182,7 +182,7 @@ def _render_layer(env: Environment, site: _Site, i: int, common: dict, bar: tqdm
     summary = site.layer_summary(layer)
     root = "../../"
     html = env.get_template("layer.html.j2").render(
-        root=root, title=layer["label"], layer=layer, tiles=tiles, photos=photos, acts=acts, feats=feats,
+        root=root, title=layer["label"], layer=layer, tiles=tiles, photos=photos, acts=acts, feats=feats, deconv=deconv,
         summary=summary, notes={name: site.stage_note(name) for name in STAGE_TITLES},
         prev_url=root + _page_url(prev_layer["slug"]) if prev_layer else None,
         next_url=root + _page_url(next_layer["slug"]) if next_layer else None,

@@ -49,7 +49,12 @@ def register(subparsers) -> None:
     p.add_argument("--scan-limit", type=positive_int, default=None, metavar="N", help="scan only the first N images")
     p.add_argument("--deconv-method", default="auto", choices=("auto", "deconvnet", "guided", "gradient"),
                    help="projection of the top units: auto = the deconvnet for models with max-pooling, else "
-                        "guided backprop (without max-pooling the deconvnet does not depend on the image)")
+                        "guided backprop (without max-pooling the deconvnet does not depend on the image); "
+                        "per layer, the plain gradient where the rule does not hold (e.g. Hardswish or GELU "
+                        "on the path), and the pages say why")
+    p.add_argument("--not-strict", dest="strict", action="store_false",
+                   help="backpropagate nonlinearities without a deconvnet/guided rule (GELU, Hardswish, gates) "
+                        "plainly under the rule instead of using the plain gradient on those layers")
     p.add_argument("--skip", default="", metavar="STAGES",
                    help=f"comma-separated stages not to run: {', '.join(STAGE_NAMES)}")
     p.add_argument("--json", action="store_true", help="print the per-stage report as JSON")
@@ -64,7 +69,8 @@ def settings_from_args(args) -> AtlasSettings:
     settings = AtlasSettings(layers=args.layers, channels_per_layer=args.channels_per_layer, steps=args.steps,
                              feature_size=args.size, recipe=args.recipe, seed=args.seed, top=args.top,
                              max_photos=args.photos, scan_images=args.scan, skip=skip,
-                             deconv_method=args.deconv_method, scan_limit=args.scan_limit)
+                             deconv_method=args.deconv_method, scan_limit=args.scan_limit,
+                             strict=args.strict)
     check_settings(settings)
     return settings
 

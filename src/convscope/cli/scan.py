@@ -67,6 +67,9 @@ def register(subparsers) -> None:
                    help="channels to draw, e.g. 0-15 (default all; the index lists every channel)")
     p.add_argument("--method", default="deconvnet", choices=PROJECTION_NAMES,
                    help="projection method (deconvnet is Zeiler & Fergus's)")
+    p.add_argument("--not-strict", dest="strict", action="store_false",
+                   help="backpropagate nonlinearities without a deconvnet/guided rule (GELU, SiLU, gates) "
+                        "plainly instead of refusing them, as captum does")
     p.add_argument("--no-render", action="store_true", help="write the index and arrays only, no figures")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_out_arg(p, "runs/scan")
@@ -198,7 +201,7 @@ def _scan_and_write(args, loaded, images, layers, workers, resume, channels, out
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         index = result.save(out, method=None if args.no_render else args.method, channels=channels,
-                            progress=not args.quiet)
+                            progress=not args.quiet, strict=args.strict)
     for warning in caught:
         print(f"warning: {warning.message}")
     for layer in index["layers"]:

@@ -3,17 +3,33 @@ visualised channel: the scan's, or the strongest unit on each photo when no scan
 
 from __future__ import annotations
 
+import contextlib
+import re
 import time
+import weakref
 
 import numpy as np
+import torch
 
+from ...errors import ConvscopeError
+from ...hooks import StopForward, frozen, recording
+from ...layers import LayerInfo
 from ...methods.deconv import Unit, project_units, render_projection_pair, strongest_units
 from ...models import LoadedModel
-from ...rectifiers import DECONVNET, GUIDED, PROJECTION_NAMES, Rule, resolve_projection
+from ...rectifiers import (
+    DECONVNET,
+    GRADIENT,
+    GUIDED,
+    PROJECTION_NAMES,
+    Rule,
+    audit_graph,
+    backward_rule,
+    resolve_projection,
+)
 from ..context import Stage
 from ..store import Picture, read_json
 
-__all__ = ["DeconvStage", "DECONV_METHODS", "projection_method"]
+__all__ = ["DeconvStage", "DECONV_METHODS", "choose_projection", "projection_method"]
 
 DECONV_METHODS = ("auto", *PROJECTION_NAMES)
 
@@ -36,6 +52,62 @@ def _has_max_pooling(loaded: LoadedModel) -> bool:
     return any(layer.type.startswith(("MaxPool", "AdaptiveMaxPool")) for layer in loaded.catalogue)
 
 
+_RULE_LABELS = {"deconvnet": "the deconvnet", "guided": "guided backprop"}
+# Per model: (layer name, rule name, strict) -> (Rule, reason); the audit runs once per layer and rule.
+_CHOICES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def choose_projection(loaded: LoadedModel, layer: LayerInfo, requested: str | Rule = "auto", *,
+                      strict: bool = True) -> tuple[Rule, str | None]:
+    """The projection rule for ``layer``, and why it is not the requested one (None when it is).
+
+    ``requested`` is resolved as in :func:`projection_method` (``"auto"``: the deconvnet for a model
+    with max-pooling, else guided backprop). The deconvnet and guided rules are defined only for
+    ReLU-family rectifiers: one small forward pass to ``layer`` under the rule, audited with
+    :func:`~convscope.rectifiers.audit_graph`, finds any other nonlinearity (Hardswish, GELU, SiLU,
+    a gate) on the path. There the plain gradient (:data:`GRADIENT`) is used instead, with the
+    reason, e.g. ``"Hardswish on the path; guided backprop undefined"``. With ``strict=False`` such
+    nonlinearities are backpropagated plainly under the rule instead (the reason says so).
+    """
+    rule = projection_method(loaded, requested)
+    if rule is GRADIENT or not rule.intercepts:
+        return rule, None
+    key = (layer.name, rule.name, bool(strict))
+    cache = _CHOICES.setdefault(loaded.module, {})
+    if key not in cache:
+        cache[key] = _audit_choice(loaded, layer, rule, strict)
+    return cache[key]
+
+
+def _audit_choice(loaded: LoadedModel, layer: LayerInfo, rule: Rule, strict: bool) -> tuple[Rule, str | None]:
+    label = _RULE_LABELS.get(rule.name, rule.name)
+    size = loaded.preprocessing.input_size
+    x = torch.randn((1, 3, *size), generator=torch.Generator().manual_seed(0)).to(loaded.device)
+    try:
+        with frozen(loaded.module), torch.enable_grad():
+            x.requires_grad_(True)
+            with recording(loaded.module, [layer.name], clone=True, detach=False, stop_after_last=True) as store:
+                with backward_rule(rule), contextlib.suppress(StopForward):
+                    loaded.module(x)
+            output = store.get(layer.name) if layer.name in store else None
+            if output is None or output.grad_fn is None:
+                return rule, None  # project_units reports it
+            other = audit_graph(output, rule, strict=False)
+    except ConvscopeError:  # a rectifier the rule cannot reach (TorchScript, a custom autograd.Function)
+        return GRADIENT, f"a rectifier on the path that the {rule.name} rule cannot reach; {label} undefined there"
+    if not other:
+        return rule, None
+    names = ", ".join(sorted({_op_name(n) for n in other}))
+    if not strict:
+        return rule, f"{names} on the path, backpropagated plainly (--not-strict); {label} elsewhere"
+    return GRADIENT, f"{names} on the path; {label} undefined there"
+
+
+def _op_name(node: str) -> str:
+    """``HardswishBackward0`` -> ``Hardswish``; ``CopySlices(...)`` kept."""
+    return re.sub(r"Backward\d*$", "", node)
+
+
 # Distinct images per project_units call (they are batched inside; this bounds the memory).
 DECONV_IMAGES = 32
 
@@ -54,38 +126,55 @@ class DeconvStage(Stage):
     forward masks. A unit whose guided (or gradient) projection is all zero, as at the cap of a
     ReLU6 (where the forward mask is closed by definition), is shown with the deconvnet instead,
     and the page says so.
+
+    The rule is checked per layer (:func:`choose_projection`): where a nonlinearity with no
+    deconvnet/guided rule (Hardswish, GELU, a gate) lies on the path, the layer shows the plain
+    gradient, and its record's ``reason`` (shown on its pages) says why; with
+    ``settings.strict=False`` such nonlinearities are backpropagated plainly under the rule instead.
     """
 
     name = "deconv"
-    version = 2
+    version = 3
 
     def settings(self, ctx, layer):
         scan = ctx.keys.get(("scan", layer.name)) if ctx.record("scan", layer) else None
         # Without a scan the units are the photos' strongest, read from the activations record.
         acts = None if scan else ctx.keys.get(("activations", layer.name))
-        rule = projection_method(ctx.loaded, ctx.settings.deconv_method)
-        return {"top": ctx.settings.top, "method": rule.name, "scan": scan, "activations": acts}
+        rule, reason = choose_projection(ctx.loaded, layer, ctx.settings.deconv_method, strict=ctx.settings.strict)
+        return {"top": ctx.settings.top, "method": rule.name, "reason": reason, "strict": ctx.settings.strict,
+                "scan": scan, "activations": acts}
 
     def run(self, ctx, layers):
-        rule = projection_method(ctx.loaded, ctx.settings.deconv_method)
         total = sum(len(ctx.channels(layer)) for layer in layers)
         bar = ctx.bar(self.name, total, "ch")
         with bar:
             for layer in layers:
                 start = time.perf_counter()
+                rule, reason = choose_projection(ctx.loaded, layer, ctx.settings.deconv_method,
+                                                 strict=ctx.settings.strict)
+                # The deconvnet stands in for all-zero projections only where its rule holds.
+                redo = rule is not DECONVNET and (reason is None or not ctx.settings.strict)
                 scan = ctx.record("scan", layer)
                 if scan is not None:
-                    data = self._from_scan(ctx, layer, rule, scan, bar)
+                    data = self._from_scan(ctx, layer, rule, redo, scan, bar)
                 else:
-                    data = self._from_photos(ctx, layer, rule, bar)
+                    data = self._from_photos(ctx, layer, rule, redo, bar)
                 data["method"] = rule.name
-                data["description"] = f"{data['description']} {self._method_note(ctx, rule)}"
+                data["reason"] = reason
+                data["description"] = f"{data['description']} {self._method_note(ctx, rule, reason, redo)}"
                 ctx.save_record(self, layer, data, seconds=time.perf_counter() - start)
 
     @staticmethod
-    def _method_note(ctx, rule: Rule) -> str:
+    def _method_note(ctx, rule: Rule, reason: str | None = None, redo: bool = True) -> str:
         note = (f"Each {_SHOWN[rule.name]}, gray for zero and stretched symmetrically, is cropped to the unit's "
                 "receptive field, like the image patch beside it.")
+        if reason is not None and rule is GRADIENT:
+            # The reason itself is the record's "reason", shown on its own line.
+            if ctx.settings.deconv_method != "auto":
+                asked = projection_method(ctx.loaded, ctx.settings.deconv_method)
+                note += (f" {_RULE_LABELS.get(asked.name, asked.name).capitalize()} was asked for; it holds only on "
+                         "layers whose path has no nonlinearity but ReLUs, so this layer shows the plain gradient.")
+            return note
         if rule is DECONVNET and not _has_max_pooling(ctx.loaded):
             note += (" This model has no max-pooling, so the deconvnet's projection of a unit does not depend on "
                      "the image (its rectifier rule ignores the forward pass): use guided backprop for "
@@ -94,21 +183,23 @@ class DeconvStage(Stage):
             if ctx.settings.deconv_method == "auto":
                 note += (" Guided backprop, not the deconvnet: this model has no max-pooling, so the deconvnet's "
                          "projection would be the same for every image.")
-            note += (" Where a unit sits at its activation's cap (ReLU6 = 6) the guided projection is zero by "
-                     "definition; such units are shown with the deconvnet and marked.")
+            if redo:
+                note += (" Where a unit sits at its activation's cap (ReLU6 = 6) the guided projection is zero by "
+                         "definition; such units are shown with the deconvnet and marked.")
         return note
 
     @staticmethod
-    def _project(ctx, layer, rule: Rule, pixels: list[np.ndarray], units):
-        """Projections with ``rule``; all-zero ones redone with the deconvnet (``fallback``)."""
+    def _project(ctx, layer, rule: Rule, redo: bool, pixels: list[np.ndarray], units):
+        """Projections with ``rule``; with ``redo``, all-zero ones redone with the deconvnet (``fallback``)."""
         x = ctx.tensor(pixels)
-        proj = project_units(ctx.loaded, x, layer, units, method=rule)
+        strict = ctx.settings.strict
+        proj = project_units(ctx.loaded, x, layer, units, method=rule, strict=strict)
         fallback = np.zeros(len(units), dtype=bool)
-        if rule is not DECONVNET and len(units):
+        if redo and rule is not DECONVNET and len(units):
             fallback = np.abs(proj.maps).reshape(len(units), -1).max(axis=1) == 0
             if fallback.any():
-                redo = [units[i] for i in np.flatnonzero(fallback)]
-                again = project_units(ctx.loaded, x, layer, redo, method=DECONVNET)
+                zeros = [units[i] for i in np.flatnonzero(fallback)]
+                again = project_units(ctx.loaded, x, layer, zeros, method=DECONVNET, strict=strict)
                 proj.maps[fallback] = again.maps
         return proj, fallback
 
@@ -116,7 +207,7 @@ class DeconvStage(Stage):
         image, _ = render_projection_pair(projection, photo, box)
         return ctx.picture(ctx.data_path(self.name, layer, name), image)
 
-    def _from_scan(self, ctx, layer, rule: Rule, scan: dict, bar) -> dict:
+    def _from_scan(self, ctx, layer, rule: Rule, redo: bool, scan: dict, bar) -> dict:
         images = ctx.image_set()
         per_channel = {c: [dict(e) for e in entries] for c, entries in scan["per_channel"].items()}
         channels = sorted(per_channel, key=int)
@@ -138,7 +229,7 @@ class DeconvStage(Stage):
             pixels = [images.load(image_id) for image_id in order]
             units = [Unit(int(c), e["row"], e["col"], slot[e["image_id"]]) for c in chunk for e in per_channel[c]]
             if units:
-                proj, fallback = self._project(ctx, layer, rule, pixels, units)
+                proj, fallback = self._project(ctx, layer, rule, redo, pixels, units)
                 at = 0
                 for c in chunk:
                     for e in per_channel[c]:
@@ -154,7 +245,7 @@ class DeconvStage(Stage):
         return {"per_channel": per_channel, "from": "scan", "max_drift": drift,
                 "description": scan.get("description", "")}
 
-    def _from_photos(self, ctx, layer, rule: Rule, bar) -> dict:
+    def _from_photos(self, ctx, layer, rule: Rule, redo: bool, bar) -> dict:
         acts = ctx.record("activations", layer)
         channels = ctx.channels(layer)
         candidates: dict[int, list[dict]] = {c: [] for c in channels}
@@ -166,7 +257,7 @@ class DeconvStage(Stage):
                 units = [Unit(c, *entry[str(c)]["argmax"]) for c in channels]
             else:
                 units = strongest_units(ctx.loaded, ctx.tensor(photo.rgb), layer, channels)
-            proj, fallback = self._project(ctx, layer, rule, [photo.rgb], units)
+            proj, fallback = self._project(ctx, layer, rule, redo, [photo.rgb], units)
             for i, unit in enumerate(units):
                 box = [int(v) for v in proj.boxes[i]]
                 top, left, bottom, right = box

@@ -127,6 +127,7 @@ def render_channels(
     units_per_chunk: int = 144,
     on_figure: Callable[[int, Image.Image, list[Example], list[float]], None] | None = None,
     progress: bool = True,
+    strict: bool = True,
 ) -> dict[int, list[float]]:
     """Project every top example of ``channels`` back to pixels and draw each channel's figure.
 
@@ -139,6 +140,7 @@ def render_channels(
 
     Args:
         method: ``"deconvnet"`` (Zeiler & Fergus), ``"guided"`` or ``"gradient"``, or its Rule.
+        strict: False backpropagates nonlinearities without a rule plainly instead of refusing them.
 
     Returns:
         ``channel -> re-run values``, one per example of the channel (``None`` where its image could not
@@ -164,7 +166,7 @@ def render_channels(
                      for c in chunk for e in examples[c]]
             if units:
                 x = pre.to_tensor([photos[i] for i in sorted(photos)], model.device)
-                proj = project_units(model, x, layer, units, method=rule, batch_size=batch_size)
+                proj = project_units(model, x, layer, units, method=rule, batch_size=batch_size, strict=strict)
             at = 0
             for c in chunk:
                 mine = examples[c]

@@ -162,6 +162,7 @@ class ScanResult:
         channels: Channels = None,
         batch_size: int | None = None,
         progress: bool = True,
+        strict: bool = True,
     ) -> dict:
         """Write the figures, ``topk.npz``, ``scan.json`` (schema in the module docstring), then ``run.json``.
 
@@ -174,6 +175,8 @@ class ScanResult:
             channels: channels to render: one list for every layer (channels beyond a layer's
                 count are ignored) or ``{layer name: list}``; default all.
             batch_size: passed to :func:`convscope.methods.deconv.project_units` (default: its own budget).
+            strict: False backpropagates nonlinearities without a rule (GELU, SiLU, gates)
+                plainly instead of refusing them (see :func:`convscope.rectifiers.audit_graph`).
 
         Returns:
             the index dict.
@@ -198,7 +201,7 @@ class ScanResult:
                 written.append(rel)
 
             rerun = render_channels(self, layer, wanted, method=rule, batch_size=batch_size, on_figure=keep,
-                                    progress=progress)
+                                    progress=progress, strict=strict)
             drawn[layer.name] = (figures, rerun)
         index = {**self._record(rule, drawn), "arrays": ARRAYS_FILE}
         save_json(index, out / INDEX_FILE)
