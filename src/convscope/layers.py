@@ -377,6 +377,8 @@ class _FieldTracer(TorchFunctionMode):
             n = source.dim()
             if any(int(d) % n - n in field_in.axes for d in dims):
                 return _GLOBAL if name in _REDUCTIONS else _UNKNOWN
+        if ("conv" in name or "pool" in name or "fold" in name) and "adaptive" not in name:
+            return _UNKNOWN  # a windowed op we cannot place (channels-last, input-dependent weights, 1-D/3-D)
         # Anything else is taken as elementwise (activations, norms over channels, residual adds,
         # broadcast multiplies, channel slicing) when every input's map has the output's size.
         result = _Field.union(known)
