@@ -102,3 +102,90 @@ def test_receptive_field_box_is_the_gradient_support(layer_name, unit):
     top, left = support.min(0).values.tolist()
     bottom, right = (support.max(0).values + 1).tolist()
     assert layer.box(row, col, size) == (top, left, bottom, right)
+
+
+def _gradient_support(model, name, size, row, col):
+    """Bounding box (top, left, bottom, right) and pixel fraction of the input gradient of unit (row, col)."""
+    x = torch.zeros(1, 3, *size, dtype=torch.float64)
+    x.normal_(generator=torch.Generator().manual_seed(0))
+    x.requires_grad_(True)
+    with convscope.recording(model, [name], detach=False, clone=False) as store:
+        model(x)
+    store[name][0, :, row, col].sum().backward()
+    mask = x.grad[0].abs().sum(0) > 0
+    support = mask.nonzero()
+    top, left = support.min(0).values.tolist()
+    bottom, right = (support.max(0).values + 1).tolist()
+    return (top, left, bottom, right), mask.double().mean().item()
+
+
+@pytest.mark.parametrize("model_name", ["regnet_y_400mf", "efficientnet_b0", "mobilenet_v3_small", "convnext_tiny"])
+def test_listed_field_holds_the_gradient_support(model_name):
+    import copy
+
+    loaded = convscope.load_model(model_name, random=True)
+    size = (64, 64)
+    cat = build_catalogue(loaded.module, size)
+    model = copy.deepcopy(loaded.module).double().eval()  # never the user's module in place
+    features = cat.features
+    picks = [features[i] for i in (0, 1, len(features) // 3, len(features) // 2, -1)]
+    fields = {layer.field for layer in features}
+    assert "box" in fields and ("global" in fields) == (model_name != "convnext_tiny")  # squeeze-excite is global
+    for layer in picks:
+        row, col = layer.shape[1] // 2, layer.shape[2] // 2
+        (top, left, bottom, right), fraction = _gradient_support(model, layer.name, size, row, col)
+        if layer.field == "box":
+            btop, bleft, bbottom, bright = layer.box(row, col, size)
+            assert btop <= top and bleft <= left and bottom <= bbottom and right <= bright, layer.name
+        elif layer.field == "global":
+            assert layer.box(row, col, size) == (0, 0, *size)
+            assert fraction > 0.9, (layer.name, fraction)
+
+
+def test_plain_conv_chain_box_is_tight():
+    from torchvision.models.vgg import cfgs, make_layers
+
+    torch.manual_seed(0)
+    model = make_layers(cfgs["A"]).double().eval()  # VGG11's convolutional part
+    size = (64, 64)
+    cat = build_catalogue(model, size)
+    for layer in cat.features[:6]:
+        assert layer.field == "box"
+        row, col = layer.shape[1] // 2, layer.shape[2] // 2
+        support, _ = _gradient_support(model, layer.name, size, row, col)
+        box = layer.box(row, col, size)
+        for a in range(2):
+            assert box[a] <= support[a] and support[a + 2] <= box[a + 2]
+            stride = layer.stride[a]
+            assert (box[a + 2] - box[a]) - (support[a + 2] - support[a]) <= stride, layer.name
+
+
+@pytest.mark.parametrize("model_name", ["regnet_y_400mf", "efficientnet_b0", "mobilenet_v3_small"])
+def test_squeeze_excite_gates_are_not_feature_layers(model_name):
+    cat = build_catalogue(convscope.load_model(model_name, random=True).module, (64, 64))
+    assert not [layer.name for layer in cat.features if layer.shape[1:] == (1, 1)]
+    assert not [layer.name for layer in cat.features if ".se." in layer.name or "scale_activation" in layer.name]
+    gates = [layer for layer in cat if layer.is_spatial and layer.shape[1:] == (1, 1)]
+    assert gates and all(layer.field == "global" for layer in gates)
+
+
+def test_unknown_ops_never_give_a_smaller_box():
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x):
+            y = self.conv(x)
+            shifted = torch.roll(y, 5, dims=-1)  # not followed: unknown
+            z = self.conv2(y + shifted)
+            gate = z.mean((2, 3), keepdim=True).sigmoid()
+            return z, z * gate
+
+    model = Odd()
+    tracer_cat = build_catalogue(model, (16, 16))
+    assert tracer_cat["conv"].field == "box"
+    assert tracer_cat["conv2"].field == "unknown"  # the residual add with an unknown branch stays unknown
+    with pytest.raises(ConvscopeError, match="unknown"):
+        tracer_cat["conv2"].box(0, 0)

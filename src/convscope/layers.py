@@ -44,34 +44,61 @@ class _Field:
 
     Unit ``i`` along an axis sees input pixels ``start + i*jump`` to
     ``start + i*jump + size - 1`` (``start`` is negative where padding reaches outside).
-    ``global_`` marks a map whose units see the whole input (after global pooling).
+    ``global_`` marks a map whose units see the whole input (after global pooling, or
+    multiplied by a squeeze-excite gate); ``unknown`` one that depends on the input in a way
+    the tracer does not model (any box could be too small, so none is given). ``axes`` are
+    the (height, width) dimensions as negative indices: ``(-3, -2)`` for channels-last.
     """
 
     jump: tuple[float, float] = (1.0, 1.0)
     size: tuple[float, float] = (1.0, 1.0)
     start: tuple[float, float] = (0.0, 0.0)
     global_: bool = False
+    unknown: bool = False
+    axes: tuple[int, int] = (-2, -1)
 
     def window(self, kernel, stride, padding, dilation) -> _Field:
         kernel, stride, padding, dilation = (_pair(v) for v in (kernel, stride, padding, dilation))
         jump = tuple(j * s for j, s in zip(self.jump, stride))
         size = tuple(z + (d * (k - 1)) * j for z, k, d, j in zip(self.size, kernel, dilation, self.jump))
         start = tuple(s0 - p * j for s0, p, j in zip(self.start, padding, self.jump))
-        return _Field(jump, size, start, self.global_)
+        return _Field(jump, size, start, self.global_, self.unknown, self.axes)
 
     def pad(self, top: int, left: int) -> _Field:
         start = (self.start[0] - top * self.jump[0], self.start[1] - left * self.jump[1])
-        return _Field(self.jump, self.size, start, self.global_)
+        return _Field(self.jump, self.size, start, self.global_, self.unknown, self.axes)
 
     @staticmethod
     def union(fields: list[_Field]) -> _Field:
+        """The field of an elementwise op on these fields: any global input makes it global, any
+        unknown one unknown; otherwise the smallest box holding every input's box."""
+        if any(f.global_ for f in fields):
+            return _GLOBAL
+        if any(f.unknown for f in fields):
+            return _UNKNOWN
         if len(fields) == 1:
             return fields[0]
+        if len({(f.jump, f.axes) for f in fields}) > 1:  # no single box per unit holds both
+            return _UNKNOWN
         start = tuple(min(f.start[a] for f in fields) for a in range(2))
         end = tuple(max(f.start[a] + f.size[a] for f in fields) for a in range(2))
-        jump = tuple(max(f.jump[a] for f in fields) for a in range(2))
         size = tuple(e - s for e, s in zip(end, start))
-        return _Field(jump, size, start, any(f.global_ for f in fields))
+        return _Field(fields[0].jump, size, start, axes=fields[0].axes)
+
+
+_GLOBAL = _Field(global_=True)
+_UNKNOWN = _Field(unknown=True)
+
+# Ops with a ``dim`` argument: a reduction over a spatial dimension makes every unit see the
+# whole image; a reordering along one (sort, flip, roll, cumsum) is not followed.
+_REDUCTIONS = frozenset({
+    "sum", "mean", "amax", "amin", "max", "min", "std", "var", "var_mean", "std_mean", "logsumexp", "norm",
+    "prod", "median", "nansum", "nanmean", "softmax", "log_softmax", "argmax", "argmin", "all", "any", "normalize",
+})
+_REORDERINGS = frozenset({
+    "sort", "argsort", "topk", "flip", "roll", "cumsum", "cumprod", "cummax", "cummin", "logcumsumexp",
+})
+_SPATIAL_MIXERS = frozenset({"group_norm", "instance_norm"})  # normalise over space: every unit sees all
 
 
 def _pair(value) -> tuple[int, int]:
@@ -97,6 +124,9 @@ class LayerInfo:
         is_feature: True for the layers drawn by default: each convolution's output after
             its normalisation and activation (what Keras calls a conv layer's output).
         index: position in execution order.
+        global_field: every unit depends on the whole image (after global pooling or a
+            squeeze-excite gate); ``rf_size`` is then None and the box is the whole image.
+            A layer with neither a box nor ``global_field`` has an unknown field (``field`` says which).
     """
 
     name: str
@@ -120,6 +150,13 @@ class LayerInfo:
         return len(self.shape) == 3
 
     @property
+    def field(self) -> str:
+        """``"box"`` (exact ``rf_size``/``rf_start``), ``"global"`` (the whole image) or ``"unknown"``."""
+        if self.global_field:
+            return "global"
+        return "unknown" if self.rf_size is None or self.stride is None or self.rf_start is None else "box"
+
+    @property
     def label(self) -> str:
         return f"{self.alias} ({self.name})" if self.alias else self.name
 
@@ -135,7 +172,10 @@ class LayerInfo:
         """Input-pixel box ``(top, left, bottom, right)`` (bottom/right exclusive) seen by unit (row, col).
 
         With ``image_hw`` the box is clipped to the image; see :meth:`box_clipped` to know whether it was.
+        A global field's box is the whole image (``image_hw`` is then required).
         """
+        if self.global_field and image_hw is not None:
+            return (0, 0, image_hw[0], image_hw[1])
         if self.rf_size is None or self.stride is None or self.rf_start is None:
             raise ConvscopeError(f"the receptive field of layer {self.name} is unknown (an operation convscope cannot follow)")
         top = self.rf_start[0] + row * self.stride[0]
@@ -148,13 +188,15 @@ class LayerInfo:
         return box
 
     def box_clipped(self, row: int, col: int, image_hw: tuple[int, int]) -> bool:
+        if self.global_field:
+            return True
         return self.box(row, col) != self.box(row, col, image_hw)
 
     def as_dict(self) -> dict:
         return {
             "name": self.name, "alias": self.alias, "type": self.type, "shape": list(self.shape),
             "channels": self.channels, "stride": self.stride, "rf_size": self.rf_size,
-            "rf_start": self.rf_start, "kind": self.kind, "is_feature": self.is_feature,
+            "rf_start": self.rf_start, "field": self.field, "kind": self.kind, "is_feature": self.is_feature,
         }
 
 
@@ -253,24 +295,41 @@ class _FieldTracer(TorchFunctionMode):
         out = func(*args, **kwargs)
         try:
             self._propagate(func, args, kwargs, out)
-        except Exception:  # an op we cannot follow leaves the field unknown, never breaks the forward
+        except Exception:  # an op we cannot follow must never break the forward
             pass
         return out
 
     def _propagate(self, func, args, kwargs, out) -> None:
+        name = getattr(func, "__name__", "")
+        if name == "__setitem__":  # x[...] = y writes y's dependency into x
+            out = args[0]
         outputs = [o for o in (out if isinstance(out, tuple | list) else (out,)) if isinstance(o, torch.Tensor)]
         if not outputs:
             return
         tensors = [a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)]
         tensors += [t for a in args if isinstance(a, list | tuple) for t in a if isinstance(t, torch.Tensor)]
-        known = [self.fields[id(t)] for t in tensors if id(t) in self.fields]
-        if not known:
-            return
-        name = getattr(func, "__name__", "")
-        source = tensors[0]
-        field_in = self.field_of(source) or known[0]
-        spatial_in = tuple(source.shape[-2:]) if source.dim() >= 3 else None
-        if name == "conv2d":
+        tracked = [t for t in tensors if id(t) in self.fields]
+        if not tracked:
+            return  # constants and parameters: no dependency on the input
+        known = [self.fields[id(t)] for t in tracked]
+        if len({id(f) for f in known}) > 1:
+            self.saw_merge = True
+        try:
+            result = self._rule(name, args, kwargs, tracked, known, outputs[0])
+        except Exception:  # an op we cannot follow: its outputs depend on the input in an unknown way
+            result = _UNKNOWN
+        for o in outputs:
+            self.fields[id(o)] = result
+            self.keep.append(o)
+
+    @staticmethod
+    def _rule(name, args, kwargs, tracked, known, out) -> _Field:
+        if any(f.global_ or f.unknown for f in known):
+            return _Field.union(known)
+        source = tracked[0]
+        field_in = known[0]
+        standard = field_in.axes == (-2, -1) and source.dim() >= 3 and len(known) == 1
+        if name == "conv2d" and standard:
             weight = args[1] if len(args) > 1 else kwargs["weight"]
             stride = _arg(args, kwargs, 3, "stride", 1)
             padding = _arg(args, kwargs, 4, "padding", 0)
@@ -279,33 +338,61 @@ class _FieldTracer(TorchFunctionMode):
             if isinstance(padding, str):
                 padding = (0, 0) if padding == "valid" else tuple(
                     (d * (k - 1)) // 2 for k, d in zip(kernel, _pair(dilation)))
-            result = field_in.window(kernel, stride, padding, dilation)
-        elif "max_pool2d" in name or name == "avg_pool2d":
+            return field_in.window(kernel, stride, padding, dilation)
+        if ("max_pool2d" in name or name == "avg_pool2d") and standard:
             kernel = _arg(args, kwargs, 1, "kernel_size", None)
             stride = _arg(args, kwargs, 2, "stride", None) or kernel
             padding = _arg(args, kwargs, 3, "padding", 0)
             dilation = _arg(args, kwargs, 4, "dilation", 1) if "max" in name else 1
-            result = field_in.window(kernel, stride, padding, dilation)
-        elif name == "pad":
+            return field_in.window(kernel, stride, padding, dilation)
+        if name == "pad" and standard:
             pads = _arg(args, kwargs, 1, "pad", (0, 0))
             left = pads[0] if len(pads) > 0 else 0
             top = pads[2] if len(pads) > 2 else 0
-            result = field_in.pad(top, left)
-        else:
-            if len({id(f) for f in known}) > 1:
-                self.saw_merge = True
-            result = _Field.union(known)
-            spatial_out = tuple(outputs[0].shape[-2:]) if outputs[0].dim() >= 3 else None
-            if spatial_out != spatial_in or outputs[0].dim() < 3:
-                # A resampling or reduction we do not model: global if it collapsed space,
-                # otherwise unknown (no entry), so no wrong box is ever drawn.
-                if outputs[0].dim() < 3 or spatial_out == (1, 1):
-                    result = _Field(result.jump, result.size, result.start, True)
-                else:
-                    return
-        for o in outputs:
-            self.fields[id(o)] = result
-            self.keep.append(o)
+            return field_in.pad(top, left)
+        if name in ("permute", "transpose", "swapaxes", "swapdims") and len(known) == 1:
+            n = source.dim()
+            order = list(range(n))
+            if name == "permute":
+                dims = kwargs.get("dims", args[1] if len(args) == 2 and not isinstance(args[1], int) else args[1:])
+                order = [int(d) % n for d in dims]
+            else:
+                d0, d1 = (int(d) % n for d in args[1:3])
+                order[d0], order[d1] = order[d1], order[d0]
+            axes = tuple(order.index(a % n) - n for a in field_in.axes)
+            return _Field(field_in.jump, field_in.size, field_in.start, axes=axes)
+        if name == "layer_norm":  # normalises the trailing dims: per position unless they include space
+            ndims = len(_arg(args, kwargs, 1, "normalized_shape", ()))
+            return _GLOBAL if any(a >= -ndims for a in field_in.axes) else field_in
+        if name == "linear":  # mixes the last dimension
+            return _GLOBAL if -1 in field_in.axes else field_in
+        if name in _SPATIAL_MIXERS:
+            return _GLOBAL
+        if (name in _REDUCTIONS or name in _REORDERINGS) and not (len(args) > 1 and isinstance(args[1], torch.Tensor)):
+            position = 2 if name in ("topk", "roll", "norm", "normalize") else 1
+            dims = kwargs.get("dim", kwargs.get("dims", _arg(args, kwargs, position, "dim", None)))
+            if dims is None:
+                dims = (-1,) if name in ("sort", "argsort", "topk", "softmax", "log_softmax") else range(source.dim())
+            dims = (dims,) if isinstance(dims, int) else tuple(dims)
+            n = source.dim()
+            if any(int(d) % n - n in field_in.axes for d in dims):
+                return _GLOBAL if name in _REDUCTIONS else _UNKNOWN
+        if ("conv" in name or "pool" in name or "fold" in name) and "adaptive" not in name:
+            return _UNKNOWN  # a windowed op we cannot place (channels-last, input-dependent weights, 1-D/3-D)
+        # Anything else is taken as elementwise (activations, norms over channels, residual adds,
+        # broadcast multiplies, channel slicing) when every input's map has the output's size.
+        result = _Field.union(known)
+        if out.dim() < 3:
+            return _GLOBAL  # space collapsed (flatten, pooling to a vector)
+        spatial_out = tuple(out.shape[a] for a in result.axes) if not result.unknown else None
+        if spatial_out is not None and all(
+                t.dim() >= -min(f.axes) and tuple(t.shape[a] for a in f.axes) == spatial_out
+                for t, f in zip(tracked, known)):
+            return result
+        # A resampling or reduction we do not model: global if it collapsed space, otherwise unknown.
+        if spatial_out == (1, 1):
+            return _GLOBAL
+        return _UNKNOWN
 
 
 def _arg(args, kwargs, position, key, default):
@@ -364,14 +451,15 @@ def build_catalogue(model: nn.Module, input_size: tuple[int, int] = (224, 224), 
 
     layers = []
     for index, (name, module, output) in enumerate(records):
-        f = tracer.fields.get(id(output))
+        f = tracer.fields.get(id(output), _UNKNOWN)
+        exact = not (f.global_ or f.unknown) and f.axes == (-2, -1) and output.dim() >= 3
         layers.append(LayerInfo(
             name=name, alias=None, type=type(module).__name__, shape=tuple(output.shape[1:]),
-            stride=f.jump if f and not f.global_ else None,
-            rf_size=f.size if f and not f.global_ else None,
-            rf_start=f.start if f and not f.global_ else None,
+            stride=f.jump if exact else None,
+            rf_size=f.size if exact else None,
+            rf_start=f.start if exact else None,
             kind=_kind(module), is_feature=False, index=index,
-            global_field=bool(f and f.global_),
+            global_field=f.global_,
         ))
     layers = _mark_features(layers)
     if not tracer.saw_merge:
@@ -385,6 +473,7 @@ def _mark_features(layers: list[LayerInfo]) -> list[LayerInfo]:
     Walks the completion order of modules: after a conv, norms (timm's ``BatchNormAct2d``
     is a norm that applies its activation itself, and completes after its children),
     activations and pass-through modules extend the chain; anything else ends it.
+    A 1x1 map that sees the whole image (a squeeze-excite gate vector) is not a feature layer.
     """
     chosen: set[str] = set()
     i = 0
@@ -403,7 +492,8 @@ def _mark_features(layers: list[LayerInfo]) -> list[LayerInfo]:
             else:
                 break
             j += 1
-        chosen.add(representative.name)
+        if not (representative.global_field and representative.shape[1:] == (1, 1)):
+            chosen.add(representative.name)
         i = j
     return [_replace(layer, is_feature=layer.name in chosen) for layer in layers]
 

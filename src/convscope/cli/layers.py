@@ -33,12 +33,12 @@ def run(args) -> int:
         print_json({"model": loaded.describe(), "layers": [layer.as_dict() for layer in rows]})
         return 0
     print(f"model: {loaded.title}; input {loaded.preprocessing.description}")
-    header = f"  {'name':<28} {'alias':<14} {'type':<16} {'output':<16} {'stride':>6} {'RF':>6}"
+    header = f"  {'name':<28} {'alias':<14} {'type':<16} {'output':<16} {'stride':>6} {'RF':>7}"
     print(header)
     for layer in rows:
         mark = "*" if layer.is_feature else " "
         shape = "×".join(str(v) for v in layer.shape)
-        rf = "global" if layer.global_field else _fmt(layer.rf_size)
-        print(f"{mark} {layer.name:<28} {layer.alias or '':<14} {layer.type:<16} {shape:<16} {_fmt(layer.stride):>6} {rf:>6}")
+        rf = _fmt(layer.rf_size) if layer.field == "box" else layer.field  # "global" or "unknown", never "-"
+        print(f"{mark} {layer.name:<28} {layer.alias or '':<14} {layer.type:<16} {shape:<16} {_fmt(layer.stride):>6} {rf:>7}")
     print(f"{len(rows)} layers; {sum(layer.is_feature for layer in rows)} feature layers (*)")
     return 0
