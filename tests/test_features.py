@@ -14,7 +14,7 @@ import convscope
 from convscope.cli.main import main
 from convscope.errors import ConvscopeError
 from convscope.hooks import StopForward, frozen, recording
-from convscope.methods.features import make_recipe, visualize, visualize_features
+from convscope.methods.features import DEAD_THRESHOLD, figures, make_recipe, visualize, visualize_features
 from convscope.methods.features.objectives import Objective, channel
 from convscope.rectifiers import redirected_rectifiers
 
@@ -106,6 +106,48 @@ def test_dead_channels_are_flagged_and_counted(photos):
     assert result.records[1]["photo_peak"] == 0.0 and result.records[1]["objective"] == 0.0
     assert result.to_dict()["dead"] == 1 and result.to_dict()["dead_channels"] == [1]
     assert model_state(model) == before
+
+
+class _Scaled(nn.Module):
+    """conv(3->4) + ReLU, every weight and bias times ``scale``; channel 3 zero weights and bias -1
+    (truly zero after the ReLU). With ``all_zero`` every channel is so."""
+
+    def __init__(self, scale: float, all_zero: bool = False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.relu = nn.ReLU()
+        with torch.no_grad():
+            self.conv.weight.mul_(scale)
+            self.conv.bias.mul_(scale)
+            dead = slice(None) if all_zero else 3
+            self.conv.weight[dead] = 0.0
+            self.conv.bias[dead] = -1.0
+
+    def forward(self, x):
+        return self.relu(self.conv(x)).mean((2, 3))
+
+
+def test_dead_is_relative_to_the_layer_scale(photos):
+    """A layer at 1e-6 is small, not dead; its truly zero channel still is."""
+    result = visualize_features(_Scaled(1e-6), "relu", steps=8, size=24, photos=photos)
+    records = result.records
+    # the old absolute test (never above 1e-3) would have called every channel dead here
+    assert all(r["photo_magnitude"] < 1e-3 and r["objective"] < 1e-3 for r in records)
+    assert [r["dead"] for r in records] == [False, False, False, True]
+    assert records[3]["photo_magnitude"] == 0.0 and records[3]["objective"] == 0.0
+    index = result.to_dict()
+    assert 1e-8 < index["layer_scale"] < 1e-4 and index["dead_fraction"] == 1e-3
+    assert index["dead_limit"] == pytest.approx(1e-3 * index["layer_scale"], rel=1e-5)
+    assert all(r["photo_magnitude"] > index["dead_limit"] and r["objective"] > 0 for r in records[:3])
+    assert "0.001 x the layer's scale" in figures.dead_definition(result)
+
+
+def test_a_layer_zero_on_every_photo_falls_back_to_the_absolute_floor(photos):
+    result = visualize_features(_Scaled(1.0, all_zero=True), "relu", steps=4, size=24, photos=photos)
+    assert result.dead_count == 4 and result.layer_scale == 0.0
+    assert result.to_dict()["dead_limit"] == DEAD_THRESHOLD
+    assert "zero on every sample photo" in figures.dead_definition(result)
 
 
 def test_the_redirected_gradient_revives_a_unit_dead_at_the_start(photos):

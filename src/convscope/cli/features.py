@@ -37,7 +37,9 @@ def register(subparsers) -> None:
         "features", help="synthesize the image each channel responds to most (feature visualization)",
         description="One image per channel, optimized from noise by gradient ascent, all channels of a layer in "
                     "one batched optimization; one PNG per channel, a sheet per layer and features.json. "
-                    "Channels that are zero on every sample photo and cannot be raised are reported dead.",
+                    "Channels that never exceed 0.1% of their layer's scale (the median over its firing channels of "
+                    "their max |activation| on the photos), on any sample photo or by the optimization, are "
+                    "reported dead.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layer", default=None,
                    help="layer names, aliases or patterns, comma-separated (see `convscope layers`)")

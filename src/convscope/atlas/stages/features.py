@@ -29,7 +29,7 @@ class FeaturesStage(Stage):
     """
 
     name = "features"
-    version = 1
+    version = 2  # 2: "dead" relative to the layer's scale
 
     def settings(self, ctx, layer):
         s = ctx.settings

@@ -2,9 +2,11 @@
 
 :func:`visualize_features` optimizes one image per channel of a
 layer, all channels in one batched optimization (see :mod:`convscope.methods.features.engine`), and
-says honestly which channels are **dead**: zero on every sample photo *and* not raised above
-a small threshold by the optimization. The post saw such channels in deep layers as pure
-noise images; here they are flagged and counted instead.
+says honestly which channels are **dead**: never above a small fraction (:data:`DEAD_FRACTION`)
+of the layer's typical activation on the sample photos *and* not raised above that same limit
+by the optimization. The post saw such channels in deep layers as pure noise images; here they
+are flagged and counted instead. "Dead" is relative to the layer's scale, so a random-init net
+whose layers sit at 1e-8 is not called dead for being small.
 
 Two recipes:
 
@@ -46,10 +48,10 @@ from ...layers import LayerInfo
 from ...models import LoadedModel, as_loaded
 from . import objectives as obj
 from .engine import Optimized, Recipe, make_recipe, optimize, resolve_layers
-from .result import DEAD_THRESHOLD, FeatureResult, FeatureSet
+from .result import DEAD_FRACTION, DEAD_THRESHOLD, FeatureResult, FeatureSet
 
 __all__ = ["FeatureResult", "FeatureSet", "visualize_features", "visualize_classes", "visualize", "DEAD_THRESHOLD",
-           "make_recipe", "Recipe"]
+           "DEAD_FRACTION", "make_recipe", "Recipe"]
 
 
 def _to_uint8(images: np.ndarray, recipe: Recipe) -> np.ndarray:
@@ -65,8 +67,9 @@ def _to_uint8(images: np.ndarray, recipe: Recipe) -> np.ndarray:
 @torch.no_grad()
 def _photo_stats(loaded: LoadedModel, objective: obj.Objective, n: int, peak_layer: LayerInfo | None,
                  channels: Sequence[int] | None, photos: dict[str, np.ndarray] | None):
-    """Over the photos: the best value of ``objective`` (N elements) and, per element's channel,
-    the strongest unit and the largest magnitude (zero means the channel never fired)."""
+    """Over the photos: the best value of ``objective`` (N elements); per element's channel, the
+    strongest unit and the largest magnitude (zero means the channel never fired); and the layer's
+    scale (see :data:`DEAD_FRACTION`), from every channel of ``peak_layer`` in the same forward passes."""
     photos = sample_photos() if photos is None else photos
     rows = resolve_layers(loaded, objective)
     if peak_layer is not None:
@@ -75,7 +78,7 @@ def _photo_stats(loaded: LoadedModel, objective: obj.Objective, n: int, peak_lay
     best = np.full(n, -np.inf, dtype=np.float64)
     track = peak_layer is not None and channels is not None
     peak = np.full(n, -np.inf, dtype=np.float64) if track else None
-    magnitude = np.zeros(n, dtype=np.float64) if track else None
+    layer_magnitude = None  # every channel's largest |activation| so far
     recorded = list(dict.fromkeys(rows.values()))
     with frozen(loaded.module), recording(loaded.module, recorded, stop_after_last=not needs_logits) as store:
         for photo in photos.values():
@@ -93,8 +96,13 @@ def _photo_stats(loaded: LoadedModel, objective: obj.Objective, n: int, peak_lay
                 maps = maps.flatten(1) if maps.dim() > 1 else maps[:, None]
                 chosen = maps[torch.as_tensor(list(channels))]
                 peak = np.maximum(peak, chosen.amax(1).numpy())
-                magnitude = np.maximum(magnitude, chosen.abs().amax(1).numpy())
-    return best, peak, magnitude
+                largest = maps.abs().amax(1).numpy()
+                layer_magnitude = largest if layer_magnitude is None else np.maximum(layer_magnitude, largest)
+    if layer_magnitude is None:
+        return best, peak, (np.zeros(n, dtype=np.float64) if track else None), None
+    firing = layer_magnitude[layer_magnitude > 0]
+    scale = float(np.median(firing)) if firing.size else 0.0
+    return best, peak, layer_magnitude[list(channels)], scale
 
 
 @torch.no_grad()
@@ -109,8 +117,14 @@ def _image_peaks(loaded: LoadedModel, row: LayerInfo, images: np.ndarray, channe
     return torch.cat(peaks).numpy()
 
 
+def _value(x: float) -> float:
+    """A record's value: 6 decimals, or 6 significant figures below 1e-3 (a layer at 1e-8 is not 0)."""
+    x = float(x)
+    return float(f"{x:.6g}") if abs(x) < 1e-3 else round(x, 6)
+
+
 def _records(run: Optimized, units: list[int], variants: int, key: str, best: np.ndarray,
-             photo_stats: tuple | None, dead_threshold: float, names: list[str] | None = None,
+             photo_stats: tuple | None, dead_limit: float, names: list[str] | None = None,
              image_peak: np.ndarray | None = None) -> list[dict]:
     peak, magnitude = photo_stats if photo_stats is not None else (None, None)
     records = []
@@ -123,14 +137,16 @@ def _records(run: Optimized, units: list[int], variants: int, key: str, best: np
             record["class_name"] = names[unit] if unit < len(names) else None
         record.update({
             "variant": i % variants,
-            "objective": round(final, 6),
-            "start": round(float(run.start[i]), 6),
-            "photo_best": round(photo_best, 6),
+            "objective": _value(final),
+            "start": _value(run.start[i]),
+            "photo_best": _value(photo_best),
             "ratio": round(final / photo_best, 4) if photo_best > 0 else None,
-            "peak": round(float(image_peak[i]), 6) if image_peak is not None else None,
-            "photo_peak": round(float(peak[i]), 6) if peak is not None else None,
-            # dead: zero on every photo, and the optimization could not lift it either
-            "dead": bool(magnitude is not None and magnitude[i] <= 1e-6 and final <= dead_threshold),
+            "peak": _value(image_peak[i]) if image_peak is not None else None,
+            "photo_peak": _value(peak[i]) if peak is not None else None,
+            "photo_magnitude": _value(magnitude[i]) if magnitude is not None else None,
+            # dead: never above the limit (relative to the layer's scale) on any photo, and the
+            # optimization could not lift it above the limit either
+            "dead": bool(magnitude is not None and magnitude[i] <= dead_limit and final <= dead_limit),
         })
         records.append(record)
     return records
@@ -152,6 +168,7 @@ def visualize_features(
     tv: float | None = None,
     l2: float | None = None,
     dead_threshold: float = DEAD_THRESHOLD,
+    dead_fraction: float = DEAD_FRACTION,
     memory_budget: int | None = None,
     max_batch: int | None = None,
     photos: dict[str, np.ndarray] | None = None,
@@ -171,7 +188,9 @@ def visualize_features(
             which other channels are optimized with it.
         variants: images per channel; with ``diversity > 0`` they are pushed apart (Lucid's diversity).
         tv, l2: weights of total-variation and L2 penalties on the image.
-        dead_threshold: see :data:`DEAD_THRESHOLD`.
+        dead_fraction: a channel is dead when neither the photos nor the optimization take it
+            above this fraction of the layer's scale (see :data:`DEAD_FRACTION`).
+        dead_threshold: the absolute floor for a layer that is zero on every photo (:data:`DEAD_THRESHOLD`).
         memory_budget: bytes per chunk (default 2 GiB on a CPU, half the free GPU memory);
             ``max_batch`` caps the chunk size.
         photos: reference photos for the ratio and the dead test (default the sample photos).
@@ -221,15 +240,18 @@ def visualize_features(
                    memory_budget=memory_budget, max_batch=max_batch, progress=progress,
                    desc=f"features {row.alias or row.name}")
     element_units = [u for u in units for _ in range(variants)]
-    best, peak, magnitude = _photo_stats(loaded, objective_for(element_units), len(element_units), peak_layer,
-                                         element_units if peak_layer is not None else None, photos)
+    best, peak, magnitude, scale = _photo_stats(loaded, objective_for(element_units), len(element_units),
+                                                peak_layer, element_units if peak_layer is not None else None,
+                                                photos)
     image_peak = None
     if peak_layer is not None and row.is_spatial:
         image_peak = _image_peaks(loaded, row, run.images, element_units)
     stats = (peak, magnitude) if peak is not None else None
-    records = _records(run, units, variants, key, best, stats, dead_threshold, image_peak=image_peak)
-    return FeatureResult(_to_uint8(run.images, chosen_recipe), records, row, objective, chosen_recipe, seed,
-                         loaded.title, dead_threshold, run.seconds, run.chunk_size, run.history)
+    result = FeatureResult(_to_uint8(run.images, chosen_recipe), [], row, objective, chosen_recipe, seed,
+                           loaded.title, dead_threshold, run.seconds, run.chunk_size, run.history,
+                           dead_fraction=dead_fraction, layer_scale=scale)
+    result.records = _records(run, units, variants, key, best, stats, result.dead_limit, image_peak=image_peak)
+    return result
 
 
 def visualize_classes(
@@ -273,7 +295,7 @@ def visualize_classes(
     run = optimize(loaded, objective_for, classes, recipe=chosen_recipe, seed=seed, variants=variants,
                    memory_budget=memory_budget, max_batch=max_batch, progress=progress, desc="classes")
     element_units = [u for u in classes for _ in range(variants)]
-    best, _, _ = _photo_stats(loaded, objective_for(element_units), len(element_units), None, None, photos)
+    best, _, _, _ = _photo_stats(loaded, objective_for(element_units), len(element_units), None, None, photos)
     records = _records(run, classes, variants, "class", best, None, DEAD_THRESHOLD, loaded.class_names)
     return FeatureResult(_to_uint8(run.images, chosen_recipe), records, None, "class", chosen_recipe, seed,
                          loaded.title, DEAD_THRESHOLD, run.seconds, run.chunk_size, run.history)
@@ -306,8 +328,8 @@ def visualize(
     chosen_recipe = make_recipe(recipe, steps=steps, size=size, lr=lr)
     run = optimize(loaded, lambda _units: objective, list(range(n)), recipe=chosen_recipe, seed=seed,
                    max_batch=n, memory_budget=1 << 62, progress=progress, desc="visualize")
-    records = [{"index": i, "variant": 0, "objective": round(float(run.final[i]), 6),
-                "start": round(float(run.start[i]), 6), "photo_best": None, "ratio": None,
-                "peak": None, "photo_peak": None, "dead": False} for i in range(n)]
+    records = [{"index": i, "variant": 0, "objective": _value(run.final[i]),
+                "start": _value(run.start[i]), "photo_best": None, "ratio": None,
+                "peak": None, "photo_peak": None, "photo_magnitude": None, "dead": False} for i in range(n)]
     return FeatureResult(_to_uint8(run.images, chosen_recipe), records, None, objective.name, chosen_recipe,
                          seed, loaded.title, DEAD_THRESHOLD, run.seconds, run.chunk_size, run.history)

@@ -12,7 +12,7 @@ from ... import render
 if TYPE_CHECKING:
     from .result import FeatureResult
 
-__all__ = ["unit_label", "caption", "feature_sheet"]
+__all__ = ["unit_label", "caption", "dead_definition", "feature_sheet"]
 
 
 def unit_label(record: dict) -> str:
@@ -33,6 +33,16 @@ def caption(record: dict) -> str:
     if record["photo_best"] is not None:  # the photos never raise this objective above zero
         return f"{head} {record['objective']:.2g}/0"
     return f"{head} {record['objective']:.3g}"
+
+
+def dead_definition(result: FeatureResult) -> str:
+    """How the sheet's ``dead`` was decided: the relative limit and the layer's scale it used."""
+    if result.layer_scale:
+        return (f"dead = max |activation| on the photos and objective reached both <= {result.dead_limit:.2g}: "
+                f"{result.dead_fraction:g} x the layer's scale {result.layer_scale:.2g} "
+                "(median of the firing channels' max |activation|)")
+    return (f"dead = zero on every sample photo (as is the whole layer) and objective reached <= "
+            f"{result.dead_threshold:g}")
 
 
 def feature_sheet(result: FeatureResult, cols: int = 8, min_tile: int = 96) -> Image.Image:
@@ -60,7 +70,7 @@ def feature_sheet(result: FeatureResult, cols: int = 8, min_tile: int = 96) -> I
         "a/0 = reached a, photos 0",
     ]
     if result.objective in ("channel", "neuron"):
-        lines.append(f"{result.dead_count} of {len(result.records)} dead (zero on every sample photo and never "
-                     f"above {result.dead_threshold:g}); dead tiles dimmed")
+        lines.append(f"{result.dead_count} of {len(result.records)} dead; dead tiles dimmed")
+        lines.append(dead_definition(result))
     # the strip is at least as wide as its text, even for a sheet of one image
     return render.stack_vertical([render.title_strip(max(grid.width, 720), lines), grid])

@@ -14,10 +14,18 @@ from ...layers import LayerInfo
 from . import figures
 from .engine import Recipe
 
-__all__ = ["DEAD_THRESHOLD", "FeatureResult", "FeatureSet"]
+__all__ = ["DEAD_FRACTION", "DEAD_THRESHOLD", "FeatureResult", "FeatureSet"]
 
-# A channel whose objective the optimization cannot lift above this (and that is zero on
-# every sample photo) is reported dead. Live channels of trained nets reach 0.1-6 here.
+# "Dead" is relative to the layer's scale: a channel is dead when its |activation| never exceeds
+# DEAD_FRACTION x the layer's scale on any sample photo *and* the optimization cannot lift its
+# objective above that same limit. The layer's scale is the median, over the layer's channels that
+# fire on some photo, of each channel's largest |activation| on the photos (a random-init net's
+# layers can sit at 1e-8, a trained one's at 1-10; an absolute limit calls every channel of the
+# former dead). A median over the firing channels only: a sparse layer whose channels are mostly
+# silent still has a scale.
+DEAD_FRACTION = 1e-3
+# The absolute floor, used only for a layer that is exactly zero on every photo (no scale):
+# there a channel is dead when the optimization cannot lift its objective above this.
 DEAD_THRESHOLD = 1e-3
 
 
@@ -31,12 +39,17 @@ class FeatureResult:
             (reached, on the image without transforms), ``start``, ``photo_best`` (the same
             objective's best over the sample photos), ``ratio`` (objective / photo_best, None
             when photo_best <= 0), ``peak`` (the channel's strongest unit on the image),
-            ``photo_peak`` (the channel's strongest unit on any photo), ``dead``.
+            ``photo_peak`` (the channel's strongest unit on any photo), ``photo_magnitude`` (its
+            largest |activation| on any photo), ``dead`` (see :data:`DEAD_FRACTION`).
         layer: the layer (None for class objectives).
         objective: ``"channel"``, ``"neuron"``, ``"layer"``, ``"class"`` or a custom objective's name.
         recipe: the :class:`~convscope.methods.features.engine.Recipe` used.
         seed: the seed; the same seed gives the same images.
         model_title: model name and weights (says RANDOM INIT when so).
+        dead_threshold: the absolute floor (:data:`DEAD_THRESHOLD`), used when the layer has no scale.
+        dead_fraction: the relative limit (:data:`DEAD_FRACTION`).
+        layer_scale: the layer's scale on the photos (None without a layer; 0.0 when the layer
+            is zero on every photo).
     """
 
     images: np.ndarray
@@ -50,6 +63,16 @@ class FeatureResult:
     seconds: float = 0.0
     chunk_size: int = 0
     history: np.ndarray | None = field(default=None, repr=False)
+    dead_fraction: float = DEAD_FRACTION
+    layer_scale: float | None = None
+
+    @property
+    def dead_limit(self) -> float:
+        """The limit the dead test used: ``dead_fraction x layer_scale``, or the absolute floor
+        when the layer has no scale (zero on every photo, or no layer)."""
+        if self.layer_scale:
+            return self.dead_fraction * self.layer_scale
+        return self.dead_threshold
 
     def __len__(self) -> int:
         return len(self.records)
@@ -69,7 +92,7 @@ class FeatureResult:
         """Everything that determines the images (a cache key for callers such as the atlas)."""
         return {"objective": self.objective, "layer": self.layer.name if self.layer else None,
                 "recipe": self.recipe.as_dict(), "seed": self.seed, "model": self.model_title,
-                "dead_threshold": self.dead_threshold}
+                "dead_threshold": self.dead_threshold, "dead_fraction": self.dead_fraction}
 
     def _totals(self) -> dict:
         ratios = [r["ratio"] for r in self.records if r["ratio"] is not None]
@@ -77,6 +100,8 @@ class FeatureResult:
             **self.settings(),
             "layer_info": self.layer.as_dict() if self.layer else None,
             "count": len(self.records), "dead": self.dead_count, "dead_channels": self.dead_channels,
+            "layer_scale": None if self.layer_scale is None else float(f"{self.layer_scale:.6g}"),
+            "dead_limit": float(f"{self.dead_limit:.6g}"),
             "median_ratio": float(np.median(ratios)) if ratios else None,
             "seconds": round(self.seconds, 2), "chunk_size": self.chunk_size,
         }
