@@ -141,13 +141,13 @@ def random_init_like(loaded: LoadedModel, seed: int = 0) -> LoadedModel:
     """
     from ..sources import list_models, load_model
 
+    if loaded.name in list_models() or loaded.name.startswith("timm:"):
+        try:
+            return load_model(loaded.name, random=True, seed=seed, device=loaded.device)  # seeds its own fork
+        except ConvscopeError:
+            pass
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        if loaded.name in list_models() or loaded.name.startswith("timm:"):
-            try:
-                return load_model(loaded.name, random=True, seed=seed, device=loaded.device)
-            except ConvscopeError:
-                pass
         module = copy.deepcopy(loaded.module)
         for m in module.modules():
             if hasattr(m, "reset_parameters") and callable(m.reset_parameters):
