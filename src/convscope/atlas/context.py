@@ -137,6 +137,7 @@ class BuildContext:
         self.keys: dict[tuple[str, str], str] = {}
         self.photos_key = make_key(photos=[(p.name, p.digest) for p in photos])
         self.sources: dict[str, Picture] = {}  # shared source-image pictures already written this build
+        self.projections: dict[str, tuple] = {}  # layer -> (Rule, reason), audited once per build
         self._image_set = None  # the scan's image set, made once
 
     # ------------------------------------------------------------------ naming

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import re
 import time
-import weakref
 
 import numpy as np
 import torch
@@ -53,8 +52,6 @@ def _has_max_pooling(loaded: LoadedModel) -> bool:
 
 
 _RULE_LABELS = {"deconvnet": "the deconvnet", "guided": "guided backprop"}
-# Per model: (layer name, rule name, strict) -> (Rule, reason); the audit runs once per layer and rule.
-_CHOICES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def choose_projection(loaded: LoadedModel, layer: LayerInfo, requested: str | Rule = "auto", *,
@@ -72,11 +69,7 @@ def choose_projection(loaded: LoadedModel, layer: LayerInfo, requested: str | Ru
     rule = projection_method(loaded, requested)
     if rule is GRADIENT or not rule.intercepts:
         return rule, None
-    key = (layer.name, rule.name, bool(strict))
-    cache = _CHOICES.setdefault(loaded.module, {})
-    if key not in cache:
-        cache[key] = _audit_choice(loaded, layer, rule, strict)
-    return cache[key]
+    return _audit_choice(loaded, layer, rule, strict)
 
 
 def _audit_choice(loaded: LoadedModel, layer: LayerInfo, rule: Rule, strict: bool) -> tuple[Rule, str | None]:
@@ -140,9 +133,17 @@ class DeconvStage(Stage):
         scan = ctx.keys.get(("scan", layer.name)) if ctx.record("scan", layer) else None
         # Without a scan the units are the photos' strongest, read from the activations record.
         acts = None if scan else ctx.keys.get(("activations", layer.name))
-        rule, reason = choose_projection(ctx.loaded, layer, ctx.settings.deconv_method, strict=ctx.settings.strict)
+        rule, reason = self._projection(ctx, layer)
         return {"top": ctx.settings.top, "method": rule.name, "reason": reason, "strict": ctx.settings.strict,
                 "scan": scan, "activations": acts}
+
+    @staticmethod
+    def _projection(ctx, layer) -> tuple[Rule, str | None]:
+        """:func:`choose_projection` for ``layer``, audited once per build (the key and the run both ask)."""
+        if layer.name not in ctx.projections:
+            ctx.projections[layer.name] = choose_projection(ctx.loaded, layer, ctx.settings.deconv_method,
+                                                            strict=ctx.settings.strict)
+        return ctx.projections[layer.name]
 
     def run(self, ctx, layers):
         total = sum(len(ctx.channels(layer)) for layer in layers)
@@ -150,8 +151,7 @@ class DeconvStage(Stage):
         with bar:
             for layer in layers:
                 start = time.perf_counter()
-                rule, reason = choose_projection(ctx.loaded, layer, ctx.settings.deconv_method,
-                                                 strict=ctx.settings.strict)
+                rule, reason = self._projection(ctx, layer)
                 # The deconvnet stands in for all-zero projections only where its rule holds.
                 redo = rule is not DECONVNET and (reason is None or not ctx.settings.strict)
                 scan = ctx.record("scan", layer)
