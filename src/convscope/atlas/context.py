@@ -26,6 +26,7 @@ from ..hooks import capture
 from ..images import IMAGE_EXTENSIONS, ImageSource, load_image, sample_photos
 from ..layers import LayerInfo
 from ..models import LoadedModel, fingerprint
+from ..precision import Precision, resolve_precision
 from .store import Picture, make_key, read_json, record_files, save_picture, unique_slugs, write_record
 
 __all__ = ["AtlasSettings", "AtlasBuild", "BuildContext", "Photo", "Stage", "collect_photos"]
@@ -57,6 +58,9 @@ class AtlasSettings:
             nonlinearity other than a ReLU on the path) the plain gradient, with the reason.
         strict: False backpropagates nonlinearities without a deconvnet/guided rule (GELU,
             Hardswish, gates) plainly under the rule, instead of using the plain gradient there.
+        precision: ``"auto"``, ``"fp32"``, ``"bf16"`` or ``"fp16"`` (:mod:`convscope.precision`).
+            ``"auto"`` lets the feature visualization use bf16 where the hardware has it and
+            keeps the scan and the projections in exact float32; a named precision applies to all.
     """
 
     layers: str | None = None
@@ -73,6 +77,7 @@ class AtlasSettings:
     deconv_method: str = "auto"
     scan_limit: int | None = None
     strict: bool = True
+    precision: str = "auto"
 
     def as_dict(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
@@ -147,6 +152,18 @@ class BuildContext:
     def channels(self, layer: LayerInfo) -> list[int]:
         """The channels that get pages: the first ``channels_per_layer``."""
         return self.settings.channels(layer)
+
+    def precision(self, purpose: str) -> Precision:
+        """The settings' precision resolved for ``purpose`` (:data:`~convscope.precision.PICTURE`
+        for the feature visualization, :data:`~convscope.precision.NUMBERS` for values)."""
+        return resolve_precision(self.settings.precision, self.loaded.device, purpose=purpose,
+                                 module=self.loaded.module)
+
+    @staticmethod
+    def precision_key(precision: Precision) -> dict:
+        """The precision's part of a stage's settings: nothing for exact float32, so records
+        built before the option keep their keys."""
+        return {} if precision.exact else {"precision": [precision.name, precision.channels_last]}
 
     def data_path(self, stage: str, layer: LayerInfo, name: str) -> str:
         return f"data/{stage}/{self.slug(layer)}/{name}"

@@ -15,6 +15,7 @@ import numpy as np
 from ..errors import ConvscopeError
 from ..images import load_image
 from ..models import LoadedModel
+from ..precision import PRECISIONS
 from ..sources import load_model
 
 
@@ -100,6 +101,20 @@ def add_memory_arg(parser: argparse.ArgumentParser, what: str, default: str | No
     parser.add_argument("--memory", type=memory_size, default=memory_size(default) if default else None,
                         metavar="SIZE", help=f"memory budget for {what}, e.g. 512MB or 2GB "
                                              f"(default: {default or 'automatic'})")
+
+
+def add_precision_arg(parser: argparse.ArgumentParser, picture: bool) -> None:
+    """``--precision``: the one spelling of the numeric precision in every command.
+
+    ``picture``: the command optimizes an image, where ``auto`` may choose bf16 and channels-last;
+    elsewhere ``auto`` keeps exact float32 values (see :mod:`convscope.precision`).
+    """
+    if picture:
+        rule = ("auto: bf16 autocast where the CPU or GPU computes bf16 natively, else fp32; channels-last for "
+                "convolutional models")
+    else:
+        rule = "auto: fp32, exact values; bf16/fp16 autocast on request, faster where the hardware has them, values rounded"
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS, help=f"numeric precision ({rule})")
 
 
 def check_out(path: str | os.PathLike) -> Path:

@@ -9,10 +9,13 @@ from ..atlas.driver import atlas_layers, check_settings
 from ..datasets import FolderImages
 from ..errors import ConvscopeError
 from ..images import IMAGE_EXTENSIONS, load_image
+from ..methods.features import make_recipe
+from ..precision import PICTURE, resolve_precision
 from ._common import (
     add_max_side_arg,
     add_model_args,
     add_out_arg,
+    add_precision_arg,
     check_image,
     check_out,
     load_from_args,
@@ -38,9 +41,13 @@ def register(subparsers) -> None:
     p.add_argument("--channels-per-layer", type=positive_int, default=None, metavar="N",
                    help="channel pages, feature visualizations and projections for the first N channels of "
                         "each layer (default: all)")
-    p.add_argument("--steps", type=positive_int, default=256, help="feature-visualization steps (default 256)")
+    p.add_argument("--steps", type=positive_int, default=None,
+                   help="feature-visualization steps (default: the recipe's, 256 for lucid, 192 for fast)")
     p.add_argument("--size", type=positive_int, default=128, metavar="PX", help="feature-visualization image size (default 128)")
-    p.add_argument("--recipe", default=None, choices=("lucid", "post"), help="feature-visualization recipe: lucid (default) or post")
+    p.add_argument("--recipe", default=None, choices=("lucid", "fast", "post"),
+                   help="feature-visualization recipe: lucid (default), fast (about "
+                        "lucid's objective in 3/4 of the steps) or post")
+    add_precision_arg(p, picture=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--top", type=positive_int, default=9, help="examples per channel from the scan and deconvnet (default 9)")
     p.add_argument("--scan", default=None, metavar="DIR",
@@ -66,11 +73,12 @@ def register(subparsers) -> None:
 
 def settings_from_args(args) -> AtlasSettings:
     skip = tuple(s.strip() for s in args.skip.split(",") if s.strip())
-    settings = AtlasSettings(layers=args.layers, channels_per_layer=args.channels_per_layer, steps=args.steps,
+    steps = args.steps or make_recipe(args.recipe or "lucid").steps
+    settings = AtlasSettings(layers=args.layers, channels_per_layer=args.channels_per_layer, steps=steps,
                              feature_size=args.size, recipe=args.recipe, seed=args.seed, top=args.top,
                              max_photos=args.photos, scan_images=args.scan, skip=skip,
                              deconv_method=args.deconv_method, scan_limit=args.scan_limit,
-                             strict=args.strict)
+                             strict=args.strict, precision=args.precision)
     check_settings(settings)
     return settings
 
@@ -107,6 +115,9 @@ def run(args) -> int:
     layers = atlas_layers(loaded, settings.layers)
     out = out_dir(args.out)
     print(f"model: {loaded.title}")
+    precision = resolve_precision(settings.precision, loaded.device, purpose=PICTURE, module=loaded.module)
+    print(f"precision: {precision.describe()} for the feature visualization"
+          + ("; exact fp32 for the scan and the projections" if settings.precision == "auto" else ""))
     channels = sum(len(settings.channels(layer)) for layer in layers)
     print(f"plan: {len(layers)} layers, {channels} channels with pages, feature visualizations ({settings.steps} "
           f"steps at {settings.feature_size} px) and top-{settings.top} projections; valid results in {out} are "

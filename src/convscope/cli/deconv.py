@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from ..errors import ConvscopeError
 from ..methods.deconv import deconv
+from ..precision import NUMBERS, resolve_precision
 from ..rectifiers import PROJECTION_NAMES
 from ._common import (
     add_batch_size_arg,
     add_max_side_arg,
     add_model_args,
     add_out_arg,
+    add_precision_arg,
     check_out,
     image_arg,
     model_for_image,
@@ -50,6 +52,7 @@ def register(subparsers) -> None:
                    help="display size of the largest receptive-field box, px (default: its size, within 96..160)")
     p.add_argument("--cols", type=positive_int, default=None, help="cells per row of the sheet")
     add_batch_size_arg(p, "crops or images")
+    add_precision_arg(p, picture=False)
     p.add_argument("--not-strict", dest="strict", action="store_false",
                    help="backpropagate nonlinearities without a rule (GELU, SiLU, gates) plainly instead of refusing")
     p.add_argument("--save-npz", action="store_true", help="keep the raw projections (LAYER_projections.npz)")
@@ -72,11 +75,14 @@ def run(args) -> int:
     channels = parse_channels(args.channels, layer.channels)
     top = args.top if args.top is not None or channels is not None else 16
     method = "all" if args.method == "all" else args.method
+    precision = resolve_precision(args.precision, loaded.device, purpose=NUMBERS, module=loaded.module)
     result = deconv(loaded, image, layer, channels=channels, top=top, positions=args.positions,
-                    method=method, size=size, batch_size=args.batch_size, strict=args.strict, progress=True)
+                    method=method, size=size, batch_size=args.batch_size, strict=args.strict, progress=True,
+                    precision=precision)
     out = out_dir(args.out)
     index = result.save(out, signed=args.signed, tile=args.tile, cols=args.cols, save_arrays=args.save_npz)
     print(f"model: {loaded.title}")
+    print(f"precision: {precision.describe()}")
     strategies = ", ".join(f"{m} {s}" for m, s in index["strategy"].items())
     print(f"layer {result.layer.label}: {len(result.units)} units, image {result.image.shape[0]}x{result.image.shape[1]} "
           f"({strategies})")

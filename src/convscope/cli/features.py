@@ -7,11 +7,13 @@ import time
 from ..errors import ConvscopeError
 from ..methods.features import FeatureSet, visualize_classes, visualize_features
 from ..methods.features.objectives import parse_objective
+from ..precision import PICTURE, resolve_precision
 from ._common import (
     add_batch_size_arg,
     add_memory_arg,
     add_model_args,
     add_out_arg,
+    add_precision_arg,
     check_out,
     load_from_args,
     non_negative_float,
@@ -47,10 +49,11 @@ def register(subparsers) -> None:
     p.add_argument("--objective", default="channel",
                    help="channel (mean of the channel, default), neuron (its centre unit), layer (DeepDream L2 of "
                         "the whole layer) or class:N[,M] (a class logit; no --layer)")
-    p.add_argument("--recipe", default="lucid", choices=("lucid", "post"),
-                   help="lucid: FFT + decorrelated colour + transforms + Adam (default); "
+    p.add_argument("--recipe", default="lucid", choices=("lucid", "fast", "post"),
+                   help="lucid: FFT + decorrelated colour + transforms + Adam (default); fast: lucid in 3/4 of the "
+                        "steps (warm-up + cosine decay of a higher learning rate); "
                         "post: the blog post's plain gradient ascent from gray noise")
-    p.add_argument("--steps", type=positive_int, default=None, help="default 256 (lucid) or 40 (post)")
+    p.add_argument("--steps", type=positive_int, default=None, help="default 256 (lucid), 192 (fast) or 40 (post)")
     p.add_argument("--size", default=None, help="N or HxW; default 128 (lucid) or 150 (post)")
     p.add_argument("--seed", type=int, default=0, help="the same seed gives the same images (default 0)")
     p.add_argument("--lr", type=positive_float, default=None, help="learning rate (default 0.05 lucid, 1/255 post)")
@@ -58,6 +61,7 @@ def register(subparsers) -> None:
     p.add_argument("--diversity", type=non_negative_float, default=None, help="weight of the diversity term between variants")
     p.add_argument("--tv", type=non_negative_float, default=None, help="weight of a total-variation penalty")
     p.add_argument("--l2", type=non_negative_float, default=None, help="weight of an L2 penalty")
+    add_precision_arg(p, picture=True)
     add_memory_arg(p, "each chunk of channels optimized together")
     add_batch_size_arg(p, "channels")
     p.add_argument("--cols", type=positive_int, default=8, help="tiles per row on the sheet")
@@ -106,7 +110,9 @@ def run(args) -> int:
     common = dict(recipe=args.recipe, steps=args.steps, size=size, seed=args.seed, lr=args.lr,
                   variants=args.variants, diversity=args.diversity, tv=args.tv, l2=args.l2,
                   memory_budget=args.memory, max_batch=args.batch_size, progress=True)
+    common["precision"] = resolve_precision(args.precision, loaded.device, purpose=PICTURE, module=loaded.module)
     print(f"model: {loaded.title}")
+    print(f"precision: {common['precision'].describe()}")
     results = []
     if kind == "class":
         t0 = time.perf_counter()

@@ -11,12 +11,14 @@ from ..datasets import FolderImages, SampleImages
 from ..errors import ConvscopeError
 from ..methods.scan import DEFAULT_TOP, INDEX_FILE, STATE_FILE, default_layers, load_checkpoint, scan
 from ..models import DEFAULT_MODEL
+from ..precision import NUMBERS, resolve_precision
 from ..rectifiers import PROJECTION_NAMES
 from ..sources import is_model_file
 from ._common import (
     add_batch_size_arg,
     add_model_args,
     add_out_arg,
+    add_precision_arg,
     check_out,
     load_from_args,
     non_negative_int,
@@ -56,6 +58,8 @@ def register(subparsers) -> None:
     p.add_argument("--top", type=positive_int, default=None, help=f"examples per channel (default {DEFAULT_TOP})")
     p.add_argument("--size", default=None, help="analysis size N or HxW (default: the model's input size)")
     add_batch_size_arg(p, "images", 32)
+    add_precision_arg(p, picture=False)
+    p.set_defaults(precision=None)  # None: auto, or the checkpoint's on --resume
     p.add_argument("--workers", type=non_negative_int, default=None,
                    help=f"image reader processes (default {_default_workers()} here; 0 reads in the main process)")
     p.add_argument("--checkpoint-every", type=positive_int, default=50, metavar="N", help="save the state every N batches")
@@ -79,7 +83,7 @@ def register(subparsers) -> None:
 
 # Data options a resumed scan takes from its checkpoint when they are not given again. The model
 # options never come from it: a checkpoint is only data, and must not choose the code that runs.
-RESUMED_OPTIONS = ("folder", "samples", "limit", "layers", "top", "size")
+RESUMED_OPTIONS = ("folder", "samples", "limit", "layers", "top", "size", "precision")
 MODEL_OPTIONS = ("model", "weights", "random", "seed")
 
 
@@ -183,11 +187,13 @@ def _scan_and_write(args, loaded, images, layers, workers, resume, channels, out
     meta.update(_model_identity(args.model, args.weights, args.random, args.seed))
     if args.folder:
         meta["folder"] = str(images.root.resolve())
+    precision = resolve_precision(args.precision, loaded.device, purpose=NUMBERS, module=loaded.module)
     print(f"model: {loaded.title}")
+    print(f"precision: {precision.describe()}")
     print(f"images: {len(images)} from {images.describe()['root']}" + (" (demonstration set)" if args.samples else ""))
     result = scan(loaded, images, layers, top=args.top or DEFAULT_TOP, batch_size=args.batch_size,
                   workers=workers, checkpoint=out / STATE_FILE, checkpoint_every=args.checkpoint_every,
-                  resume=resume, stop=args.limit, progress=not args.quiet, meta=meta)
+                  resume=resume, stop=args.limit, progress=not args.quiet, meta=meta, precision=precision)
     if result.images_scanned == 0:
         reasons = "; ".join(f"{images.path(i)}: {reason}" for i, reason in result.skipped[:3])
         raise ConvscopeError(f"no image could be read ({len(result.skipped)} skipped"

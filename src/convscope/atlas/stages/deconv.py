@@ -15,6 +15,7 @@ from ...hooks import StopForward, frozen, recording
 from ...layers import LayerInfo
 from ...methods.deconv import Unit, project_units, render_projection_pair, strongest_units
 from ...models import LoadedModel
+from ...precision import NUMBERS
 from ...rectifiers import (
     DECONVNET,
     GRADIENT,
@@ -135,7 +136,7 @@ class DeconvStage(Stage):
         acts = None if scan else ctx.keys.get(("activations", layer.name))
         rule, reason = self._projection(ctx, layer)
         return {"top": ctx.settings.top, "method": rule.name, "reason": reason, "strict": ctx.settings.strict,
-                "scan": scan, "activations": acts}
+                "scan": scan, "activations": acts, **ctx.precision_key(ctx.precision(NUMBERS))}
 
     @staticmethod
     def _projection(ctx, layer) -> tuple[Rule, str | None]:
@@ -193,13 +194,14 @@ class DeconvStage(Stage):
         """Projections with ``rule``; with ``redo``, all-zero ones redone with the deconvnet (``fallback``)."""
         x = ctx.tensor(pixels)
         strict = ctx.settings.strict
-        proj = project_units(ctx.loaded, x, layer, units, method=rule, strict=strict)
+        proj = project_units(ctx.loaded, x, layer, units, method=rule, strict=strict, precision=ctx.precision(NUMBERS))
         fallback = np.zeros(len(units), dtype=bool)
         if redo and rule is not DECONVNET and len(units):
             fallback = np.abs(proj.maps).reshape(len(units), -1).max(axis=1) == 0
             if fallback.any():
                 zeros = [units[i] for i in np.flatnonzero(fallback)]
-                again = project_units(ctx.loaded, x, layer, zeros, method=DECONVNET, strict=strict)
+                again = project_units(ctx.loaded, x, layer, zeros, method=DECONVNET, strict=strict,
+                                      precision=ctx.precision(NUMBERS))
                 proj.maps[fallback] = again.maps
         return proj, fallback
 

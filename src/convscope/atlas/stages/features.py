@@ -11,6 +11,7 @@ from PIL import Image
 from ... import render
 from ...layers import LayerInfo
 from ...methods.features import visualize_features
+from ...precision import PICTURE
 from ..context import BuildContext, Stage
 from ..store import Picture, read_json, record_files, sig_figure, write_record
 
@@ -34,7 +35,7 @@ class FeaturesStage(Stage):
     def settings(self, ctx, layer):
         s = ctx.settings
         return {"steps": s.steps, "size": s.feature_size, "recipe": s.recipe, "seed": s.seed,
-                "photos": ctx.photos_key}
+                "photos": ctx.photos_key, **ctx.precision_key(ctx.precision(PICTURE))}
 
     def run(self, ctx, layers):
         bar = ctx.bar(self.name, sum(len(ctx.channels(layer)) for layer in layers), "ch")
@@ -72,7 +73,8 @@ class FeaturesStage(Stage):
         """The entries of one chunk of channels, their images written, and the recipe's name."""
         s = ctx.settings
         result = visualize_features(ctx.loaded, layer, chunk, recipe=s.recipe or "lucid", steps=s.steps,
-                                    size=s.feature_size, seed=s.seed, photos={p.slug: p.rgb for p in ctx.photos})
+                                    size=s.feature_size, seed=s.seed, photos={p.slug: p.rgb for p in ctx.photos},
+                                    precision=ctx.precision(PICTURE))
         done = {}
         for image, rec in zip(result.images, result.records):
             c = int(rec["channel"])

@@ -11,6 +11,7 @@ import numpy as np
 
 from ...errors import ConvscopeError
 from ...methods.scan import scan as scan_images
+from ...precision import NUMBERS
 from ..context import BuildContext, Stage
 from ..store import SCREEN_WIDTH, Picture, make_key
 
@@ -56,7 +57,8 @@ class ScanStage(Stage):
         return None
 
     def settings(self, ctx, layer):
-        return {"images": ctx.image_set().describe(), "top": ctx.settings.top, "limit": ctx.settings.scan_limit}
+        return {"images": ctx.image_set().describe(), "top": ctx.settings.top, "limit": ctx.settings.scan_limit,
+                **ctx.precision_key(ctx.precision(NUMBERS))}
 
     def run(self, ctx, layers):
         images = ctx.image_set()
@@ -65,7 +67,7 @@ class ScanStage(Stage):
         start = time.perf_counter()
         result = scan_images(ctx.loaded, images, [layer.name for layer in layers], top=ctx.settings.top,
                              checkpoint=checkpoint, resume=checkpoint.exists(), stop=ctx.settings.scan_limit,
-                             progress=ctx.progress)
+                             progress=ctx.progress, precision=ctx.precision(NUMBERS))
         if result.images_scanned == 0:
             checkpoint.unlink(missing_ok=True)
             raise ConvscopeError(f"the scan read no image ({len(result.skipped)} skipped as unreadable); "

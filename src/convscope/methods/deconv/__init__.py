@@ -48,6 +48,7 @@ from ...errors import ConvscopeError
 from ...images import ImageSource
 from ...layers import LayerInfo
 from ...models import LoadedModel, as_loaded
+from ...precision import NUMBERS, Precision, resolve_precision
 from ...rectifiers import PROJECTIONS, Rule, resolve_projection
 from .engine import STRATEGIES, project_units, spatial_layer
 from .figures import projection_sheet, render_projection_pair, whole_image_sheet
@@ -73,6 +74,7 @@ def deconv(
     batch_size: int | None = None,
     strict: bool = True,
     progress: bool = False,
+    precision: str | Precision = "auto",
 ) -> DeconvResult:
     """Project the strongest units of ``layer`` for one photo back to pixels.
 
@@ -83,12 +85,15 @@ def deconv(
             or ``top=1`` for the strongest one).
         method: ``deconvnet``, ``guided``, ``gradient``, ``all``, or a list of them.
         size: shorter side, or ``(H, W)``; default the model's input size (aspect kept).
+        precision: ``"auto"`` (float32, exact), ``"fp32"``, ``"bf16"`` or ``"fp16"`` (see
+            :func:`project_units`).
 
     Example:
         >>> res = convscope.deconv(lm, "cat.jpg", "block4_conv1", channels=range(32), method="all")
         >>> res.sheet().save("block4_conv1.png")
     """
     loaded = as_loaded(model)
+    chosen_precision = resolve_precision(precision, loaded.device, purpose=NUMBERS, module=loaded.module)
     if method == "all":
         rules = list(PROJECTIONS)
     else:
@@ -104,7 +109,8 @@ def deconv(
     else:
         units = strongest_units(loaded, x, info, channels, top=top)
     projections = {rule.name: project_units(loaded, x, info, units, method=rule, batch_size=batch_size,
-                                            strict=strict, progress=progress) for rule in rules}
+                                            strict=strict, progress=progress, precision=chosen_precision)
+                   for rule in rules}
     notes = []
     if any(projections[rules[0].name].clipped):
         notes.append("some receptive fields reach past the image border; their boxes are clipped")

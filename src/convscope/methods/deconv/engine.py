@@ -19,6 +19,7 @@ from ...errors import ConvscopeError
 from ...hooks import StopForward, capture, frozen, recording
 from ...layers import LayerInfo
 from ...models import LoadedModel, as_loaded
+from ...precision import FP32, NUMBERS, Precision, resolve_precision
 from ...rectifiers import Rule, audit_graph, backward_rule, check_scriptable, resolve_projection
 from .result import Box, Projections, Unit
 
@@ -100,11 +101,12 @@ def _check_batch_independent(module: nn.Module) -> None:
             )
 
 
-def _layer_output(module: nn.Module, x: torch.Tensor, layer: str, rule: Rule, strict: bool) -> torch.Tensor:
+def _layer_output(module: nn.Module, x: torch.Tensor, layer: str, rule: Rule, strict: bool,
+                  precision: Precision = FP32) -> torch.Tensor:
     """Forward ``x`` (which requires grad) to ``layer`` with ``rule`` at the rectifiers; the output with its graph."""
     with recording(module, [layer], clone=True, detach=False, stop_after_last=True) as store:
-        with backward_rule(rule), contextlib.suppress(StopForward):
-            module(x)
+        with backward_rule(rule), contextlib.suppress(StopForward), precision.autocast():
+            module(precision.input(x))
     if layer not in store:
         raise ConvscopeError(f"layer {layer} did not run in the forward pass")
     output = store[layer]
@@ -133,7 +135,8 @@ def _check_positions(output: torch.Tensor, positions: list[tuple[int, int, int, 
             raise ConvscopeError(f"unit (channel {c}, row {r}, col {q}) is outside the layer's map {channels}x{height}x{width}")
 
 
-def _project_crops(module, x, layer, units, plan: _CropPlan, rule, strict, batch_size, maps, progress):
+def _project_crops(module, x, layer, units, plan: _CropPlan, rule, strict, batch_size, maps, progress,
+                   precision: Precision = FP32):
     """Per-unit crops, batched. Returns each unit's value as computed on its crop."""
     sh, sw = plan.size
     values = np.zeros(len(units), np.float32)
@@ -144,7 +147,7 @@ def _project_crops(module, x, layer, units, plan: _CropPlan, rule, strict, batch
             x[units[i].image_index, :, plan.offsets[i][0]:plan.offsets[i][0] + sh, plan.offsets[i][1]:plan.offsets[i][1] + sw]
             for i in idx
         ]).detach().requires_grad_(True)
-        output = _layer_output(module, crops, layer, rule, strict)
+        output = _layer_output(module, crops, layer, rule, strict, precision)
         positions = [(k, units[i].channel, units[i].row - plan.offsets[i][0] // plan.stride[0],
                       units[i].col - plan.offsets[i][1] // plan.stride[1]) for k, i in enumerate(idx)]
         # A position outside the crop's map means a geometry convscope got wrong: leave it to
@@ -164,7 +167,8 @@ def _project_crops(module, x, layer, units, plan: _CropPlan, rule, strict, batch
     return values
 
 
-def _project_shared(module, x, layer, units, indices, rule, strict, images_per_pass, maps, values, progress):
+def _project_shared(module, x, layer, units, indices, rule, strict, images_per_pass, maps, values, progress,
+                    precision: Precision = FP32):
     """One forward pass per group of images, then one backward pass per round of units.
 
     Round k holds unit k of every image in the group: the images are independent batch
@@ -183,7 +187,7 @@ def _project_shared(module, x, layer, units, indices, rule, strict, images_per_p
     for start in range(0, len(images), images_per_pass):
         group = images[start:start + images_per_pass]
         xb = x[group].detach().requires_grad_(True)
-        output = _layer_output(module, xb, layer, rule, strict)
+        output = _layer_output(module, xb, layer, rule, strict, precision)
         rounds = max(len(by_image[b]) for b in group)
         for k in range(rounds):
             chunk = [(j, by_image[b][k]) for j, b in enumerate(group) if k < len(by_image[b])]
@@ -199,12 +203,13 @@ def _project_shared(module, x, layer, units, indices, rule, strict, images_per_p
     bar.close()
 
 
-def _project_full(module, x, layer, units, indices, rule, strict, maps, values, progress):
+def _project_full(module, x, layer, units, indices, rule, strict, maps, values, progress,
+                  precision: Precision = FP32):
     """The reference: one whole-image forward and backward per unit."""
     for i in tqdm(indices, desc=f"{rule.name} full", unit="unit", disable=not progress, leave=False):
         u = units[i]
         xb = x[u.image_index:u.image_index + 1].detach().requires_grad_(True)
-        output = _layer_output(module, xb, layer, rule, strict)
+        output = _layer_output(module, xb, layer, rule, strict, precision)
         _check_positions(output, [(0, u.channel, u.row, u.col)])
         (grad,) = torch.autograd.grad(output, xb, _seeds(output.shape, [(0, u.channel, u.row, u.col)],
                                                         output.dtype, output.device))
@@ -224,6 +229,7 @@ def project_units(
     strict: bool = True,
     check_crops: bool = True,
     progress: bool = False,
+    precision: str | Precision = "auto",
 ) -> Projections:
     """Project each unit of ``layer`` back to input pixels with ``method``'s backward rule.
 
@@ -245,6 +251,9 @@ def project_units(
             the crops; a caller that compares them with values it recorded itself (the dataset
             scan does) keeps the same safety net and saves one whole-image forward pass per image.
         progress: show a tqdm bar.
+        precision: ``"auto"`` (float32, exact), ``"fp32"``, ``"bf16"`` or ``"fp16"`` autocast of the
+            forward and backward passes (faster where the hardware has them; maps and crop values
+            rounded accordingly), or a resolved :class:`~convscope.precision.Precision`.
 
     Shape:
         images ``(B, 3, H, W)`` → ``Projections.maps`` ``(N, H, W, 3)``.
@@ -258,6 +267,7 @@ def project_units(
     """
     loaded = as_loaded(model)
     rule = resolve_projection(method)
+    chosen = resolve_precision(precision, loaded.device, purpose=NUMBERS, module=loaded.module)
     if strategy not in STRATEGIES:
         raise ConvscopeError(f"unknown strategy {strategy!r}: use one of {', '.join(STRATEGIES)}")
     if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
@@ -298,10 +308,11 @@ def project_units(
         if n and use_crops:
             used.append("crop")
             budget = batch_size or max(1, _batch_pixels(x.device) // (plan.size[0] * plan.size[1]))
-            crop_values = _project_crops(module, x, info.name, units, plan, rule, strict, budget, maps, progress)
+            crop_values = _project_crops(module, x, info.name, units, plan, rule, strict, budget, maps, progress,
+                                         chosen)
             if check_crops:
                 values[:], scales = _plain_values(module, x, info.name, units)
-                bad = _disagree(crop_values, values, scales, units)
+                bad = _disagree(crop_values, values, scales, units, 1e-3 if chosen.dtype is None else 3e-2)
             else:
                 values[:] = crop_values
                 bad = [i for i in range(n) if not np.isfinite(crop_values[i])]
@@ -312,18 +323,20 @@ def project_units(
                     stacklevel=2)
                 used.append("shared")
                 _project_shared(module, x, info.name, units, bad, rule, strict,
-                                batch_size or max(1, _batch_pixels(x.device) // (hw[0] * hw[1])), maps, values, progress)
+                                batch_size or max(1, _batch_pixels(x.device) // (hw[0] * hw[1])), maps, values, progress,
+                                chosen)
         elif n and strategy == "full":
             used.append("full")
-            _project_full(module, x, info.name, units, list(range(n)), rule, strict, maps, values, progress)
+            _project_full(module, x, info.name, units, list(range(n)), rule, strict, maps, values, progress, chosen)
         elif n:
             used.append("shared")
             budget = batch_size or max(1, _batch_pixels(x.device) // (hw[0] * hw[1]))
-            _project_shared(module, x, info.name, units, list(range(n)), rule, strict, budget, maps, values, progress)
+            _project_shared(module, x, info.name, units, list(range(n)), rule, strict, budget, maps, values, progress,
+                            chosen)
     out = np.ascontiguousarray(maps.permute(0, 2, 3, 1).numpy())
     if not np.isfinite(out).all():
         raise ConvscopeError("the projection contains NaN or infinity; check the input image and the model weights")
-    return Projections(units, values, out, boxes, clipped, rule, info.name, "+".join(used))
+    return Projections(units, values, out, boxes, clipped, rule, info.name, "+".join(used), chosen)
 
 
 def _plain_values(module: nn.Module, x: torch.Tensor, layer: str, units: list[Unit]) -> tuple[np.ndarray, dict[int, float]]:
@@ -337,11 +350,13 @@ def _plain_values(module: nn.Module, x: torch.Tensor, layer: str, units: list[Un
     return picked.float().cpu().numpy(), scales
 
 
-def _disagree(crop_values: np.ndarray, values: np.ndarray, scales: dict[int, float], units: list[Unit]) -> list[int]:
-    """Units whose crop value differs from the whole-image value beyond float noise."""
+def _disagree(crop_values: np.ndarray, values: np.ndarray, scales: dict[int, float], units: list[Unit],
+              relative: float = 1e-3) -> list[int]:
+    """Units whose crop value differs from the whole-image value beyond rounding (``relative``:
+    float32 noise, or the coarser rounding of a bf16/fp16 crop against the float32 whole image)."""
     bad = []
     for i, u in enumerate(units):
-        tol = 1e-3 * (abs(float(values[i])) + 1e-2 * scales[u.image_index]) + 1e-6
+        tol = relative * (abs(float(values[i])) + 1e-2 * scales[u.image_index]) + 1e-6
         if not abs(float(crop_values[i]) - float(values[i])) <= tol:  # NaN: not computed on its crop
             bad.append(i)
     return bad

@@ -10,6 +10,7 @@ from PIL import Image
 
 from ..._io import save_json, save_npz, save_png
 from ...layers import LayerInfo
+from ...precision import FP32, Precision
 from ...rectifiers import DECONVNET, Rule
 from .figures import projection_sheet, render_projection_pair, whole_image_sheet
 
@@ -43,6 +44,7 @@ class Projections:
         rule: the backward rule (:data:`~convscope.rectifiers.DECONVNET`, ``GUIDED`` or ``GRADIENT``).
         layer: the layer's name.
         strategy: how the maps were batched (``crop``, ``shared``, ``full``, or a mix).
+        precision: the :class:`~convscope.precision.Precision` of the forward and backward passes.
     """
 
     units: list[Unit]
@@ -53,6 +55,7 @@ class Projections:
     rule: Rule = DECONVNET
     layer: str = ""
     strategy: str = ""
+    precision: Precision = FP32
 
     def __len__(self) -> int:
         return len(self.units)
@@ -116,7 +119,7 @@ class DeconvResult:
             "model": self.model_title, "image_size": list(self.image.shape[:2]), "layer": self.layer.as_dict(),
             "methods": list(self.projections), "strategy": {m: p.strategy for m, p in self.projections.items()},
             "space": "gradient of the unit w.r.t. the model-normalised input, for a signal of 1 at the unit",
-            "units": first.as_records(), "notes": list(self.notes),
+            "units": first.as_records(), "notes": list(self.notes), "precision": first.precision.as_dict(),
         }
 
     def save(self, folder: str | Path, *, signed: bool = False, tile: int | None = None, cols: int | None = None,

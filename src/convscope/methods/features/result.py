@@ -11,6 +11,7 @@ from PIL import Image
 
 from ..._io import save_json, save_png
 from ...layers import LayerInfo
+from ...precision import FP32, Precision
 from . import figures
 from .engine import Recipe
 
@@ -50,6 +51,8 @@ class FeatureResult:
         dead_fraction: the relative limit (:data:`DEAD_FRACTION`).
         layer_scale: the layer's scale on the photos (None without a layer; 0.0 when the layer
             is zero on every photo).
+        precision: the :class:`~convscope.precision.Precision` of the optimization (the
+            objectives in the records are evaluated in float32 whatever it is).
     """
 
     images: np.ndarray
@@ -65,6 +68,7 @@ class FeatureResult:
     history: np.ndarray | None = field(default=None, repr=False)
     dead_fraction: float = DEAD_FRACTION
     layer_scale: float | None = None
+    precision: Precision = FP32
 
     @property
     def dead_limit(self) -> float:
@@ -92,7 +96,8 @@ class FeatureResult:
         """Everything that determines the images (a cache key for callers such as the atlas)."""
         return {"objective": self.objective, "layer": self.layer.name if self.layer else None,
                 "recipe": self.recipe.as_dict(), "seed": self.seed, "model": self.model_title,
-                "dead_threshold": self.dead_threshold, "dead_fraction": self.dead_fraction}
+                "dead_threshold": self.dead_threshold, "dead_fraction": self.dead_fraction,
+                "precision": self.precision.as_dict()}
 
     def _totals(self) -> dict:
         ratios = [r["ratio"] for r in self.records if r["ratio"] is not None]
@@ -176,7 +181,7 @@ class FeatureSet:
         first = self.results[0]
         return {"model": self.model, "objective": self.objective,
                 "layers": [self._entry(result) for result in self.results],
-                "recipe": first.recipe.as_dict(), "seed": first.seed}
+                "recipe": first.recipe.as_dict(), "seed": first.seed, "precision": first.precision.as_dict()}
 
     def save(self, folder: str | os.PathLike, cols: int = 8) -> dict:
         """Save each result in its sub-folder, then ``features.json`` indexing them; return the index."""

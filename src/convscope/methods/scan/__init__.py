@@ -46,6 +46,7 @@ from ...datasets import ImageSet
 from ...errors import ConvscopeError
 from ...layers import LayerInfo
 from ...models import LoadedModel, as_loaded
+from ...precision import NUMBERS, Precision, resolve_precision
 from ...selection import stage_outputs as default_layers
 from .engine import STATE_FILE, Checkpoint, fold, load_checkpoint, resume_from, run_identity
 from .figures import channel_figure, render_channels
@@ -75,6 +76,7 @@ def scan(
     stop: int | None = None,
     progress: bool = True,
     meta: dict | None = None,
+    precision: str | Precision = "auto",
 ) -> ScanResult:
     """Find the ``top`` strongest examples of every channel of ``layers`` over ``images``.
 
@@ -93,6 +95,9 @@ def scan(
         start, stop: scan only items ``start..stop`` (ids stay global): a shard whose
             :class:`TopK` merges with the others'.
         meta: JSON-ready notes kept in the checkpoint (the CLI keeps its options there).
+        precision: ``"auto"`` (float32, exact values), ``"fp32"``, or ``"bf16"``/``"fp16"``
+            autocast of the forward pass (faster where the hardware has them; values rounded).
+            Part of a checkpoint's identity: a resumed scan keeps its precision.
 
     Returns:
         a :class:`ScanResult`; ``.save(folder)`` draws the figures and writes the run.
@@ -124,7 +129,8 @@ def scan(
         raise ConvscopeError(f"bad range {start}..{stop} for {len(images)} images")
 
     device = loaded.device
-    identity = run_identity(loaded, names, top, images, start, stop)
+    chosen_precision = resolve_precision(precision, device, purpose=NUMBERS, module=loaded.module)
+    identity = run_identity(loaded, names, top, images, start, stop, chosen_precision)
     checkpoint = Path(checkpoint) if checkpoint is not None else None
     topk = TopK.empty(top, {layer.name: layer.channels for layer in chosen}, device)
     skipped: list[tuple[int, str]] = []
@@ -137,5 +143,6 @@ def scan(
     saver = None if checkpoint is None else Checkpoint(checkpoint, identity, meta or {}, batch_size)
     scanned, seconds = fold(loaded, images, names, topk, skipped, start=start, cursor=cursor, stop=stop,
                             batch_size=batch_size, workers=workers, checkpoint=saver,
-                            checkpoint_every=checkpoint_every, progress=progress)
-    return ScanResult(loaded, chosen, topk, images, skipped, seconds, scanned / seconds if seconds > 0 else 0.0)
+                            checkpoint_every=checkpoint_every, progress=progress, precision=chosen_precision)
+    return ScanResult(loaded, chosen, topk, images, skipped, seconds, scanned / seconds if seconds > 0 else 0.0,
+                      chosen_precision)

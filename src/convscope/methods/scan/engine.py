@@ -23,6 +23,7 @@ from ...datasets import ImageSet
 from ...errors import ConvscopeError
 from ...hooks import StopForward, frozen, recording
 from ...models import LoadedModel, fingerprint
+from ...precision import FP32, Precision
 from ...weights import refused_global
 from .topk import TopK
 
@@ -67,12 +68,17 @@ class Checkpoint:
             "skipped": [[i, r] for i, r in skipped], "topk": state.state_dict()})
 
 
-def run_identity(loaded: LoadedModel, names: list[str], top: int, images: ImageSet, start: int, stop: int) -> dict:
+def run_identity(loaded: LoadedModel, names: list[str], top: int, images: ImageSet, start: int, stop: int,
+                 precision: Precision = FP32) -> dict:
     """What a resumed scan must share with the checkpoint it continues."""
     pre = loaded.preprocessing
     return {"model": fingerprint(loaded.module), "model_title": loaded.title, "layers": names,
             "top": int(top), "source": images.describe(), "image_size": list(images.size), "start": int(start),
-            "stop": int(stop), "preprocessing": _preprocessing_identity(pre)}
+            "stop": int(stop), "preprocessing": _preprocessing_identity(pre), "precision": _precision_identity(precision)}
+
+
+def _precision_identity(precision: Precision) -> list:
+    return [precision.name, precision.channels_last]
 
 
 def _preprocessing_identity(pre) -> list:
@@ -83,9 +89,11 @@ def _preprocessing_identity(pre) -> list:
 def _check_same(saved: dict, identity: dict, path: Path) -> None:
     what = {"model": "model weights", "preprocessing": "preprocessing (mean, std, interpolation)",
             "layers": "layers", "top": "--top", "source": "image set", "image_size": "image size",
-            "start": "start", "stop": "end of the range (--limit)"}
+            "start": "start", "stop": "end of the range (--limit)", "precision": "precision (--precision)"}
     for key, label in what.items():
-        mine, theirs = identity[key], saved.get(key)
+        # a checkpoint from before --precision was scanned in plain float32
+        default = _precision_identity(FP32) if key == "precision" else None
+        mine, theirs = identity[key], saved.get(key, default)
         if key == "source":
             mine, theirs = mine.get("fingerprint"), (theirs or {}).get("fingerprint")
         if mine != theirs:
@@ -132,8 +140,11 @@ def fold(
     checkpoint: Checkpoint | None,
     checkpoint_every: int,
     progress: bool,
+    precision: Precision = FP32,
 ) -> tuple[int, float]:
     """Fold items ``cursor..stop`` into ``topk`` (appending unreadable ones to ``skipped``).
+
+    The forward pass runs at ``precision``; the recorded maps are folded in float32.
 
     Returns:
         ``(images scanned, seconds)`` of this run.
@@ -156,15 +167,15 @@ def fold(
                     skipped.extend((int(i), reason) for i, reason in bad)
                     if len(ids):
                         x = pixels.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
-                        with contextlib.suppress(StopForward):
-                            module(pre.normalize(x))
+                        with contextlib.suppress(StopForward), precision.autocast():
+                            module(precision.input(pre.normalize(x)))
                         missing = [n for n in names if n not in store]
                         if missing:
                             raise ConvscopeError(f"layers {missing} did not run in the forward pass")
                         if not copy and store.modified():
                             raise ConvscopeError(f"layers {store.modified()} were changed in place during the "
                                                  "forward pass although the first one left them alone")
-                        topk.update({n: store[n] for n in names}, ids)
+                        topk.update({n: store[n].float() for n in names}, ids)
                     cursor += len(ids) + len(bad)
                     scanned += len(ids)
                     done = (topk.copy(), cursor, len(skipped))

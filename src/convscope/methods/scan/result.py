@@ -63,6 +63,7 @@ from ...datasets import ImageSet
 from ...errors import ConvscopeError
 from ...layers import LayerInfo
 from ...models import LoadedModel
+from ...precision import FP32, Precision
 from ...rectifiers import DECONVNET, Rule, resolve_projection
 from .figures import DRIFT_TOLERANCE, relative_drift, render_channels
 from .topk import EMPTY, TopK
@@ -109,6 +110,7 @@ class ScanResult:
     skipped: list[tuple[int, str]] = field(default_factory=list)
     seconds: float = 0.0
     rate: float = 0.0
+    precision: Precision = FP32
 
     def layer(self, name: str | LayerInfo) -> LayerInfo:
         if isinstance(name, LayerInfo):
@@ -248,6 +250,7 @@ class ScanResult:
             "images": {str(i): {"path": self.images.path(i)} for i in sorted(referenced)},
             "layers": layers,
             "drift": {"units": int(drift_units), "max_relative": float(drift_max)},
+            "precision": self.precision.as_dict(),
         }
 
 
