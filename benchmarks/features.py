@@ -18,20 +18,32 @@ activation, under the model's preprocessing and no transforms, at 128 px (the im
 and at 224 px (bilinearly upsampled as lucent does while it optimizes: its images were
 optimized at 224, ours at 128).
 
-Then each of our speed levers is switched off on its own (on fewer channels and steps; a
-step costs the same all along, so seconds per channel scale with steps), to show what it
-contributes: stop the forward pass at the layer, frozen weights, optimize at the asked
-size (lucent upsamples to 224), and batching.
+convscope runs as a user would for speed: ``--recipe fast`` (192 steps with a warm-up and
+cosine decay; ``--recipe lucid`` gives its 256 constant-rate steps) and ``--precision auto``
+(bf16 autocast only on hardware with native bf16, channels-last inputs); its plain lucid
+recipe at 256 steps in float32 is printed beside it.
+
+Then:
+
+* the step-time table: one forward + input-gradient step of the default model to ``blocks.3``,
+  batch 8, 128 px, in fp32, channels-last, bf16 autocast and both (bf16 is emulated, and slow,
+  on CPUs without native bf16: the header says which this machine is);
+* the recipes at equal time: the objective (same evaluator) each recipe reaches after a
+  number of steps, with the seconds per channel it took;
+* each of our speed levers switched off on its own (on fewer channels and steps; a step costs
+  the same all along, so seconds per channel scale with steps): stop the forward pass at the
+  layer, frozen weights, optimize at the asked size (lucent upsamples to 224), and batching.
 
 Usage:
-    python benchmarks/features.py                               # the full task (about 14 min on 2 idle cores)
-    python benchmarks/features.py --lucent-channels 8           # lucent on 8 of the 16 channels (about 8 min)
+    python benchmarks/features.py                               # the full task (about 16 min on 2 idle cores)
+    python benchmarks/features.py --lucent-channels 8           # lucent on 8 of the 16 channels (about 10 min)
     python benchmarks/features.py --quick                       # smoke run
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import os
 import sys
@@ -47,9 +59,10 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 import convscope  # noqa: E402
-from convscope.hooks import capture  # noqa: E402
+from convscope.hooks import StopForward, capture, frozen, recording  # noqa: E402
 from convscope.methods.features.engine import Levers, make_recipe, optimize  # noqa: E402
 from convscope.methods.features.objectives import channel  # noqa: E402
+from convscope.precision import FP32, PICTURE, Precision, resolve_precision  # noqa: E402
 
 
 class Clock:
@@ -101,26 +114,34 @@ def run_lucent(loaded, layer: str, channels: list[int], steps: int, size: int, f
     return clock.per(len(channels)), np.stack(images)
 
 
-def run_ours(loaded, layer: str, channels: list[int], steps: int, size: int, levers: Levers | None = None,
-             max_batch: int | None = None, redirect_steps: int | None = None) -> tuple[float, np.ndarray, int]:
-    recipe = make_recipe("lucid", steps=steps, size=size)
+def run_ours(loaded, layer: str, channels: list[int], steps: int | None, size: int, levers: Levers | None = None,
+             max_batch: int | None = None, redirect_steps: int | None = None, recipe: str = "lucid",
+             precision: Precision = FP32) -> tuple[float, np.ndarray, int]:
+    chosen = make_recipe(recipe, steps=steps, size=size)
     if redirect_steps is not None:
-        recipe = replace(recipe, redirect_steps=redirect_steps)
+        chosen = replace(chosen, redirect_steps=redirect_steps)
     clock = Clock()
-    result = optimize(loaded, lambda units: channel(layer, units), channels, recipe=recipe, seed=0,
-                      levers=levers, max_batch=max_batch)
+    result = optimize(loaded, lambda units: channel(layer, units), channels, recipe=chosen, seed=0,
+                      levers=levers, max_batch=max_batch, precision=precision)
     return clock.per(len(channels)), result.images, result.chunk_size
 
 
 SCORE_SIZES = (128, 224)
+# The step-time table measured on an idle 2-core AMD EPYC with AVX-512 BF16 (issue 12), in ms:
+# the basis of the projection for machines with native bf16.
+ISSUE_STEP_MS = {"fp32": 69.0, "channels_last": 44.0, "bf16 autocast": 43.0, "channels_last and bf16": 31.0}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layer", default="blocks.3.1.bn1")
     parser.add_argument("--channels", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=256, help="lucent's steps, and convscope's lucid recipe's")
     parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--recipe", default="fast", choices=("lucid", "fast"),
+                        help="convscope's recipe in the headline (default fast, at its own step count)")
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                        help="convscope's precision in the headline (default auto)")
     parser.add_argument("--lucent-channels", type=int, default=None,
                         help="run lucent on the first K channels only (seconds are per channel; default all)")
     parser.add_argument("--lever-channels", type=int, default=4)
@@ -128,14 +149,20 @@ def main() -> int:
     parser.add_argument("--skip-lucent-unfrozen", action="store_true",
                         help="skip lucent on the model as loaded (the headline uses frozen weights)")
     parser.add_argument("--skip-levers", action="store_true")
+    parser.add_argument("--skip-step-table", action="store_true")
+    parser.add_argument("--skip-recipes", action="store_true")
+    parser.add_argument("--recipe-channels", type=int, default=8)
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default torch's). On a machine shared with other jobs, 1 avoids "
                              "OpenMP oversubscription, which otherwise slows every run 10x or more")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 4 channels, 32 steps, lucent on 2, levers on 2 channels x 8 steps")
     args = parser.parse_args()
+    ours_steps = None  # the recipe's own
     if args.quick:
         args.channels, args.steps, args.lucent_channels, args.lever_channels, args.lever_steps = 4, 32, 2, 2, 8
+        args.recipe_channels = 2
+        ours_steps = 24
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -143,22 +170,27 @@ def main() -> int:
     torch.manual_seed(0)
     loaded = convscope.load_model(device="cpu")
     _ = loaded.catalogue  # build once, outside the timings
+    precision = resolve_precision(args.precision, loaded.device, purpose=PICTURE, module=loaded.module)
+    recipe = make_recipe(args.recipe, steps=ours_steps if args.recipe == "fast" else args.steps)
     channels = list(range(args.channels))
     lucent_channels = channels[: args.lucent_channels or args.channels]
     print(f"feature visualization: {loaded.title}, layer {args.layer}, {args.channels} channels, "
-          f"{args.size}x{args.size}, {args.steps} steps; lucent on {len(lucent_channels)} of them")
-    print("lucent: render_vis(model, 'layer:ch') per channel, its standard transforms and 224 upsampling; "
-          "preprocess=False + this model's [-1, 1] scaling; leftover hooks removed after each call")
+          f"{args.size}x{args.size}; lucent on {len(lucent_channels)} of them")
+    print(f"convscope: recipe {recipe.name}, {recipe.steps} steps, precision {precision.describe()}; "
+          f"beside it lucid at {args.steps} steps in fp32")
+    print(f"lucent: {args.steps} steps, render_vis(model, 'layer:ch') per channel, its standard transforms and 224 "
+          "upsampling; preprocess=False + this model's [-1, 1] scaling; leftover hooks removed after each call")
     print("objective: one evaluator for all, the channel's mean activation at 128 px and at 224 px (bilinear "
           "upsampling, as lucent optimizes), the model's preprocessing, no transforms\n")
 
     # warm-up: first calls pay one-time costs (allocator, oneDNN primitives)
+    run_ours(loaded, args.layer, channels[:2], 2, args.size, precision=precision)
     run_ours(loaded, args.layer, channels[:2], 2, args.size)
     run_lucent(loaded, args.layer, channels[:1], 2, args.size, freeze=True)
 
     # Rounds alternate the tools (lucent on one channel, then ours on a share of the channels, ...),
     # so a change in the machine's load hits both alike.
-    tools = ["frozen", "ours"] + ([] if args.skip_lucent_unfrozen else ["lucent"])
+    tools = ["frozen", "ours", "plain"] + ([] if args.skip_lucent_unfrozen else ["lucent"])
     k = len(lucent_channels)
     shares = [channels[i * len(channels) // k:(i + 1) * len(channels) // k] for i in range(k)]
     totals = {tool: np.zeros(2) for tool in tools}
@@ -168,30 +200,38 @@ def main() -> int:
         sec, img = run_lucent(loaded, args.layer, [c], args.steps, args.size, freeze=True)
         totals["frozen"] += sec
         images["frozen"].append(img)
-        sec, img, chunk = run_ours(loaded, args.layer, shares[i], args.steps, args.size)
+        sec, img, chunk = run_ours(loaded, args.layer, shares[i], recipe.steps, args.size, recipe=recipe.name,
+                                   precision=precision)
         totals["ours"] += np.asarray(sec) * len(shares[i])
         images["ours"].append(img)
+        sec, img, _ = run_ours(loaded, args.layer, shares[i], args.steps, args.size)
+        totals["plain"] += np.asarray(sec) * len(shares[i])
+        images["plain"].append(img)
         if "lucent" in tools:
             sec, img = run_lucent(loaded, args.layer, [c], args.steps, args.size, freeze=False)
             totals["lucent"] += sec
             images["lucent"].append(img)
-    seconds = {tool: totals[tool] / (len(channels) if tool == "ours" else k) for tool in tools}
+    mine = ("ours", "plain")
+    seconds = {tool: totals[tool] / (len(channels) if tool in mine else k) for tool in tools}
     scores = {tool: {size: score(loaded, args.layer, np.concatenate(images[tool]),
-                                 channels if tool == "ours" else lucent_channels, size) for size in SCORE_SIZES}
+                                 channels if tool in mine else lucent_channels, size) for size in SCORE_SIZES}
               for tool in tools}
     names = {"frozen": "lucent, weights frozen (headline)", "lucent": "lucent, model as loaded (weight grads)",
-             "ours": f"convscope (all levers, chunks of {chunk})"}
+             "ours": f"convscope {recipe.name} {recipe.steps}, {precision.name}"
+                     f"{' channels-last' if precision.channels_last else ''} (chunks of {chunk})",
+             "plain": f"convscope lucid {args.steps}, fp32 default layout"}
 
-    print(f"{'tool':<42} {'wall s/ch':>10} {'CPU s/ch':>9} {'obj@128':>8} {'obj@224':>8}  (means over channels)")
-    for tool in ("frozen", "lucent", "ours"):
+    print(f"{'tool':<50} {'wall s/ch':>10} {'CPU s/ch':>9} {'obj@128':>8} {'obj@224':>8}  (means over channels)")
+    for tool in ("frozen", "lucent", "plain", "ours"):
         if tool in tools:
             n = len(scores[tool][128])
-            print(f"{names[tool]:<42} {seconds[tool][0]:>10.2f} {seconds[tool][1]:>9.2f} "
+            print(f"{names[tool]:<50} {seconds[tool][0]:>10.2f} {seconds[tool][1]:>9.2f} "
                   f"{scores[tool][128].mean():>8.3f} {scores[tool][224].mean():>8.3f}  (n={n})", flush=True)
 
-    ours_s, frozen_s = seconds["ours"], seconds["frozen"]
+    ours_s, frozen_s, plain_s = seconds["ours"], seconds["frozen"], seconds["plain"]
     print(f"\nspeed-up over lucent with frozen weights: {frozen_s[0] / ours_s[0]:.1f}x wall, "
-          f"{frozen_s[1] / ours_s[1]:.1f}x CPU time (target >= 5x)")
+          f"{frozen_s[1] / ours_s[1]:.1f}x CPU time (target >= 10x); convscope lucid {args.steps} fp32: "
+          f"{frozen_s[1] / plain_s[1]:.1f}x CPU time")
     if "lucent" in tools:
         print(f"speed-up over lucent on the model as loaded: {seconds['lucent'][0] / ours_s[0]:.1f}x wall, "
               f"{seconds['lucent'][1] / ours_s[1]:.1f}x CPU time")
@@ -202,13 +242,69 @@ def main() -> int:
         print(f"objective at {size} px, ours / lucent frozen on the same {k} channels: {ours.mean():.3f} / "
               f"{theirs.mean():.3f} = {ours.mean() / theirs.mean():.2f} (ours higher on {int((ours >= theirs).sum())} "
               f"of {k})", flush=True)
-    result = (f"convscope {frozen_s[0] / ours_s[0]:.1f}x faster (wall) than lucent with frozen weights, "
-              f"{frozen_s[1] / ours_s[1]:.1f}x CPU time; objective ours/lucent {', '.join(objective)}")
+    result = (f"convscope ({recipe.name} {recipe.steps}, {precision.name}"
+              f"{'+channels-last' if precision.channels_last else ''}) {frozen_s[0] / ours_s[0]:.1f}x faster (wall) "
+              f"than lucent with frozen weights, {frozen_s[1] / ours_s[1]:.1f}x CPU time; objective ours/lucent "
+              f"{', '.join(objective)}")
 
+    if not args.skip_step_table:
+        table = step_table(loaded, batch=2 if args.quick else 8, repeats=3 if args.quick else 12)
+        chosen = {(False, False): "fp32", (False, True): "channels_last", (True, False): "bf16 autocast",
+                  (True, True): "channels_last and bf16"}[(precision.name == "bf16", precision.channels_last)]
+        here = table["fp32"] / table[chosen]
+        there = ISSUE_STEP_MS["fp32"] / ISSUE_STEP_MS["channels_last and bf16"]
+        projected = frozen_s[1] / ours_s[1] * there / here
+        print(f"PROJECTION, not a measurement: the headline ran {chosen} here, {here:.2f}x fp32's step. On the "
+              f"AVX-512 BF16 machine of the issue, auto takes channels-last and bf16 at {there:.2f}x fp32's step "
+              f"({ISSUE_STEP_MS['fp32']:.0f} -> {ISSUE_STEP_MS['channels_last and bf16']:.0f} ms); if lucent and "
+              f"the rest scale as here, that is {projected:.1f}x lucent frozen (CPU time)")
+        result += f"; projected with native bf16: {projected:.1f}x"
+    if not args.skip_recipes:
+        recipes_at_equal_time(loaded, args, precision)
     if not args.skip_levers:
         levers(loaded, args, channels)
     _machine.footer(result)
     return 0
+
+
+def step_table(loaded, batch: int = 8, size: int = 128, layer: str = "blocks.3", repeats: int = 12) -> dict[str, float]:
+    """Milliseconds of one forward + input-gradient step to ``layer`` (median), per precision and layout."""
+    settings = {"fp32": Precision("fp32", False), "channels_last": Precision("fp32", True),
+                "bf16 autocast": Precision("bf16", False), "channels_last and bf16": Precision("bf16", True)}
+    row = loaded.catalogue.get(layer)
+    module = loaded.module
+    x0 = torch.rand(batch, 3, size, size)
+    table = {}
+    print(f"\nstep time: forward + input gradient of the default model to {layer}, batch {batch}, {size} px "
+          f"(median of {repeats})")
+    with frozen(module), recording(module, [row], detach=False, stop_after_last=True) as store:
+        for name, setting in settings.items():
+            times = []
+            for _ in range(repeats + 2):
+                x = x0.clone().requires_grad_(True)
+                t = time.perf_counter()
+                with setting.autocast(), contextlib.suppress(StopForward):
+                    module(setting.input(loaded.preprocessing.normalize(x)))
+                store[row.name].float().mean().backward()
+                times.append(time.perf_counter() - t)
+            table[name] = float(np.median(times[2:]) * 1000)
+            print(f"  {name:<24} {table[name]:>7.1f} ms   ({table['fp32'] / table[name]:.2f}x fp32)", flush=True)
+    return table
+
+
+def recipes_at_equal_time(loaded, args, precision: Precision) -> None:
+    """The objective each recipe reaches after N steps, and what those steps cost per channel."""
+    chans = list(range(args.recipe_channels))
+    grid = ([("lucid", 8), ("lucid", 16), ("fast", 8), ("fast", 16)] if args.quick else
+            [("lucid", 64), ("lucid", 128), ("lucid", 192), ("lucid", 256), ("fast", 64), ("fast", 128),
+             ("fast", 192), ("fast", 256)])
+    print(f"\nrecipes at equal time ({len(chans)} channels of {args.layer}, precision {precision.describe()}); "
+          "objective by the one evaluator:")
+    print(f"  {'recipe':<8} {'steps':>5} {'CPU s/ch':>9} {'obj@128':>8} {'obj@224':>8}")
+    for name, steps in grid:
+        (_, cpu), images, _ = run_ours(loaded, args.layer, chans, steps, args.size, recipe=name, precision=precision)
+        at128, at224 = (score(loaded, args.layer, images, chans, size).mean() for size in SCORE_SIZES)
+        print(f"  {name:<8} {steps:>5} {cpu:>9.2f} {at128:>8.3f} {at224:>8.3f}", flush=True)
 
 
 def levers(loaded, args, channels: list[int]) -> None:
