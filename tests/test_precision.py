@@ -161,3 +161,21 @@ def test_cli_says_which_precision(tmp_path, capsys):
 
 def test_default_precision_is_fp32_for_engines_called_directly():
     assert FP32.exact and FP32.autocast().__class__.__name__ == "nullcontext"
+
+
+def test_atlas_stages_key_on_the_precision(default_model, tmp_path):
+    """A named precision reaches every stage's cache key; exact fp32 keeps the keys of older builds."""
+    from convscope.atlas.context import AtlasSettings, BuildContext
+    from convscope.atlas.stages.deconv import DeconvStage
+    from convscope.atlas.stages.features import FeaturesStage
+
+    layer = default_model.catalogue.get("blocks.1.0.bn1")
+    contexts = {name: BuildContext(default_model, tmp_path, AtlasSettings(precision=name), [layer], [],
+                                   progress=False) for name in ("auto", "fp32", "bf16")}
+    assert contexts["bf16"].precision(NUMBERS).name == "bf16"
+    assert contexts["auto"].precision(NUMBERS).exact
+    features = {name: FeaturesStage().settings(ctx, layer) for name, ctx in contexts.items()}
+    assert features["bf16"]["precision"] == ["bf16", True]
+    assert features["bf16"] != features["fp32"]
+    deconv_keys = {name: DeconvStage().settings(ctx, layer) for name, ctx in contexts.items()}
+    assert "precision" not in deconv_keys["auto"] and deconv_keys["bf16"]["precision"] == ["bf16", True]

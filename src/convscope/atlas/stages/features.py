@@ -64,6 +64,7 @@ class FeaturesStage(Stage):
                 ctx.save_record(self, layer, {
                     "per_channel": per_channel, "sheet": self._sheet(ctx, layer, per_channel, recipe),
                     "recipe": recipe, "steps": s.steps, "size": s.feature_size, "seed": s.seed,
+                    "precision": ctx.precision(PICTURE).as_dict(),
                     "dead": sorted(int(c) for c, v in per_channel.items() if v["dead"]),
                 }, seconds=time.perf_counter() - start)
                 for part in parts:
