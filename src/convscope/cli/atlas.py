@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..atlas import STAGE_NAMES, AtlasSettings, build_atlas
+from ..atlas.context import ATLAS_RECIPE
 from ..atlas.driver import atlas_layers, check_settings
 from ..datasets import FolderImages
 from ..errors import ConvscopeError
@@ -42,11 +43,11 @@ def register(subparsers) -> None:
                    help="channel pages, feature visualizations and projections for the first N channels of "
                         "each layer (default: all)")
     p.add_argument("--steps", type=positive_int, default=None,
-                   help="feature-visualization steps (default: the recipe's, 256 for lucid, 192 for fast)")
+                   help="feature-visualization steps (default: the recipe's, 192 for fast, 256 for lucid)")
     p.add_argument("--size", type=positive_int, default=128, metavar="PX", help="feature-visualization image size (default 128)")
     p.add_argument("--recipe", default=None, choices=("lucid", "fast", "post"),
-                   help="feature-visualization recipe: lucid (default), fast (about "
-                        "lucid's objective in 3/4 of the steps) or post")
+                   help="feature-visualization recipe: fast (default: about lucid's objective in 3/4 of the "
+                        "steps), lucid or post")
     add_precision_arg(p, picture=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--top", type=positive_int, default=9, help="examples per channel from the scan and deconvnet (default 9)")
@@ -73,7 +74,7 @@ def register(subparsers) -> None:
 
 def settings_from_args(args) -> AtlasSettings:
     skip = tuple(s.strip() for s in args.skip.split(",") if s.strip())
-    steps = args.steps or make_recipe(args.recipe or "lucid").steps
+    steps = args.steps or make_recipe(args.recipe or ATLAS_RECIPE).steps
     settings = AtlasSettings(layers=args.layers, channels_per_layer=args.channels_per_layer, steps=steps,
                              feature_size=args.size, recipe=args.recipe, seed=args.seed, top=args.top,
                              max_photos=args.photos, scan_images=args.scan, skip=skip,

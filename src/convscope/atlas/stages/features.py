@@ -12,7 +12,7 @@ from ... import render
 from ...layers import LayerInfo
 from ...methods.features import visualize_features
 from ...precision import PICTURE
-from ..context import BuildContext, Stage
+from ..context import ATLAS_RECIPE, BuildContext, Stage
 from ..store import Picture, read_json, record_files, sig_figure, write_record
 
 __all__ = ["FeaturesStage", "FEATURE_CHUNK"]
@@ -34,7 +34,9 @@ class FeaturesStage(Stage):
 
     def settings(self, ctx, layer):
         s = ctx.settings
-        return {"steps": s.steps, "size": s.feature_size, "recipe": s.recipe, "seed": s.seed,
+        # the recipe by name: None has meant "lucid" before it meant "fast"
+        recipe = s.recipe if s.recipe is not None else ATLAS_RECIPE
+        return {"steps": s.steps, "size": s.feature_size, "recipe": recipe, "seed": s.seed,
                 "photos": ctx.photos_key, **ctx.precision_key(ctx.precision(PICTURE))}
 
     def run(self, ctx, layers):
@@ -73,7 +75,7 @@ class FeaturesStage(Stage):
     def _visualize(self, ctx: BuildContext, layer: LayerInfo, chunk: list[int]) -> tuple[dict[str, dict], str]:
         """The entries of one chunk of channels, their images written, and the recipe's name."""
         s = ctx.settings
-        result = visualize_features(ctx.loaded, layer, chunk, recipe=s.recipe or "lucid", steps=s.steps,
+        result = visualize_features(ctx.loaded, layer, chunk, recipe=s.recipe or ATLAS_RECIPE, steps=s.steps,
                                     size=s.feature_size, seed=s.seed, photos={p.slug: p.rgb for p in ctx.photos},
                                     precision=ctx.precision(PICTURE))
         done = {}
