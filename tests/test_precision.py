@@ -179,3 +179,26 @@ def test_atlas_stages_key_on_the_precision(default_model, tmp_path):
     assert features["bf16"] != features["fp32"]
     deconv_keys = {name: DeconvStage().settings(ctx, layer) for name, ctx in contexts.items()}
     assert "precision" not in deconv_keys["auto"] and deconv_keys["bf16"]["precision"] == ["bf16", True]
+
+
+def test_scan_bf16_on_request_and_resume_keeps_the_precision(tmp_path):
+    """The scan's auto is exact fp32; bf16 finds the same strongest images up to rounding, says so in
+    scan.json, and a checkpoint resumes only at its own precision."""
+    from convscope.datasets import TensorImages
+    from convscope.methods.scan import scan
+
+    torch.manual_seed(0)
+    loaded = convscope.as_loaded(_small_conv())
+    pixels = torch.randint(0, 256, (12, 24, 24, 3), dtype=torch.uint8)
+    images = TensorImages(pixels)
+    plain = scan(loaded, images, "5", top=3, batch_size=4, progress=False, precision="fp32")
+    auto = scan(loaded, images, "5", top=3, batch_size=4, progress=False)
+    assert auto.topk.equal(plain.topk) and auto.to_dict()["precision"]["name"] == "fp32"
+    checkpoint = tmp_path / "state.pt"
+    half = scan(loaded, images, "5", top=3, batch_size=4, progress=False, precision="bf16", checkpoint=checkpoint)
+    assert half.to_dict()["precision"]["name"] == "bf16"
+    top, values = plain.topk.values["5"], half.topk.values["5"]
+    torch.testing.assert_close(values, top, rtol=0.03, atol=0.03 * float(top.abs().max()))
+    with pytest.raises(ConvscopeError, match="precision"):
+        scan(loaded, images, "5", top=3, batch_size=4, progress=False, precision="fp32", checkpoint=checkpoint,
+             resume=True)
