@@ -105,8 +105,6 @@ RECIPES: dict[str, Recipe] = {
     # decorrelated colour, sigmoid, standard transforms, Adam at 0.05.
     "lucid": Recipe("lucid", steps=256, size=(128, 128), lr=0.05, param="fft", decorrelate=True,
                     transforms=True, optimizer="adam", redirect_steps=16),
-    # The post (after Chollet's "visualizing what convnets learn"): gray + noise, 40 steps of
-    # x += g / rms(g) with step 1 in 0..255 units, 150x150, nothing else.
     # "lucid" in 3/4 of the steps: twice the learning rate, a warm-up over the first 10% of the
     # steps and a cosine decay to zero, which lets each image settle on its optimum instead of
     # jittering around it at a constant rate. Measured (benchmarks/features.py --recipes):
@@ -114,6 +112,8 @@ RECIPES: dict[str, Recipe] = {
     # quarter at half size) was tried and dropped: 81% of the objective for 0.8x the time.
     "fast": Recipe("fast", steps=192, size=(128, 128), lr=0.1, param="fft", decorrelate=True,
                    transforms=True, optimizer="adam", redirect_steps=12, schedule="cosine", warmup=0.1),
+    # The post (after Chollet's "visualizing what convnets learn"): gray + noise, 40 steps of
+    # x += g / rms(g) with step 1 in 0..255 units, 150x150, nothing else.
     "post": Recipe("post", steps=40, size=(150, 150), lr=1.0 / 255.0, param="gray", decorrelate=False,
                    transforms=False, optimizer="rms_ascent", redirect_steps=0),
 }
