@@ -9,8 +9,8 @@ Two purposes resolve ``"auto"`` differently:
 * :data:`PICTURE`, an optimization whose result is an image (feature visualization): bf16
   autocast on CUDA devices that support it and on CPUs with native bf16 instructions
   (AVX-512 BF16 or AMX); plain float32 elsewhere, because a CPU without them emulates bf16 and
-  runs it several times *slower* (measured 6.6x slower per step on an AVX2 EPYC,
-  ``benchmarks/features.py --step-table``). Channels-last is used wherever the model has a
+  runs it several times *slower* (about 7x slower per step on an AVX2 EPYC: the step-time
+  table of ``benchmarks/features.py``). Channels-last is used wherever the model has a
   2-D convolution: oneDNN and cuDNN both run convolutions faster on NHWC, and depthwise ones gain most.
 * :data:`NUMBERS`, where users compare values (activations, attributions, scan values): ``"auto"``
   is plain float32 in the default layout, exactly as without this option; bf16 or fp16 only on

@@ -107,7 +107,7 @@ RECIPES: dict[str, Recipe] = {
                     transforms=True, optimizer="adam", redirect_steps=16),
     # "lucid" in 3/4 of the steps: twice the learning rate, a warm-up over the first 10% of the
     # steps and a cosine decay to zero, which lets each image settle on its optimum instead of
-    # jittering around it at a constant rate. Measured (benchmarks/features.py --recipes):
+    # jittering around it at a constant rate. Measured (benchmarks/features.py, "recipes at equal time"):
     # 192 steps reach 99% of lucid's objective at 256. A coarse-to-fine size schedule (the first
     # quarter at half size) was tried and dropped: 81% of the objective for 0.8x the time.
     "fast": Recipe("fast", steps=192, size=(128, 128), lr=0.1, param="fft", decorrelate=True,
