@@ -14,7 +14,7 @@ Three recipes:
   FFT image with decorrelated colour and a sigmoid, random pad/jitter/scale/rotation each
   step, Adam, and redirected ReLU gradients for the first 16 steps.
 * ``"fast"``: ``"lucid"`` in 3/4 of the steps (192), with a warm-up and a cosine decay of twice
-  the learning rate; it reaches about the same objective (see ``benchmarks/features.py --recipes``).
+  the learning rate; it reaches about the same objective (``benchmarks/features.py``, "recipes at equal time").
 * ``"post"``: the blog post's plain method (Chollet's notebook): gray plus small noise,
   40 steps of ``x += g / rms(g)`` on raw pixels, shown after the post's contrast stretch.
   One deliberate difference: the model's own preprocessing runs on the pixels (the notebook
