@@ -12,7 +12,7 @@ Two purposes resolve ``"auto"`` differently:
   runs it several times *slower* (about 7x slower per step on an AVX2 EPYC: the step-time
   table of ``benchmarks/features.py``). Channels-last is used wherever the model has a
   2-D convolution: oneDNN and cuDNN run convolutions faster on NHWC (1.08-1.29x per step for
-  the default model on that AVX2 EPYC, 1.6x on an AVX-512 one; at batch 1 to 8 it was never slower).
+  the default model at batch 8 on that AVX2 EPYC, 1.6x on an AVX-512 one; noisy at batch 1-2).
 * :data:`NUMBERS`, where users compare values (activations, attributions, scan values): ``"auto"``
   is plain float32 in the default layout, exactly as without this option; bf16 or fp16 only on
   request (and then channels-last too, as the values are no longer exact anyway).
