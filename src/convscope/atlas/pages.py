@@ -271,8 +271,13 @@ def _cell_style(url: str, size: tuple[int, int], box) -> str:
     bh, bw = bottom - top, right - left
     x = 100 * left / (w - bw) if w > bw else 0.0
     y = 100 * top / (h - bh) if h > bh else 0.0
-    return (f"background-image:url('{url}');background-size:{100 * w / bw:.3f}% {100 * h / bh:.3f}%;"
-            f"background-position:{x:.3f}% {y:.3f}%")
+    return (f"background-image:url('{url}');background-size:{_pct(100 * w / bw)} {_pct(100 * h / bh)};"
+            f"background-position:{_pct(x)} {_pct(y)}")
+
+
+def _pct(value: float) -> str:
+    """A percentage to 1/100 %: finer than a pixel at any size the pages show."""
+    return f"{value:.2f}".rstrip("0").rstrip(".") + "%"
 
 
 def _fitted(box, side: int = EXAMPLE_SIDE) -> str:
