@@ -94,3 +94,10 @@ def test_cli_asks_for_yes_above_an_hour_and_fits_a_budget(tmp_path, capsys, monk
     with pytest.raises(SystemExit):
         main(["atlas", "--layers", LAYERS, "--out", str(out), "--channels", "4"])   # 0.2 h: no --yes needed
     assert built[2].channels_per_layer == 4
+
+
+def test_skipped_stages_are_not_calibrated_and_cost_nothing(default_model, layers):
+    settings = AtlasSettings(skip=("features", "deconv"))
+    rates = atlas_plan.calibrate(default_model, layers[:1], settings)
+    assert rates["bn1"] == LayerRate(0.0, 0.0, 0.0, 0.0)
+    assert plan_atlas(layers[:1], settings, rates, photos=8).seconds == {"bn1": 0.0}

@@ -114,25 +114,32 @@ def _spread(count: int, keep: int) -> list[int]:
 
 def calibrate(loaded: LoadedModel, layers: list[LayerInfo], settings: AtlasSettings,
               photos: dict[str, np.ndarray] | None = None, samples: int = CALIBRATION_LAYERS) -> dict[str, LayerRate]:
-    """:class:`LayerRate` for every layer in ``layers``, measured on ``samples`` of them (see the module notes)."""
+    """:class:`LayerRate` for every layer in ``layers``, measured on ``samples`` of them (see the module notes).
+
+    Stages in ``settings.skip`` are not measured and cost nothing.
+    """
     positions = _spread(len(layers), samples)
     sampled = [layers[i] for i in positions]
     rule = projection_method(loaded, settings.deconv_method)
     measured: dict[str, LayerRate] = {}
     for layer in sampled:
-        chunk = list(range(min(FEATURE_CHUNK, layer.channels)))
-        start = time.perf_counter()
-        options = {**FeaturesStage.options(settings), "steps": CALIBRATION_STEPS}
-        result = visualize_features(loaded, layer, chunk, photos=photos, **options)
-        total = time.perf_counter() - start
-        step = result.seconds / CALIBRATION_STEPS
-        sizes = []
-        for image in result.images:
-            buffer = io.BytesIO()
-            Image.fromarray(image).save(buffer, format="WEBP", quality=FEATURE_QUALITY)
-            sizes.append(buffer.tell())
-        measured[layer.name] = LayerRate(step / len(chunk), max(total - result.seconds, 0.0),
-                                         _projection_rate(loaded, layer, rule, photos), float(np.mean(sizes)))
+        step = fixed = feature_bytes = projection = 0.0
+        if "features" not in settings.skip:
+            chunk = list(range(min(FEATURE_CHUNK, layer.channels)))
+            start = time.perf_counter()
+            options = {**FeaturesStage.options(settings), "steps": CALIBRATION_STEPS}
+            result = visualize_features(loaded, layer, chunk, photos=photos, **options)
+            fixed = max(time.perf_counter() - start - result.seconds, 0.0)
+            step = result.seconds / CALIBRATION_STEPS / len(chunk)
+            sizes = []
+            for image in result.images:
+                buffer = io.BytesIO()
+                Image.fromarray(image).save(buffer, format="WEBP", quality=FEATURE_QUALITY)
+                sizes.append(buffer.tell())
+            feature_bytes = float(np.mean(sizes))
+        if "deconv" not in settings.skip:
+            projection = _projection_rate(loaded, layer, rule, photos)
+        measured[layer.name] = LayerRate(step, fixed, projection, feature_bytes)
     rates = {}
     for i, layer in enumerate(layers):  # the rates of the nearest sampled layer at or after it
         nearest = next(p for p in positions if p >= i)
@@ -164,7 +171,8 @@ def plan_atlas(layers: list[LayerInfo], settings: AtlasSettings, rates: dict[str
         chunks = math.ceil(n / FEATURE_CHUNK)
         channels[layer.name] = n
         seconds[layer.name] = rate.step * settings.steps * n + rate.fixed * chunks + rate.projection * examples * n
-        sizes[layer.name] = n * (rate.feature_bytes + BYTES_PER_EXAMPLE * examples + BYTES_PER_PHOTO * photos
+        shown = examples if "deconv" not in settings.skip else 0
+        sizes[layer.name] = n * (rate.feature_bytes + BYTES_PER_EXAMPLE * shown + BYTES_PER_PHOTO * photos
                                  + BYTES_PER_PAGE)
     return AtlasPlan(settings, list(layers), channels, seconds, sizes, calibration_seconds)
 

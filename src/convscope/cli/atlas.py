@@ -152,9 +152,11 @@ def run(args) -> int:
     print(f"model: {loaded.title}")
     settings = _plan(args, loaded, layers, settings)
     out = out_dir(args.out)
-    channels = sum(len(settings.channels(layer)) for layer in atlas_layers(loaded, settings.layers))
-    print(f"plan: {channels} channels with pages, feature visualizations ({settings.steps} steps at "
-          f"{settings.feature_size} px) and top-{settings.top} projections; valid results in {out} are reused")
+    layers = atlas_layers(loaded, settings.layers)
+    channels = sum(len(settings.channels(layer)) for layer in layers)
+    print(f"plan: {len(layers)} layers, {channels} channels with pages, feature visualizations ({settings.steps} "
+          f"steps at {settings.feature_size} px) and top-{settings.top} projections; valid results in {out} are "
+          "reused")
     build = build_atlas(loaded, args.images, out, settings)
     if args.json:
         print_json({"index": str(build.index.resolve()), "stages": build.stages})
