@@ -1,22 +1,26 @@
-"""What a full atlas costs: per-stage rates measured on a budget build, extrapolated to every channel.
+"""What a whole-model atlas costs: time and bytes per channel, measured here, projected to every channel.
 
-Builds the atlas of a model (default VGG19; real weights when cached, else random init, which
-costs the same) over the sample photos with a small budget: every layer, ``--channels`` channels
-per layer, ``--steps`` feature-visualization steps, a scan of ``--scan-images`` windows of the
-built-in sample set. Each stage's record holds the seconds it spent per layer, so the rates are
-per layer: seconds per channel-step of feature visualization, per projection of the deconvnet,
-per photo and channel of the activation overlays, per image of the scan, per page.
+The atlas's own default settings (``AtlasSettings()``: every channel, its default steps, size,
+recipe and whatever else a build uses by default) are what is projected, for the default model
+(EfficientNet-Lite0) unless ``--model`` says otherwise. Two measurements:
 
-Then prints what the full atlas would cost: every channel of every conv layer, 256 steps at
-128 px, top 9 from a scan of ``--full-scan`` images, ``--full-photos`` photos. All times are wall
-times (``perf_counter``) on this machine with torch's threads, so the totals are wall hours,
-not CPU-hours.
+1. **A budget build** of every default layer, ``--channels`` channels each, ``--steps`` steps, a
+   scan of ``--scan-images`` windows of the built-in sample set, over the 3 sample photos. Its
+   files give the bytes: per channel (feature image, sprite share, heat-map row, projection row,
+   channel page, records) and per layer (photo grids, overlays, layer page), and its stage
+   records give the seconds of the cheap stages (activations, scan, pages).
+2. **The atlas's calibration** (:func:`convscope.atlas.plan.calibrate`, the same one
+   ``convscope atlas`` prints its projection from) on ``--samples`` layers spread over depth:
+   seconds per feature-visualization step and channel, fixed seconds per chunk, seconds per
+   projection. Feature visualization and projections are ~95% of an atlas.
 
-No peer tool builds such an atlas offline: OpenAI Microscope is a precomputed website for 8
-fixed models, and Lucid/lucent render one channel per call (see benchmarks/features.py for
-that side-by-side). This script only reports our own rates.
+The projection: every channel of every default layer, with the default steps, top 9 from a
+scan of ``--full-scan`` images, ``--full-photos`` photos. Heat maps and per-layer photo files
+scale with the photos; scan source images with min(scan, channels x 9). Times are wall times on
+this machine with torch's threads. Bytes are apparent sizes; "on disk" rounds each file up to
+4 KiB blocks (most file systems).
 
-Run: python benchmarks/atlas.py [--model vgg19] [--channels 2] [--steps 32]
+Run: python benchmarks/atlas.py [--model default] [--channels 2] [--steps 32]
 Quick smoke run: python benchmarks/atlas.py --quick
 """
 
@@ -24,23 +28,29 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import _machine
-import numpy as np
 import torch
 from PIL import Image
 
 import convscope
-from convscope import render
 from convscope.atlas import AtlasSettings, build_atlas
-from convscope.atlas.store import save_picture
+from convscope.atlas import plan as atlas_plan
+from convscope.atlas.driver import atlas_layers
 from convscope.images import sample_photos
+
+BLOCK = 4096
+_PER_CHANNEL = re.compile(r"^(data/(features|activations|deconv)/[^/]+/c\d{4}(_heat)?\.webp|L/[^/]+/\d+\.html)$")
 
 
 def load(spec: str) -> convscope.LoadedModel:
+    if spec == "default":
+        return convscope.load_model(device="cpu")
     try:
         return convscope.load_model(spec, device="cpu")
     except convscope.ConvscopeError:
@@ -48,34 +58,62 @@ def load(spec: str) -> convscope.LoadedModel:
         return convscope.load_model(spec, random=True, device="cpu")
 
 
-def overlay_rate(photo: np.ndarray, maps: np.ndarray, out: Path, n: int = 40) -> float:
-    """Seconds per channel overlay (heat map over a photo, JPEG)."""
-    start = time.perf_counter()
-    for i in range(n):
-        save_picture(out, f"bench/o{i}.jpg", render.overlay_heatmap(photo, maps[i % len(maps)], low=0, high=1),
-                     fmt="jpeg")
-    return (time.perf_counter() - start) / n
+def on_disk(size: int) -> int:
+    return -(-size // BLOCK) * BLOCK
+
+
+def measure_files(out: Path, slugs: list[str]) -> dict:
+    """Bytes of the built atlas by kind: per channel, per layer (per photo), scan sources, the rest."""
+    kinds = {"channel": [0, 0], "sprite": [0, 0], "records": [0, 0], "layer": [0, 0], "scan": [0, 0],
+             "shared": [0, 0]}
+    heat = [0, 0]
+    for path in out.rglob("*"):
+        if not path.is_file():
+            continue
+        rel = path.relative_to(out).as_posix()
+        size = path.stat().st_size
+        if _PER_CHANNEL.match(rel):
+            kind = "channel"
+            if rel.endswith("_heat.webp"):
+                heat[0] += size
+                heat[1] += on_disk(size)
+        elif "/sprite" in rel:
+            kind = "sprite"
+        elif rel.startswith("records/") and any(rel.endswith(f"/{slug}.json") for slug in slugs):
+            kind = "records"
+        elif rel.startswith("data/scan-images/"):
+            kind = "scan"
+        elif any(f"/{slug}/" in rel for slug in slugs):
+            kind = "layer"
+        else:
+            kind = "shared"
+        kinds[kind][0] += size
+        kinds[kind][1] += on_disk(size)
+    scan_files = sum(1 for _ in (out / "data/scan-images").glob("*")) if (out / "data/scan-images").is_dir() else 0
+    return {"kinds": kinds, "heat": heat, "scan_files": scan_files}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="vgg19")
+    parser.add_argument("--model", default="default")
     parser.add_argument("--channels", type=int, default=2, help="channels per layer in the measured build")
     parser.add_argument("--steps", type=int, default=32, help="feature-visualization steps in the measured build")
     parser.add_argument("--scan-images", type=int, default=32, help="images scanned in the measured build")
-    parser.add_argument("--full-steps", type=int, default=256)
+    parser.add_argument("--samples", type=int, default=6, help="layers the calibration measures")
     parser.add_argument("--full-photos", type=int, default=8)
     parser.add_argument("--full-scan", type=int, default=10_000)
     parser.add_argument("--out", default=None, help="keep the measured atlas here (default: a temp folder)")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 1 channel per layer, 8 steps, 8 scanned images")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 1 channel per layer, 8 steps, 8 scanned "
+                                                             "images, 2 calibration layers")
     args = parser.parse_args()
     if args.quick:
-        args.channels, args.steps, args.scan_images = 1, 8, 8
-    _machine.header("benchmark: what a full atlas costs (wall time, extrapolated)")
+        args.channels, args.steps, args.scan_images, args.samples = 1, 8, 8, 2
+    _machine.header("benchmark: what a whole-model atlas costs (wall time and bytes, measured and projected)")
 
     loaded = load(args.model)
+    defaults = AtlasSettings()
     photos = sample_photos()
-    layers = loaded.catalogue.features
+    layers = atlas_layers(loaded, defaults.layers)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(args.out or tmp)
         scan_dir = out / "scan-set"
@@ -85,68 +123,71 @@ def main() -> None:
         windows = SampleImages(loaded.preprocessing.input_size)
         for i in range(min(args.scan_images, len(windows))):
             Image.fromarray(windows.load(i)).save(scan_dir / f"w{i:04d}.png")
-        settings = AtlasSettings(channels_per_layer=args.channels, steps=args.steps, feature_size=128, top=9,
-                                 scan_images=str(scan_dir))
+        settings = replace(defaults, channels_per_layer=args.channels, steps=args.steps, scan_images=str(scan_dir))
         start = time.perf_counter()
         build = build_atlas(loaded, photos, out / "atlas", settings)
         wall = time.perf_counter() - start
         manifest = json.loads((build.out / "atlas.json").read_text())
-        slugs = {layer["name"]: layer["slug"] for layer in manifest["layers"]}
-        records = {stage: {} for stage in ("activations", "features", "deconv")}
-        for stage in records:
-            for layer in layers:
-                path = build.out / "records" / stage / f"{slugs[layer.name]}.json"
-                if path.is_file():
-                    records[stage][layer.name] = json.loads(path.read_text())
-        acts = convscope.activations(loaded, photos["chelsea"], layers[0].name)
-        per_overlay = overlay_rate(acts.image, acts[layers[0].name][: 8], out)
+        slugs = [layer["slug"] for layer in manifest["layers"]]
+        files = measure_files(build.out, slugs)
+        built_channels = sum(len(layer["visualised"]) for layer in manifest["layers"])
+
+        start = time.perf_counter()
+        rates = atlas_plan.calibrate(loaded, layers, defaults, photos, samples=args.samples)
+        calibration = time.perf_counter() - start
 
     stages = build.stages
-    pages = 1 + sum(1 + min(args.channels, layer.channels) for layer in layers)
-    per_page = stages["pages"]["seconds"] / pages
-    scan_rate = args.scan_images / max(stages["scan"]["seconds"], 1e-9)
     photos_n, full_photos = len(photos), args.full_photos
-    print(f"\nmeasured on {loaded.title}: {len(layers)} layers, {args.channels} channels each, {args.steps} steps, "
-          f"{photos_n} photos, scan of {args.scan_images} images; wall {wall:.0f} s")
+    full_settings = replace(defaults, scan_images="(full scan)")
+    plan = atlas_plan.plan_atlas(layers, full_settings, rates, full_photos)
+    channels = plan.total_channels
+    print(f"\nmeasured build on {loaded.title}: {len(layers)} layers, {args.channels} channel(s) each "
+          f"({built_channels} channels), {args.steps} steps, {photos_n} photos, scan of {args.scan_images} images; "
+          f"wall {wall:.0f} s")
     print("per-stage seconds (measured build):", {k: v.get("seconds") for k, v in stages.items()})
-    print(f"overlay (heat map + JPEG) per photo and channel: {per_overlay * 1e3:.1f} ms; page: {per_page * 1e3:.1f} ms; "
-          f"scan: {scan_rate:.1f} images/s")
+    print(f"calibration ({args.samples} layers, {atlas_plan.CALIBRATION_STEPS} steps each): {calibration:.0f} s")
 
-    header = f"{'layer':<16} {'C':>5} {'grids s':>8} {'features s/ch':>14} {'deconv s/ch':>12} {'full h':>7}"
-    print(f"\nfull atlas, per layer (every channel, {args.full_steps} steps, top 9, {full_photos} photos; "
-          "'full h' in wall hours):")
-    print(header)
-    total = {"activations": 0.0, "features": 0.0, "deconv": 0.0}
-    for layer in layers:
-        c = layer.channels
-        visualised = min(args.channels, c)
-        act = records["activations"][layer.name]["seconds"]
-        overlays = visualised * photos_n * per_overlay
-        grids_per_photo = max(act - overlays, 0.0) / photos_n
-        full_act = grids_per_photo * full_photos + c * full_photos * per_overlay
-        feat = records["features"].get(layer.name, {}).get("seconds") or 0.0
-        feat_per_channel = feat / visualised * args.full_steps / args.steps
-        dec = records["deconv"].get(layer.name, {}).get("seconds") or 0.0
-        dec_per_channel = dec / visualised
-        total["activations"] += full_act
-        total["features"] += feat_per_channel * c
-        total["deconv"] += dec_per_channel * c
-        hours = (full_act + (feat_per_channel + dec_per_channel) * c) / 3600
-        print(f"{layer.alias or layer.name:<16} {c:>5} {grids_per_photo:>8.2f} {feat_per_channel:>14.2f} "
-              f"{dec_per_channel:>12.3f} {hours:>7.2f}")
-    channels = sum(layer.channels for layer in layers)
-    total["scan"] = args.full_scan / scan_rate
+    # --- time
+    total = {"features + deconv": sum(plan.seconds.values())}
+    pages = 1 + len(layers) + built_channels
+    per_page = stages["pages"]["seconds"] / pages
+    acts = stages["activations"]["seconds"]
+    # the activations stage: grids per photo and layer, plus heat maps per channel and photo (both scale with photos)
+    total["activations"] = acts * full_photos / photos_n * (1 + channels / max(built_channels, 1)) / 2
+    total["scan"] = args.full_scan * stages["scan"]["seconds"] / max(args.scan_images, 1)
     total["pages"] = (1 + len(layers) + channels) * per_page
-    print(f"\nfull {args.model} atlas: {channels} channels, {len(layers)} layers, {1 + len(layers) + channels} pages")
-    for name, seconds in total.items():
-        print(f"  {name:<12} {seconds / 3600:8.2f} wall hours")
     hours = sum(total.values()) / 3600
-    share = total["features"] / max(sum(total.values()), 1e-9)
-    print(f"  {'total':<12} {hours:8.2f} wall hours   (this machine, CPU, {torch.get_num_threads()} threads; "
-          f"scan of {args.full_scan} images)")
-    _machine.footer(f"full {args.model} atlas ({channels} channels, {args.full_steps} steps at 128 px, "
-                    f"{args.full_scan}-image scan): {hours:.1f} wall hours on this machine, {share:.0%} feature "
-                    f"visualization (extrapolated from {args.channels} channel(s)/layer x {args.steps} steps)")
+    print(f"\nwhole {args.model} atlas: {channels} channels, {len(layers)} layers, {defaults.steps} steps at "
+          f"{defaults.feature_size} px (the atlas's defaults), {full_photos} photos, top {defaults.top} "
+          f"of a {args.full_scan}-image scan")
+    header = f"{'layer':<18} {'C':>5} {'s/step/ch':>10} {'fixed s':>8} {'s/proj':>7} {'hours':>6}"
+    print(header)
+    for layer in layers:
+        rate = rates[layer.name]
+        print(f"{layer.alias or layer.name:<18} {layer.channels:>5} {rate.step:>10.4f} {rate.fixed:>8.2f} "
+              f"{rate.projection:>7.3f} {plan.seconds[layer.name] / 3600:>6.2f}")
+    for name, seconds in total.items():
+        print(f"  {name:<18} {seconds / 3600:8.2f} wall hours")
+    print(f"  {'total':<18} {hours:8.2f} wall hours (projected; this machine, CPU, {torch.get_num_threads()} threads)")
+
+    # --- bytes
+    kinds, heat = files["kinds"], files["heat"]
+    full_bytes = [0.0, 0.0]
+    for i in (0, 1):
+        per_channel = (kinds["channel"][i] - heat[i] + heat[i] * full_photos / photos_n + kinds["sprite"][i]
+                       + kinds["records"][i]) / built_channels
+        per_layer = kinds["layer"][i] * full_photos / photos_n
+        scan = kinds["scan"][i] / max(files["scan_files"], 1) * min(args.full_scan, channels * defaults.top)
+        full_bytes[i] = per_channel * channels + per_layer + scan + kinds["shared"][i]
+    measured = sum(v[0] for v in kinds.values())
+    print(f"\nbytes: the measured build holds {measured / 2**20:.1f} MB for {built_channels} channels; by kind (KB): "
+          + ", ".join(f"{k} {v[0] / 1024:.0f}" for k, v in kinds.items()))
+    apparent, disk = (b / channels / 1024 for b in full_bytes)
+    print(f"whole atlas: {full_bytes[0] / 2**30:.2f} GB, {apparent:.1f} KB per channel "
+          f"({full_bytes[1] / 2**30:.2f} GB, {disk:.1f} KB per channel on disk in 4 KiB blocks)")
+    _machine.footer(f"whole {args.model} atlas ({channels} channels, {defaults.steps} steps at {defaults.feature_size} px, "
+                    f"{args.full_scan}-image scan): {hours:.1f} wall hours projected on this machine, "
+                    f"{apparent:.0f} KB per channel ({disk:.0f} KB on disk)")
 
 
 if __name__ == "__main__":

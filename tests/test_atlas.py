@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import urllib.request
 from dataclasses import replace
 from html.parser import HTMLParser
@@ -18,6 +19,7 @@ from torch import nn
 import convscope
 from convscope.atlas import AtlasSettings, Stage, build_atlas, render_site
 from convscope.atlas.stages import ActivationsStage
+from convscope.atlas.stages.features import SPRITE_TILE
 from convscope.atlas.store import slugify, unique_slugs
 from convscope.cli.main import main
 from convscope.serve import start_server
@@ -43,6 +45,8 @@ class _Links(HTMLParser):
         for name, value in attrs:
             if name in ("href", "src") and value is not None:
                 self.urls.append((tag, value))
+            elif name == "style" and value:  # sprites, heat maps and patches are CSS backgrounds
+                self.urls.extend(("img", url) for url in re.findall(r"url\('([^']*)'\)", value))
 
     def handle_data(self, data):
         self.text.append(data)
@@ -68,7 +72,7 @@ def check_site(out: Path) -> dict[str, int]:
             target = (page.parent / unquote(parts.path)).resolve()
             assert target.is_file(), f"{page.relative_to(out)}: <{tag}> {url!r} does not resolve"
             assert out.resolve() in target.parents, f"{page}: {url!r} points outside the atlas"
-            if tag == "img" or target.suffix in (".png", ".jpg"):
+            if tag == "img" or target.suffix in (".png", ".jpg", ".webp"):
                 counts["images"] += 1
                 with Image.open(target) as im:
                     im.verify()
@@ -139,7 +143,7 @@ def test_search_index_lists_layers_and_channel_pages(small_atlas):
     assert text.startswith("window.ATLAS_INDEX = ")
     index = json.loads(text.removeprefix("window.ATLAS_INDEX = ").rstrip().rstrip(";"))
     assert [layer["slug"] for layer in index["layers"]] == ["bn1", "blocks.2.0.bn2", "blocks.5.0.bn3"]
-    assert index["layers"][1]["channels"] == [0, 1, 2] and index["layers"][1]["count"] == 144
+    assert index["layers"][1]["channels"] == [[0, 2]] and index["layers"][1]["count"] == 144
 
 
 def test_rebuild_reuses_every_record(small_atlas, default_model, photos):
@@ -187,7 +191,7 @@ def test_a_crash_loses_only_the_layer_in_progress(default_model, one_photo, tmp_
 def test_a_missing_record_file_is_rebuilt(default_model, one_photo, tmp_path):
     settings = AtlasSettings(layers="blocks.6.0.bn3", channels_per_layer=2, skip=CHEAP)
     build_atlas(default_model, one_photo, tmp_path, settings, progress=False)
-    next((tmp_path / "data/activations/blocks.6.0.bn3").glob("*.jpg")).unlink()
+    next((tmp_path / "data/activations/blocks.6.0.bn3").glob("*_heat.webp")).unlink()
     build = build_atlas(default_model, one_photo, tmp_path, settings, progress=False)
     assert build.stages["activations"]["built"] == 1
     check_site(tmp_path)
@@ -407,7 +411,10 @@ def test_feature_records_rise_and_flag_dead(full_atlas):
             assert isinstance(entry["dead"], bool)
             if not entry["dead"]:
                 assert entry["objective"] > entry["start"]      # the optimization raised the channel
-        assert record["sheet"]["full"].endswith("sheet.png")
+        assert [p["full"].rsplit("/", 1)[1] for p in record["sprites"]] == ["sprite0.webp"]
+        with Image.open(build.out / record["sprites"][0]["full"]) as sprite:
+            assert sprite.size == (2 * SPRITE_TILE, SPRITE_TILE)           # one tile per channel, in order
+        assert [record["per_channel"][c]["tile"] for c in ("0", "1")] == [[0, 0, 0], [0, SPRITE_TILE, 0]]
 
 
 def test_scan_and_deconv_records_agree(full_atlas, scan_folder):
@@ -422,9 +429,15 @@ def test_scan_and_deconv_records_agree(full_atlas, scan_folder):
         for e in examples:
             top, left, bottom, right = e["box"]
             assert 0 <= top < bottom <= e["image_size"][0] and 0 <= left < right <= e["image_size"][1]
-            with Image.open(build.out / e["patch"]["full"]) as patch:
-                assert patch.size == (right - left, bottom - top)
+            assert "patch" not in e                                        # cropped from the source on the page
         projected = deconv["per_channel"][c]
+        with Image.open(build.out / projected[0]["projection"]["full"]) as row:  # one row of the channel's top 4
+            boxes = [e["projection"]["cell"] for e in projected]
+            assert row.size == (boxes[-1][3] + 1, max(b[2] for b in boxes) + 1)
+        for e in projected:
+            top, left, bottom, right = e["box"]
+            b = e["projection"]["cell"]
+            assert (b[2] - b[0]) * (right - left) == pytest.approx((b[3] - b[1]) * (bottom - top), rel=0.05)
         assert [e["image_id"] for e in projected] == [e["image_id"] for e in examples]
         np.testing.assert_allclose([e["rerun_value"] for e in projected], values, rtol=2e-3, atol=1e-3)
 

@@ -12,9 +12,11 @@ import importlib.util
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from convscope.atlas import AtlasSettings, build_atlas
+from convscope.atlas.stages import ActivationsStage, FeaturesStage
 from convscope.serve import start_server
 
 CHROMIUM = "/usr/bin/chromium"
@@ -162,5 +164,67 @@ def test_opens_from_disk_without_a_server(served_atlas, page):
     page.fill("#search-input", "blocks.1.0.bn2")
     page.press("#search-input", "Enter")
     page.wait_for_url("**/L/blocks.1.0.bn2/index.html")
+    assert_images_loaded(page)
+    assert page.problems == []
+
+
+class _QuickFeatures(FeaturesStage):
+    """The real features stage (chunks, records, sprite sheets), with seeded noise for the optimization."""
+
+    def _visualize(self, ctx, layer, chunk):
+        rng = np.random.default_rng(chunk[0])
+        done = {}
+        for c in chunk:
+            image = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
+            done[str(c)] = {"image": ctx.picture(ctx.data_path(self.name, layer, f"c{c:04d}.webp"), image, fmt="webp"),
+                            "objective": float(c % 97), "start": 0.0, "ratio": 1.5, "photo_best": 1.0,
+                            "dead": c % 50 == 7}
+        return done, "noise"
+
+
+@pytest.fixture(scope="module")
+def wide_atlas(default_model, photos, tmp_path_factory):
+    """The default model's head (1,280 channels) and a 24-channel layer, every channel, real pages."""
+    out = tmp_path_factory.mktemp("wide-atlas")
+    settings = AtlasSettings(layers="blocks.1.1.bn3,bn2", skip=("scan", "deconv"))
+    build_atlas(default_model, {"chelsea": photos["chelsea"]}, out, settings, progress=False,
+                stages=[ActivationsStage(), _QuickFeatures()])
+    server = start_server(out, port=0)
+    yield out, f"http://127.0.0.1:{server.server_address[1]}/"
+    server.shutdown()
+    server.server_close()
+
+
+# Requests a layer page of any width may make before its first screen is complete: the page, its
+# stylesheet and two scripts, and one sprite sheet per 256 channels (5 for 1,280), nothing per channel.
+FIRST_SCREEN_REQUESTS = 10
+
+
+def test_a_layer_of_1280_channels_loads_in_a_few_requests(wide_atlas, page):
+    out, base = wide_atlas
+    requests = []
+    page.on("request", lambda req: requests.append(req.url))
+    page.goto(base + "L/bn2/index.html", wait_until="networkidle")
+    assert page.locator("a.tile").count() == 1280 and page.locator("table.channels tbody tr").count() == 1280
+    sprites = [url for url in requests if "/sprite" in url]
+    assert len(sprites) == 5, requests
+    assert len(requests) <= FIRST_SCREEN_REQUESTS, requests
+    # the first tile shows its cut of the first sprite sheet, on the first screen
+    box = page.locator('a.tile[data-channel="0"] span.sprite').bounding_box()
+    assert box["width"] == 64 and box["y"] + box["height"] < 900
+    assert "sprite3.webp" in page.eval_on_selector('a.tile[data-channel="1000"] span.sprite',
+                                                   "e => getComputedStyle(e).backgroundImage")
+    assert page.eval_on_selector('a.tile[data-channel="1000"] span.sprite',
+                                 "e => getComputedStyle(e).backgroundPosition") == "-512px -896px"
+
+    page.click("table.channels th:has-text('Objective')")          # sort by objective, highest first
+    page.click("table.channels th:has-text('Objective')")
+    first = page.eval_on_selector_all("table.channels tbody tr td:first-child",
+                                      "cells => cells.slice(0, 3).map(c => +c.dataset.value)")
+    assert first == [96, 193, 290]                                   # objective c % 97 = 96, ties by channel
+
+    page.fill("#search-input", "bn2:1234")                            # a channel deep in the list
+    page.press("#search-input", "Enter")
+    page.wait_for_url(base + "L/bn2/1234.html")
     assert_images_loaded(page)
     assert page.problems == []

@@ -44,7 +44,8 @@ class AtlasSettings:
         layers: names, aliases or patterns (see :meth:`Catalogue.resolve`); None = every conv
             layer after its activation.
         channels_per_layer: how many channels per layer get a channel page, a feature
-            visualization and projections (the first N); None = all.
+            visualization and projections (the first N); None = all (the default: the whole layer).
+        full_layers: names or aliases of layers shown whole whatever ``channels_per_layer`` says.
         steps: optimization steps of the feature visualization (default: the default recipe's).
         feature_size: side of the feature-visualization images, in pixels.
         recipe: feature-visualization recipe (``"lucid"``, ``"fast"`` or ``"post"``), None for
@@ -70,6 +71,7 @@ class AtlasSettings:
 
     layers: str | None = None
     channels_per_layer: int | None = None
+    full_layers: tuple[str, ...] = ()
     steps: int = 192
     feature_size: int = 128
     recipe: str | None = None
@@ -88,9 +90,10 @@ class AtlasSettings:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
 
     def channels(self, layer: LayerInfo) -> list[int]:
-        """The channels of ``layer`` that get pages: the first ``channels_per_layer``."""
+        """The channels of ``layer`` that get pages: the first ``channels_per_layer``, or all of a full layer."""
         count = layer.channels
-        if self.channels_per_layer is not None:
+        whole = layer.name in self.full_layers or (layer.alias is not None and layer.alias in self.full_layers)
+        if self.channels_per_layer is not None and not whole:
             count = min(count, self.channels_per_layer)
         return list(range(count))
 
@@ -155,7 +158,7 @@ class BuildContext:
         return self.slugs[layer.name]
 
     def channels(self, layer: LayerInfo) -> list[int]:
-        """The channels that get pages: the first ``channels_per_layer``."""
+        """The channels that get pages (see :meth:`AtlasSettings.channels`)."""
         return self.settings.channels(layer)
 
     def precision(self, purpose: str) -> Precision:
@@ -176,8 +179,9 @@ class BuildContext:
     def record_path(self, stage: str, layer: LayerInfo) -> Path:
         return self.out / "records" / stage / f"{self.slug(layer)}.json"
 
-    def picture(self, rel: str, image, fmt: str = "png") -> Picture:
-        return save_picture(self.out, rel, image, fmt=fmt)
+    def picture(self, rel: str, image, fmt: str = "png", **options) -> Picture:
+        """Write a picture of the atlas (see :func:`~convscope.atlas.store.save_picture` for ``options``)."""
+        return save_picture(self.out, rel, image, fmt=fmt, **options)
 
     # ------------------------------------------------------------------ inputs
     def tensor(self, pixels: np.ndarray | list[np.ndarray]) -> torch.Tensor:

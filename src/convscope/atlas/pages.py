@@ -3,7 +3,8 @@
 Layout of the site (every link relative, so it opens from ``file://`` and from any server)::
 
     index.html                   model page: name, weights, preprocessing, layer table, predictions
-    L/<layer>/index.html         layer page: feature sheet, activation grid and overlay per photo
+    L/<layer>/index.html         layer page: every channel as a sprite tile, a sortable channel table,
+                                 activation grid and overlay per photo
     L/<layer>/<channel>.html     channel page: feature viz, top-k projections and patches, overlays
     search-index.js              the names the search box knows (layers, aliases, channel pages)
     static/atlas.css, atlas.js   shipped with convscope; no CDN, no network
@@ -172,15 +173,9 @@ def _render_layer(env: Environment, site: _Site, i: int, common: dict, bar: tqdm
     deconv = site.record("deconv", slug)
     photos = _photo_views(site, acts)
     visualised = layer["visualised"]
-    tiles = []
-    for c in visualised:
-        feature = (feats or {}).get("per_channel", {}).get(str(c))
-        fallback = _strongest_overlay(acts, c)
-        tiles.append({"channel": c, "url": f"{c}.html", "feature": feature, "fallback": fallback,
-                      "silent": acts is not None and c in acts["silent"],
-                      "dead": bool(feature and feature.get("dead"))})
-    summary = site.layer_summary(layer)
     root = "../../"
+    tiles = _tiles(site, acts, feats, visualised, root)
+    summary = site.layer_summary(layer)
     html = env.get_template("layer.html.j2").render(
         root=root, title=layer["label"], layer=layer, tiles=tiles, photos=photos, acts=acts, feats=feats, deconv=deconv,
         summary=summary, notes={name: site.stage_note(name) for name in STAGE_TITLES},
@@ -194,12 +189,14 @@ def _render_layer(env: Environment, site: _Site, i: int, common: dict, bar: tqdm
 
     for j, c in enumerate(visualised):
         feature = (feats or {}).get("per_channel", {}).get(str(c))
-        examples = _examples(scan, deconv, c)
+        examples = [{**ex, "crop": _crop(ex, root), "cell": _projection(ex, root)}
+                    for ex in _examples(scan, deconv, c)]
+        strip = (acts or {}).get("heat", {}).get(str(c))
         overlays = []
         for photo in photos:
             channel = photo["acts"]["channels"].get(str(c)) if photo["acts"] else None
             if channel:
-                overlays.append({"photo": photo, **channel})
+                overlays.append({"photo": photo, **channel, "heat": _heat_style(strip, channel.get("cell"), root)})
         scale = (acts or {}).get("scale", {}).get(str(c))
         html = env.get_template("channel.html.j2").render(
             root=root, title=f"{layer['label']} : {c}", layer=layer, channel=c, feature=feature,
@@ -223,16 +220,100 @@ def _photo_views(site: _Site, acts: dict | None) -> list[dict]:
     return views
 
 
-def _strongest_overlay(acts: dict | None, channel: int) -> dict | None:
-    """The overlay of ``channel`` on the photo where it peaks (a tile when there is no feature viz)."""
-    if not acts:
-        return None
+def _tiles(site: _Site, acts: dict | None, feats: dict | None, visualised: list[int], root: str) -> list[dict]:
+    """One entry per visualised channel for the layer page's grid and table.
+
+    With feature visualizations a tile is a cut of a sprite sheet (``sprite``, ``x``, ``y``), so a
+    layer of any width costs a handful of pictures; without them the channel's heat map over the
+    photo where it peaks (lazily loaded).
+    """
+    sprites = (feats or {}).get("sprites") or []
+    sparsity = (acts or {}).get("sparsity") or []
+    silent = set((acts or {}).get("silent", []))
+    photos = {p["slug"]: p for p in site.photos}
+    tiles = []
+    for c in visualised:
+        feature = (feats or {}).get("per_channel", {}).get(str(c))
+        tile = feature.get("tile") if feature else None
+        entry = {"channel": c, "url": f"{c}.html", "feature": feature, "silent": acts is not None and c in silent,
+                 "dead": bool(feature and feature.get("dead")),
+                 "sparsity": sparsity[c] if c < len(sparsity) else None, "sprite": None, "heat": None}
+        if tile and tile[0] < len(sprites):
+            entry.update(sprite=root + sprites[tile[0]]["src"], x=tile[1], y=tile[2])
+        elif acts:
+            entry["heat"] = _strongest_heat(acts, photos, c, root)
+        tiles.append(entry)
+    return tiles
+
+
+def _strongest_heat(acts: dict, photos: dict[str, dict], channel: int, root: str) -> dict | None:
+    """The heat map of ``channel`` on the photo where it peaks, with that photo (a tile without a feature viz)."""
     best, best_peak = None, None
-    for entry in acts["photos"].values():
+    strip = acts.get("heat", {}).get(str(channel))
+    for slug, entry in acts["photos"].items():
         item = entry["channels"].get(str(channel))
-        if item and (best_peak is None or item["peak"] > best_peak):
-            best, best_peak = item["overlay"], item["peak"]
+        style = _heat_style(strip, item.get("cell") if item else None, root)
+        if style and slug in photos and (best_peak is None or item["peak"] > best_peak):
+            best, best_peak = {"style": style, "photo": photos[slug]["image"]}, item["peak"]
     return best
+
+
+# The side (CSS px) of the square the channel page shows a projection and its patch in.
+EXAMPLE_SIDE = 104
+
+
+def _cell_style(url: str, size: tuple[int, int], box) -> str:
+    """CSS that shows the ``box`` (top, left, bottom, right) of a picture of ``size`` (height, width)
+    filling its element: the picture as the background, scaled and shifted (percentages, so a
+    screen-sized copy of the picture works the same)."""
+    h, w = size
+    top, left, bottom, right = box
+    bh, bw = bottom - top, right - left
+    x = 100 * left / (w - bw) if w > bw else 0.0
+    y = 100 * top / (h - bh) if h > bh else 0.0
+    return (f"background-image:url('{url}');background-size:{_pct(100 * w / bw)} {_pct(100 * h / bh)};"
+            f"background-position:{_pct(x)} {_pct(y)}")
+
+
+def _pct(value: float) -> str:
+    """A percentage to 1/100 %: finer than a pixel at any size the pages show."""
+    return f"{value:.2f}".rstrip("0").rstrip(".") + "%"
+
+
+def _fitted(box, side: int = EXAMPLE_SIDE) -> str:
+    """Width and height that fit ``box``'s shape into a ``side`` square."""
+    bh, bw = box[2] - box[0], box[3] - box[1]
+    width, height = (side, max(1, round(side * bh / bw))) if bw >= bh else (max(1, round(side * bw / bh)), side)
+    return f"width:{width}px;height:{height}px;"
+
+
+def _crop(example: dict, root: str) -> dict | None:
+    """How the page cuts an example's patch (its receptive field) out of its source image."""
+    source, size, box = example.get("source"), example.get("image_size"), example.get("box")
+    if not source or not size or not box:
+        return None
+    h, w = size
+    box = [max(int(box[0]), 0), max(int(box[1]), 0), min(int(box[2]), h), min(int(box[3]), w)]
+    if box[2] <= box[0] or box[3] <= box[1]:
+        return None
+    return {"style": _fitted(box) + _cell_style(root + source["src"], (h, w), box), "href": source["full"]}
+
+
+def _projection(example: dict, root: str) -> dict | None:
+    """How the page shows an example's projection: its cell of the channel's row of projections."""
+    picture = example.get("projection")
+    if not picture or "cell" not in picture:
+        return None
+    box = picture["cell"]
+    return {"style": _fitted(box) + _cell_style(root + picture["src"], (picture["height"], picture["width"]), box),
+            "href": picture["full"]}
+
+
+def _heat_style(strip: dict | None, cell, root: str) -> str | None:
+    """CSS that lays one photo's heat map (its ``cell`` of the channel's row) over the whole photo."""
+    if not strip or not cell:
+        return None
+    return _cell_style(root + strip["src"], (strip["height"], strip["width"]), cell)
 
 
 def _examples(scan: dict | None, deconv: dict | None, channel: int) -> list[dict]:
@@ -248,9 +329,21 @@ def _examples(scan: dict | None, deconv: dict | None, channel: int) -> list[dict
     return []
 
 
+def _ranges(channels: list[int]) -> list[list[int]]:
+    """Sorted channels as ``[first, last]`` runs: a layer with every channel is one pair, not 1,280 numbers."""
+    runs: list[list[int]] = []
+    for c in sorted(channels):
+        if runs and c == runs[-1][1] + 1:
+            runs[-1][1] = c
+        else:
+            runs.append([c, c])
+    return runs
+
+
 def _write_search_index(site: _Site) -> None:
     index = {"layers": [{"name": layer["name"], "alias": layer.get("alias"), "slug": layer["slug"],
-                         "channels": layer["visualised"], "count": layer["channels"]} for layer in site.layers]}
+                         "channels": _ranges(layer["visualised"]), "visualised": len(layer["visualised"]),
+                         "count": layer["channels"]} for layer in site.layers]}
     _write_text(site.out / "search-index.js", f"window.ATLAS_INDEX = {_js_json(index)};\n")
 
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
+import time
 from pathlib import Path
 
 from ..atlas import STAGE_NAMES, AtlasSettings, build_atlas
-from ..atlas.context import ATLAS_RECIPE
+from ..atlas import plan as atlas_plan
+from ..atlas.context import ATLAS_RECIPE, collect_photos
 from ..atlas.driver import atlas_layers, check_settings
 from ..datasets import FolderImages
 from ..errors import ConvscopeError
@@ -22,9 +25,17 @@ from ._common import (
     load_from_args,
     model_short_side,
     out_dir,
+    positive_float,
     positive_int,
     print_json,
 )
+
+
+def channel_count(text: str) -> int | None:
+    """``all`` (None: every channel) or a whole number of channels per layer."""
+    if text.strip().lower() == "all":
+        return None
+    return positive_int(text)
 
 
 def register(subparsers) -> None:
@@ -33,15 +44,24 @@ def register(subparsers) -> None:
         description="Stages: activations, features, scan, deconv, pages. Each stage's results are cached by "
                     "model, weights, layer and settings; re-running reuses them, and an interrupted build "
                     "resumes where it stopped. Open OUT/index.html, or run `convscope serve OUT`.",
-        epilog="Example: convscope atlas --model vgg19 --images ~/photos --out runs/atlas-vgg19 "
-               "--channels-per-layer 16 --steps 128")
+        epilog="Examples:\n  convscope atlas --budget 2            # every layer; as many channels as fit 2 hours\n"
+               "  convscope atlas --yes                 # every channel of every layer, however long\n"
+               "  convscope atlas --model vgg19 --images ~/photos --channels-per-layer 16 --steps 128",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", nargs="+", default=None, metavar="PATH",
                    help="photo files or folders (default: scikit-image's sample photos)")
     p.add_argument("--photos", type=positive_int, default=8, metavar="N", help="use at most N photos (default 8)")
     p.add_argument("--layers", default=None, help="names, aliases or patterns (default: every conv after its activation)")
-    p.add_argument("--channels-per-layer", type=positive_int, default=None, metavar="N",
-                   help="channel pages, feature visualizations and projections for the first N channels of "
-                        "each layer (default: all)")
+    p.add_argument("--channels", "--channels-per-layer", dest="channels_per_layer", type=channel_count,
+                   default=None, metavar="all|N",
+                   help="channel pages, feature visualizations and projections for every channel of each layer "
+                        "(all, the default) or its first N")
+    p.add_argument("--budget", type=positive_float, default=None, metavar="HOURS",
+                   help="fit the build into HOURS of projected time: every layer keeps its first N channels with "
+                        "the largest N that fits (narrow layers come out whole); if one channel per layer is too "
+                        "much, an evenly spaced subset of the layers")
+    p.add_argument("--yes", action="store_true",
+                   help=f"build even when the projected time is over {atlas_plan.CONFIRM_HOURS:g} h")
     p.add_argument("--steps", type=positive_int, default=None,
                    help="feature-visualization steps (default: the recipe's, 192 for fast, 256 for lucid)")
     p.add_argument("--size", type=positive_int, default=128, metavar="PX", help="feature-visualization image size (default 128)")
@@ -106,6 +126,29 @@ def check_sources(args) -> dict:
     return named
 
 
+def _plan(args, loaded, layers, settings: AtlasSettings) -> AtlasSettings:
+    """Print the projected time and size; fit ``--budget``, or refuse a long build without ``--yes``."""
+    photos = {name: rgb for name, _, rgb in collect_photos(args.images, settings.max_photos)}
+    print(f"calibrating: a few feature-visualization steps and projections on up to "
+          f"{atlas_plan.CALIBRATION_LAYERS} layers ...", flush=True)
+    start = time.perf_counter()
+    rates = atlas_plan.calibrate(loaded, layers, settings, photos)
+    seconds = time.perf_counter() - start
+    plan = atlas_plan.plan_atlas(layers, settings, rates, len(photos), seconds)
+    print(f"projection: {plan.describe()} (from {seconds:.0f} s of calibration; earlier results in --out are "
+          "reused and not counted)")
+    if args.budget is not None:
+        if plan.hours > args.budget:
+            plan = atlas_plan.fit_budget(layers, settings, rates, len(photos), args.budget)
+            print(f"budget {args.budget:g} h: {plan.describe()}")
+        return plan.settings
+    if plan.hours > atlas_plan.CONFIRM_HOURS and not args.yes:
+        raise ConvscopeError(
+            f"this atlas is projected to take {plan.hours:.1f} h (over {atlas_plan.CONFIRM_HOURS:g} h): "
+            "pass --yes to build it all, or --budget HOURS to choose layers and channels that fit")
+    return settings
+
+
 def run(args) -> int:
     settings = settings_from_args(args)
     check_out(args.out)
@@ -114,15 +157,17 @@ def run(args) -> int:
     for item, image in named.items():  # the photos are fitted to the model's input size: shorter side
         check_image(image, item, args.max_side, None, model_short_side(loaded))
     layers = atlas_layers(loaded, settings.layers)
-    out = out_dir(args.out)
     print(f"model: {loaded.title}")
     precision = resolve_precision(settings.precision, loaded.device, purpose=PICTURE, module=loaded.module)
     print(f"precision: {precision.describe()} for the feature visualization"
           + ("; exact fp32 for the scan and the projections" if settings.precision == "auto" else ""))
+    settings = _plan(args, loaded, layers, settings)
+    out = out_dir(args.out)
+    layers = atlas_layers(loaded, settings.layers)
     channels = sum(len(settings.channels(layer)) for layer in layers)
     print(f"plan: {len(layers)} layers, {channels} channels with pages, feature visualizations ({settings.steps} "
           f"steps at {settings.feature_size} px) and top-{settings.top} projections; valid results in {out} are "
-          "reused (budget with --layers, --channels-per-layer, --steps)")
+          "reused")
     build = build_atlas(loaded, args.images, out, settings)
     if args.json:
         print_json({"index": str(build.index.resolve()), "stages": build.stages})

@@ -22,10 +22,12 @@ from ..methods.features import visualize_features
 from ..sources import load_model
 from ._common import add_out_arg, out_dir
 
-# The atlas budget of the demo: 6 channels per layer, short feature visualizations, a scan of
-# 256 windows of the built-in sample set, on DEMO_LAYERS.
-DEMO_SETTINGS = AtlasSettings(channels_per_layer=6, steps=64, feature_size=96, top=9, scan_images="samples",
-                              scan_limit=256)
+# The atlas budget of the demo: every channel of the narrowest stage output (blocks.0.0.bn2, 16
+# channels, shallow, so cheap to visualize), 6 channels of each other layer, short feature
+# visualizations, a scan of 256 windows of the built-in sample set, on DEMO_LAYERS.
+DEMO_FULL_LAYERS = ("blocks.0.0.bn2",)
+DEMO_SETTINGS = AtlasSettings(channels_per_layer=6, full_layers=DEMO_FULL_LAYERS, steps=64, feature_size=96, top=9,
+                              scan_images="samples", scan_limit=256)
 # The default model's stem, the output of each of its 7 stages, and its head. The stage outputs
 # are linear bottlenecks (conv + BN, no ReLU6): their strongest units are not tied at the cap of 6,
 # so the scan's top 9 are distinct and guided backprop is not zero there (the deconv and scan

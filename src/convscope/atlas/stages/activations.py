@@ -1,23 +1,40 @@
 """The activations stage: per layer, each photo's channel grid and strongest-channel overlay, each
-visualised channel's heat map over each photo, and every channel's peak per photo."""
+visualised channel's heat map on each photo, and every channel's peak and sparsity on the photos."""
 
 from __future__ import annotations
 
 import time
 
 import numpy as np
+from PIL import Image
 from tqdm import tqdm
 
 from ... import render
 from ...layers import LayerInfo
 from ...methods.activations import ActivationResult
 from ..context import BuildContext, Stage
-from ..store import sig_figures
+from ..store import pack_row, sig_figures
 
-__all__ = ["ActivationsStage", "MAP_BUDGET_BYTES"]
+__all__ = ["ActivationsStage", "MAP_BUDGET_BYTES", "HEAT_SIDE"]
 
 # Feature maps held in memory at once by the activations stage (all photos of a group of layers).
 MAP_BUDGET_BYTES = 384 * 2**20
+# A channel's heat maps are stored at the feature map's own resolution, at most this many pixels on
+# the longer side, coloured, all photos' in one lossless WebP row per channel (a few hundred bytes
+# to a few KB); the page lays each over its shared photo (the browser's smooth upscaling and 50%
+# opacity reproduce render.overlay_heatmap), instead of one blended photo per channel and photo
+# (~20 KB each).
+HEAT_SIDE = 56
+
+
+def heat_image(heat: np.ndarray, low: float, high: float, cmap: str) -> Image.Image:
+    """``heat (h, w)`` scaled by ``low..high``, shrunk to :data:`HEAT_SIDE` (bilinear), coloured by ``cmap``."""
+    scaled = (heat - low) / (high - low) if high > low else np.zeros_like(heat)
+    gray = Image.fromarray(np.clip(scaled * 255.0 + 0.5, 0, 255).astype(np.uint8))
+    if max(gray.size) > HEAT_SIDE:
+        ratio = HEAT_SIDE / max(gray.size)
+        gray = gray.resize((max(1, round(gray.width * ratio)), max(1, round(gray.height * ratio))), Image.BILINEAR)
+    return Image.fromarray(render.colorize(np.asarray(gray, dtype=np.float32) / 255.0, cmap))
 
 
 def _grid_columns(channels: int, height: int, width: int) -> int:
@@ -32,7 +49,7 @@ class ActivationsStage(Stage):
     """
 
     name = "activations"
-    version = 2
+    version = 3  # 3: heat maps laid over the photo, WebP, sparsity
 
     def settings(self, ctx, layer):
         return {"photos": ctx.photos_key, "cmap": ctx.settings.cmap}
@@ -75,12 +92,16 @@ class ActivationsStage(Stage):
         peaks = np.stack([m.reshape(count, -1).max(axis=1) for m in stack])   # (photos, C)
         lows = np.stack([m.reshape(count, -1).min(axis=1) for m in stack])
         means = np.stack([m.reshape(count, -1).mean(axis=1) for m in stack])
+        # Sparsity: the share of positions, over all photos, where the channel is at or below zero.
+        at_or_below = np.stack([(m.reshape(count, -1) <= 0).sum(axis=1) for m in stack]).sum(axis=0)
+        sparsity = at_or_below / sum(m[0].size for m in stack)
         # One scale per channel, shared by all photos, so the photos can be compared. It starts at 0
         # when the channel fires at all: the overlay shows where it fires, and a signed (linear)
         # layer's negative values would otherwise tint the whole photo. The page states the scale.
         raw_low, scale_high = lows.min(axis=0), peaks.max(axis=0)
         scale_low = np.where(scale_high > 0, np.maximum(raw_low, 0.0), raw_low)
         photos: dict[str, dict] = {}
+        heats: dict[int, list[Image.Image]] = {c: [] for c in channels}
         for i, (photo, maps) in enumerate(zip(ctx.photos, stack)):
             title = f"{layer.label} on {photo.name}"
             cols = _grid_columns(count, *maps.shape[1:])
@@ -88,29 +109,35 @@ class ActivationsStage(Stage):
             result = ActivationResult(photo.rgb, [layer], {layer.name: maps}, ctx.loaded.title)
             entry = {
                 "grid": ctx.picture(ctx.data_path(self.name, layer, f"{photo.slug}_grid.png"), grid),
-                "overlay": ctx.picture(ctx.data_path(self.name, layer, f"{photo.slug}_top.jpg"),
-                                       result.overlay(layer, top=min(6, count), cmap=cmap), fmt="jpeg"),
+                "overlay": ctx.picture(ctx.data_path(self.name, layer, f"{photo.slug}_top.webp"),
+                                       result.overlay(layer, top=min(6, count), cmap=cmap), fmt="webp"),
                 "channels": {},
             }
             for c in channels:
-                heat = render.overlay_heatmap(photo.rgb, maps[c], cmap=cmap, low=float(scale_low[c]),
-                                              high=float(scale_high[c]))
+                heats[c].append(heat_image(maps[c], float(scale_low[c]), float(scale_high[c]), cmap))
                 position = np.unravel_index(int(maps[c].argmax()), maps[c].shape)
                 entry["channels"][str(c)] = {
-                    "overlay": ctx.picture(ctx.data_path(self.name, layer, f"{photo.slug}/c{c:04d}.jpg"), heat,
-                                           fmt="jpeg"),
                     "peak": float(f"{peaks[i, c]:.4g}"),
                     "argmax": [int(position[0]), int(position[1])],
                 }
             photos[photo.slug] = entry
             bar.update(1)
+        strips = {}
+        for c in channels:
+            row, boxes = pack_row(heats.pop(c))
+            strips[str(c)] = ctx.picture(ctx.data_path(self.name, layer, f"c{c:04d}_heat.webp"), row, fmt="webp",
+                                         lossless=True, screen_width=10**6)
+            for photo, box in zip(ctx.photos, boxes):
+                photos[photo.slug]["channels"][str(c)]["cell"] = box
         silent = np.flatnonzero((peaks <= 0).all(axis=0))
         return {
             "photos": photos,
+            "heat": strips,
             "photo_order": [p.slug for p in ctx.photos],
             "peaks": [sig_figures(row) for row in peaks],
             "means": [sig_figures(row) for row in means],
             "scale": {str(c): sig_figures([scale_low[c], scale_high[c], raw_low[c]]) for c in channels},
             "silent": [int(c) for c in silent],
+            "sparsity": sig_figures(sparsity, 3),
             "num_channels": count,
         }

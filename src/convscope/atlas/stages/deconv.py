@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 import torch
+from PIL import Image
 
 from ...errors import ConvscopeError
 from ...hooks import StopForward, frozen, recording
@@ -27,7 +28,7 @@ from ...rectifiers import (
     resolve_projection,
 )
 from ..context import Stage
-from ..store import Picture, read_json
+from ..store import pack_row, read_json
 
 __all__ = ["DeconvStage", "DECONV_METHODS", "choose_projection", "projection_method"]
 
@@ -104,6 +105,12 @@ def _op_name(node: str) -> str:
 
 # Distinct images per project_units call (they are batched inside; this bounds the memory).
 DECONV_IMAGES = 32
+# Projections are stored at the size the channel page shows them (longer side, px), a channel's
+# top-k in one WebP row (see store.pack_row); the patch beside each one is not a file: the page
+# crops it from the shared source image.
+PROJECTION_SIDE = 112
+# Channels whose projections on the photos are held in memory at once (without a scan).
+PHOTO_CHUNK = 256
 
 
 class DeconvStage(Stage):
@@ -128,7 +135,7 @@ class DeconvStage(Stage):
     """
 
     name = "deconv"
-    version = 3
+    version = 4  # 4: projections as display-size WebP, patches cropped from the source on the page
 
     def settings(self, ctx, layer):
         scan = ctx.keys.get(("scan", layer.name)) if ctx.record("scan", layer) else None
@@ -205,9 +212,24 @@ class DeconvStage(Stage):
                 proj.maps[fallback] = again.maps
         return proj, fallback
 
-    def _projection_picture(self, ctx, layer, name, projection, photo, box) -> Picture:
+    @staticmethod
+    def _projection_image(projection, photo, box) -> Image.Image:
+        """The projection cropped to ``box``, shrunk to at most :data:`PROJECTION_SIDE` px."""
         image, _ = render_projection_pair(projection, photo, box)
-        return ctx.picture(ctx.data_path(self.name, layer, name), image)
+        if max(image.size) > PROJECTION_SIDE:
+            ratio = PROJECTION_SIDE / max(image.size)
+            image = image.resize((max(1, round(image.width * ratio)), max(1, round(image.height * ratio))),
+                                 Image.LANCZOS)
+        return image
+
+    def _save_row(self, ctx, layer, channel: int, entries: list[dict]) -> None:
+        """Write the channel's projections (``entries[i]["projection"]``, images) as one row; each entry's
+        ``projection`` becomes that row's :data:`Picture` plus its ``cell`` in it."""
+        row, boxes = pack_row([e["projection"] for e in entries], fill=(128, 128, 128))
+        picture = ctx.picture(ctx.data_path(self.name, layer, f"c{channel:04d}.webp"), row, fmt="webp",
+                              screen_width=10**6)
+        for entry, box in zip(entries, boxes):
+            entry["projection"] = {**picture, "cell": box}
 
     def _from_scan(self, ctx, layer, rule: Rule, redo: bool, scan: dict, bar) -> dict:
         images = ctx.image_set()
@@ -235,50 +257,52 @@ class DeconvStage(Stage):
                 at = 0
                 for c in chunk:
                     for e in per_channel[c]:
-                        e["projection"] = self._projection_picture(
-                            ctx, layer, f"c{int(c):04d}_{e['rank']}.png", proj.maps[at], pixels[slot[e["image_id"]]],
-                            e["box"])
+                        e["projection"] = self._projection_image(proj.maps[at], pixels[slot[e["image_id"]]], e["box"])
                         e["fallback"] = bool(fallback[at])
                         e["rerun_value"] = float(f"{float(proj.values[at]):.4g}")
                         scale = max(abs(per_channel[c][0]["value"]), 1e-6)
                         drift = max(drift, abs(e["rerun_value"] - e["value"]) / scale)
                         at += 1
+                for c in chunk:
+                    if per_channel[c]:
+                        self._save_row(ctx, layer, int(c), per_channel[c])
             bar.update(len(chunk))
         return {"per_channel": per_channel, "from": "scan", "max_drift": drift,
                 "description": scan.get("description", "")}
 
     def _from_photos(self, ctx, layer, rule: Rule, redo: bool, bar) -> dict:
         acts = ctx.record("activations", layer)
-        channels = ctx.channels(layer)
-        candidates: dict[int, list[dict]] = {c: [] for c in channels}
         photos_record = read_json(ctx.out / "records" / "photos.json") or {}
         photo_pics = {p["slug"]: p["image"] for p in photos_record.get("photos", [])}
-        for photo in ctx.photos:
-            if acts is not None:
-                entry = acts["photos"][photo.slug]["channels"]
-                units = [Unit(c, *entry[str(c)]["argmax"]) for c in channels]
-            else:
-                units = strongest_units(ctx.loaded, ctx.tensor(photo.rgb), layer, channels)
-            proj, fallback = self._project(ctx, layer, rule, redo, [photo.rgb], units)
-            for i, unit in enumerate(units):
-                box = [int(v) for v in proj.boxes[i]]
-                top, left, bottom, right = box
-                candidates[unit.channel].append({
-                    "value": float(f"{float(proj.values[i]):.4g}"), "image": photo.name, "row": unit.row,
-                    "col": unit.col, "box": box, "clipped": bool(proj.clipped[i]), "fallback": bool(fallback[i]),
-                    "image_size": list(photo.rgb.shape[:2]),
-                    "source": photo_pics.get(photo.slug) or ctx.picture(f"data/photos/{photo.slug}.jpg", photo.rgb,
-                                                                         fmt="jpeg"),
-                    "patch": ctx.picture(ctx.data_path(self.name, layer, f"c{unit.channel:04d}_{photo.slug}_patch.png"),
-                                         photo.rgb[top:bottom, left:right]),
-                    "projection": self._projection_picture(
-                        ctx, layer, f"c{unit.channel:04d}_{photo.slug}.png", proj.maps[i], photo.rgb, box),
-                })
+        all_channels = ctx.channels(layer)
         per_channel = {}
-        for c in channels:
-            ranked = sorted(candidates[c], key=lambda e: -e["value"])[:ctx.settings.top]
-            per_channel[str(c)] = [{**e, "rank": k} for k, e in enumerate(ranked)]
-            bar.update(1)
+        for first in range(0, len(all_channels), PHOTO_CHUNK):
+            channels = all_channels[first:first + PHOTO_CHUNK]
+            candidates: dict[int, list[dict]] = {c: [] for c in channels}
+            for photo in ctx.photos:
+                if acts is not None:
+                    entry = acts["photos"][photo.slug]["channels"]
+                    units = [Unit(c, *entry[str(c)]["argmax"]) for c in channels]
+                else:
+                    units = strongest_units(ctx.loaded, ctx.tensor(photo.rgb), layer, channels)
+                proj, fallback = self._project(ctx, layer, rule, redo, [photo.rgb], units)
+                for i, unit in enumerate(units):
+                    box = [int(v) for v in proj.boxes[i]]
+                    candidates[unit.channel].append({
+                        "value": float(f"{float(proj.values[i]):.4g}"), "image": photo.name, "row": unit.row,
+                        "col": unit.col, "box": box, "clipped": bool(proj.clipped[i]), "fallback": bool(fallback[i]),
+                        "image_size": list(photo.rgb.shape[:2]),
+                        "source": photo_pics.get(photo.slug) or ctx.picture(f"data/photos/{photo.slug}.jpg",
+                                                                             photo.rgb, fmt="jpeg"),
+                        "projection": self._projection_image(proj.maps[i], photo.rgb, box),
+                    })
+            for c in channels:
+                ranked = sorted(candidates.pop(c), key=lambda e: -e["value"])[:ctx.settings.top]
+                entries = [{**e, "rank": k} for k, e in enumerate(ranked)]
+                if entries:
+                    self._save_row(ctx, layer, c, entries)
+                per_channel[str(c)] = entries
+                bar.update(1)
         return {"per_channel": per_channel, "from": "photos",
                 "description": "No dataset scan in this atlas: the channel's strongest unit on each photo, "
                                "strongest first."}

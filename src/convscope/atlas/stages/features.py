@@ -1,24 +1,29 @@
 """The features stage: per layer, the feature visualization of each visualised channel, with its
-objective and ``dead`` flag (:func:`convscope.visualize_features`), and a sheet of them all."""
+objective and ``dead`` flag (:func:`convscope.visualize_features`), and sprite sheets of them all."""
 
 from __future__ import annotations
 
 import time
 
-import numpy as np
 from PIL import Image
 
-from ... import render
 from ...layers import LayerInfo
 from ...methods.features import visualize_features
 from ...precision import PICTURE
 from ..context import ATLAS_RECIPE, BuildContext, Stage
 from ..store import Picture, read_json, record_files, sig_figure, write_record
 
-__all__ = ["FeaturesStage", "FEATURE_CHUNK"]
+__all__ = ["FeaturesStage", "FEATURE_CHUNK", "FEATURE_QUALITY", "SPRITE_TILE", "SPRITE_COLS", "SPRITE_ROWS"]
 
 # Channels optimized per call of visualize_features: a crash loses at most one such chunk.
 FEATURE_CHUNK = 16
+# WebP quality of a channel's feature visualization: the channel page's main picture.
+FEATURE_QUALITY = 90
+# The layer page shows every channel as a tile of a sprite sheet: SPRITE_COLS x SPRITE_ROWS tiles of
+# SPRITE_TILE px per sheet, so a layer of 1,280 channels is 5 pictures, not 1,280.
+SPRITE_TILE = 64
+SPRITE_COLS = 16
+SPRITE_ROWS = 16
 
 
 class FeaturesStage(Stage):
@@ -30,7 +35,7 @@ class FeaturesStage(Stage):
     """
 
     name = "features"
-    version = 2  # 2: "dead" relative to the layer's scale
+    version = 3  # 2: "dead" relative to the layer's scale; 3: WebP images and sprite sheets
 
     def settings(self, ctx, layer):
         s = ctx.settings
@@ -64,7 +69,7 @@ class FeaturesStage(Stage):
                     bar.update(len(chunk))
                 s = ctx.settings
                 ctx.save_record(self, layer, {
-                    "per_channel": per_channel, "sheet": self._sheet(ctx, layer, per_channel, recipe),
+                    "per_channel": per_channel, "sprites": self._sprites(ctx, layer, per_channel),
                     "recipe": recipe, "steps": s.steps, "size": s.feature_size, "seed": s.seed,
                     "precision": ctx.precision(PICTURE).as_dict(),
                     "dead": sorted(int(c) for c, v in per_channel.items() if v["dead"]),
@@ -72,17 +77,22 @@ class FeaturesStage(Stage):
                 for part in parts:
                     part.unlink(missing_ok=True)
 
+    @staticmethod
+    def options(settings) -> dict:
+        """The keyword arguments of :func:`visualize_features` for ``settings`` (the calibration uses them too)."""
+        return {"recipe": settings.recipe or ATLAS_RECIPE, "steps": settings.steps, "size": settings.feature_size,
+                "seed": settings.seed}
+
     def _visualize(self, ctx: BuildContext, layer: LayerInfo, chunk: list[int]) -> tuple[dict[str, dict], str]:
         """The entries of one chunk of channels, their images written, and the recipe's name."""
-        s = ctx.settings
-        result = visualize_features(ctx.loaded, layer, chunk, recipe=s.recipe or ATLAS_RECIPE, steps=s.steps,
-                                    size=s.feature_size, seed=s.seed, photos={p.slug: p.rgb for p in ctx.photos},
-                                    precision=ctx.precision(PICTURE))
+        result = visualize_features(ctx.loaded, layer, chunk, photos={p.slug: p.rgb for p in ctx.photos},
+                                    precision=ctx.precision(PICTURE), **self.options(ctx.settings))
         done = {}
         for image, rec in zip(result.images, result.records):
             c = int(rec["channel"])
             done[str(c)] = {
-                "image": ctx.picture(ctx.data_path(self.name, layer, f"c{c:04d}.png"), image),
+                "image": ctx.picture(ctx.data_path(self.name, layer, f"c{c:04d}.webp"), image, fmt="webp",
+                                     quality=FEATURE_QUALITY),
                 "objective": sig_figure(rec.get("objective")), "start": sig_figure(rec.get("start")),
                 "ratio": sig_figure(rec.get("ratio")), "photo_best": sig_figure(rec.get("photo_best")),
                 "dead": bool(rec.get("dead")),
@@ -90,18 +100,24 @@ class FeaturesStage(Stage):
         return done, result.recipe.name
 
     @staticmethod
-    def _sheet(ctx: BuildContext, layer: LayerInfo, per_channel: dict[str, dict], recipe: str | None) -> Picture:
-        """All visualised channels of the layer as one picture, labelled with their numbers."""
-        tiles = []
-        for c in sorted(per_channel, key=int):
-            entry = per_channel[c]
-            with Image.open(ctx.out / entry["image"]["full"]) as im:
-                tile = im.convert("RGB")
-            tiles.append(render.label_image(tile, f"{c} dead" if entry["dead"] else c, size=11))
-        width = max(t.width for t in tiles)
-        height = max(t.height for t in tiles)
-        stack = np.stack([np.asarray(t.resize((width, height))) for t in tiles])
-        grid = Image.fromarray(render.tile(stack, cols=min(8, len(tiles)), sep=2, sep_value=(255, 255, 255)))
-        strip = render.title_strip(grid.width, [f"{layer.label}: feature visualization, {recipe} recipe",
-                                                ctx.loaded.title])
-        return ctx.picture(ctx.data_path("features", layer, "sheet.png"), render.stack_vertical([strip, grid]))
+    def _sprites(ctx: BuildContext, layer: LayerInfo, per_channel: dict[str, dict]) -> list[Picture]:
+        """Sprite sheets of the layer's feature visualizations, :data:`SPRITE_TILE` px tiles in channel order.
+
+        Each channel's entry gets ``tile = [sheet, x, y]``, its sheet and its tile's pixel offset.
+        """
+        per_sheet = SPRITE_COLS * SPRITE_ROWS
+        order = sorted(per_channel, key=int)
+        sheets = []
+        for first in range(0, len(order), per_sheet):
+            chunk = order[first:first + per_sheet]
+            cols = min(SPRITE_COLS, len(chunk))
+            rows = -(-len(chunk) // cols)
+            sheet = Image.new("RGB", (cols * SPRITE_TILE, rows * SPRITE_TILE), (204, 204, 204))
+            for i, c in enumerate(chunk):
+                with Image.open(ctx.out / per_channel[c]["image"]["full"]) as im:
+                    tile = im.convert("RGB").resize((SPRITE_TILE, SPRITE_TILE), Image.LANCZOS)
+                x, y = (i % cols) * SPRITE_TILE, (i // cols) * SPRITE_TILE
+                sheet.paste(tile, (x, y))
+                per_channel[c]["tile"] = [len(sheets), x, y]
+            sheets.append(ctx.picture(ctx.data_path("features", layer, f"sprite{len(sheets)}.webp"), sheet, fmt="webp"))
+        return sheets

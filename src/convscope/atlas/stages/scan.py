@@ -1,5 +1,5 @@
 """The scan stage: per layer, the top-k images of each visualised channel over a data set
-(:func:`convscope.scan`), with their patches and one shared copy of each source image."""
+(:func:`convscope.scan`), with one shared copy of each source image (the pages crop the patches from it)."""
 
 from __future__ import annotations
 
@@ -25,18 +25,18 @@ def _source_picture(ctx: BuildContext, kind: str, image_id: str, pixels: np.ndar
     and the picture settings, so a later build with another image set or size never shows
     an earlier build's photo that happens to have the same id.
     """
-    digest = hashlib.sha1(pixels.tobytes() + f"{pixels.shape}|jpeg|{SCREEN_WIDTH}".encode()).hexdigest()[:16]
-    rel = f"data/{kind}-images/{image_id}-{digest}.jpg"
+    digest = hashlib.sha1(pixels.tobytes() + f"{pixels.shape}|webp|{SCREEN_WIDTH}".encode()).hexdigest()[:16]
+    rel = f"data/{kind}-images/{image_id}-{digest}.webp"
     cached = ctx.sources.get(rel)
     if cached is None:
         height, width = pixels.shape[:2]
-        small_rel = rel[:-len(".jpg")] + ".screen.jpg"
+        small_rel = rel[:-len(".webp")] + ".screen.jpg"
         if (ctx.out / rel).is_file() and (width <= SCREEN_WIDTH or (ctx.out / small_rel).is_file()):
             cached = {"src": rel, "full": rel, "width": width, "height": height}
             if width > SCREEN_WIDTH:
                 cached.update(src=small_rel, width=SCREEN_WIDTH, height=max(1, round(height * SCREEN_WIDTH / width)))
         else:
-            cached = ctx.picture(rel, pixels, fmt="jpeg")
+            cached = ctx.picture(rel, pixels, fmt="webp")
         ctx.sources[rel] = cached
     return cached
 
@@ -49,7 +49,7 @@ class ScanStage(Stage):
     """
 
     name = "scan"
-    version = 1
+    version = 2  # 2: WebP sources; patches cropped from them on the page
 
     def unavailable(self, ctx):
         if ctx.settings.scan_images is None:
@@ -83,15 +83,12 @@ class ScanStage(Stage):
                 entries = []
                 for example in result.examples(layer, c):
                     pixels = load(example.image)
-                    top, left, bottom, right = example.box
                     entries.append({
                         "rank": example.rank, "image_id": example.image, "image": example.path,
                         "value": float(f"{example.value:.4g}"), "row": example.row, "col": example.col,
                         "box": list(example.box), "clipped": bool(example.clipped),
                         "image_size": list(images.size),
                         "source": _source_picture(ctx, self.name, str(example.image), pixels),
-                        "patch": ctx.picture(ctx.data_path(self.name, layer, f"c{c:04d}_{example.rank}.png"),
-                                             pixels[top:bottom, left:right]),
                     })
                 per_channel[str(c)] = entries
             ctx.save_record(self, layer, {

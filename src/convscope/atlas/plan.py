@@ -1,0 +1,203 @@
+"""What an atlas will cost, before it starts, and a budget that chooses what to build.
+
+**Time** comes from a calibration on this machine with the build's own settings: on up to
+:data:`CALIBRATION_LAYERS` of the chosen layers, spread over depth (the first, the last and
+the middle), one chunk of channels (as the features stage optimizes them) is visualized for
+:data:`CALIBRATION_STEPS` steps, which gives seconds per step and the fixed cost of a chunk
+(the photos' reference pass and the final scoring), and a few units are projected, which gives
+seconds per projection. A layer between sampled layers takes the rates of the nearest sampled
+layer deeper than it (a conservative guess: cost grows with depth). A layer's time is then its
+chunks x (steps x seconds per step + fixed cost) plus its projections (``top`` per channel from
+a scan, else one per photo); the activations and pages stages, a few per cent of a build, are
+left out.
+
+**Size** is per channel: the calibration's own feature images encoded as the atlas stores
+them, plus :data:`BYTES_PER_EXAMPLE` per projection, :data:`BYTES_PER_PHOTO` per heat map and
+:data:`BYTES_PER_PAGE` for the channel page and records (averages measured by
+``benchmarks/atlas.py`` on the default model).
+
+**Budget** (:func:`fit_budget`): every chosen layer keeps its first ``N`` channels, with the
+largest ``N`` whose projected time fits; so layers up to ``N`` channels wide come out whole and
+wider ones show their first ``N``. When even one channel per layer does not fit, the layers are
+thinned to an evenly spaced subset (keeping the first and the last) that does.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import time
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..layers import LayerInfo
+from ..methods.deconv import Unit, project_units
+from ..methods.features import visualize_features
+from ..models import LoadedModel
+from ..precision import PICTURE, resolve_precision
+from .context import AtlasSettings
+from .stages.deconv import projection_method
+from .stages.features import FEATURE_CHUNK, FEATURE_QUALITY, FeaturesStage
+
+__all__ = ["AtlasPlan", "LayerRate", "calibrate", "plan_atlas", "fit_budget", "CONFIRM_HOURS"]
+
+CALIBRATION_LAYERS = 3
+CALIBRATION_STEPS = 4
+CALIBRATION_UNITS = 4
+# Above this projected time `convscope atlas` asks for --yes (or --budget).
+CONFIRM_HOURS = 1.0
+# Bytes per projection, per heat map (one photo) and per channel page with its share of the records.
+BYTES_PER_EXAMPLE = 2_600
+BYTES_PER_PHOTO = 700
+BYTES_PER_PAGE = 10_000
+
+
+@dataclass(frozen=True)
+class LayerRate:
+    """Measured costs on one layer: seconds per optimization step and channel, fixed seconds per
+    chunk, seconds per projected unit, and the stored bytes of one feature image."""
+
+    step: float
+    fixed: float
+    projection: float
+    feature_bytes: float
+
+
+@dataclass
+class AtlasPlan:
+    """The projected cost of an atlas: per layer, channels, seconds and bytes."""
+
+    settings: AtlasSettings
+    layers: list[LayerInfo]
+    channels: dict[str, int]
+    seconds: dict[str, float]
+    bytes: dict[str, float]
+    calibration_seconds: float = 0.0
+
+    @property
+    def hours(self) -> float:
+        return sum(self.seconds.values()) / 3600
+
+    @property
+    def total_channels(self) -> int:
+        return sum(self.channels.values())
+
+    @property
+    def total_bytes(self) -> float:
+        return sum(self.bytes.values())
+
+    def describe(self) -> str:
+        whole = sum(self.channels[layer.name] == layer.channels for layer in self.layers)
+        return (f"{len(self.layers)} layers ({whole} whole), {self.total_channels} channels: projected "
+                f"{_duration(self.hours)} and {_size(self.total_bytes)} on this machine "
+                f"(~{self.total_bytes / max(self.total_channels, 1) / 1024:.0f} KB per channel)")
+
+
+def _duration(hours: float) -> str:
+    return f"{hours * 60:.0f} min" if hours < 1 else f"{hours:.1f} h"
+
+
+def _size(nbytes: float) -> str:
+    return f"{nbytes / 2**20:.0f} MB" if nbytes < 2**30 else f"{nbytes / 2**30:.1f} GB"
+
+
+def _spread(count: int, keep: int) -> list[int]:
+    """``keep`` indices of ``range(count)`` evenly spread, the first and the last included."""
+    if keep >= count:
+        return list(range(count))
+    if keep == 1:
+        return [count - 1]
+    return sorted({round(i * (count - 1) / (keep - 1)) for i in range(keep)})
+
+
+def calibrate(loaded: LoadedModel, layers: list[LayerInfo], settings: AtlasSettings,
+              photos: dict[str, np.ndarray] | None = None, samples: int = CALIBRATION_LAYERS) -> dict[str, LayerRate]:
+    """:class:`LayerRate` for every layer in ``layers``, measured on ``samples`` of them (see the module notes).
+
+    Stages in ``settings.skip`` are not measured and cost nothing.
+    """
+    positions = _spread(len(layers), samples)
+    sampled = [layers[i] for i in positions]
+    rule = projection_method(loaded, settings.deconv_method)
+    measured: dict[str, LayerRate] = {}
+    for layer in sampled:
+        step = fixed = feature_bytes = projection = 0.0
+        if "features" not in settings.skip:
+            chunk = list(range(min(FEATURE_CHUNK, layer.channels)))
+            start = time.perf_counter()
+            options = {**FeaturesStage.options(settings), "steps": CALIBRATION_STEPS}
+            precision = resolve_precision(settings.precision, loaded.device, purpose=PICTURE, module=loaded.module)
+            result = visualize_features(loaded, layer, chunk, photos=photos, precision=precision, **options)
+            fixed = max(time.perf_counter() - start - result.seconds, 0.0)
+            step = result.seconds / CALIBRATION_STEPS / len(chunk)
+            sizes = []
+            for image in result.images:
+                buffer = io.BytesIO()
+                Image.fromarray(image).save(buffer, format="WEBP", quality=FEATURE_QUALITY)
+                sizes.append(buffer.tell())
+            feature_bytes = float(np.mean(sizes))
+        if "deconv" not in settings.skip:
+            projection = _projection_rate(loaded, layer, rule, photos)
+        measured[layer.name] = LayerRate(step, fixed, projection, feature_bytes)
+    rates = {}
+    for i, layer in enumerate(layers):  # the rates of the nearest sampled layer at or after it
+        nearest = next(p for p in positions if p >= i)
+        rates[layer.name] = measured[layers[nearest].name]
+    return rates
+
+
+def _projection_rate(loaded: LoadedModel, layer: LayerInfo, rule, photos: dict[str, np.ndarray] | None) -> float:
+    """Seconds per projected unit on ``layer`` (a few units of one image, as the deconv stage batches them)."""
+    size = loaded.preprocessing.input_size
+    if photos:
+        x = loaded.preprocessing.to_tensor(loaded.preprocessing.fit(next(iter(photos.values()))), loaded.device)
+    else:
+        x = torch.rand((1, 3, *size), generator=torch.Generator().manual_seed(0)).to(loaded.device)
+    units = [Unit(c % layer.channels, 0, 0) for c in range(CALIBRATION_UNITS)]
+    start = time.perf_counter()
+    project_units(loaded, x, layer, units, method=rule, strict=False)
+    return (time.perf_counter() - start) / len(units)
+
+
+def plan_atlas(layers: list[LayerInfo], settings: AtlasSettings, rates: dict[str, LayerRate], photos: int,
+               calibration_seconds: float = 0.0) -> AtlasPlan:
+    """The projected time and size of building ``layers`` with ``settings`` at the measured ``rates``."""
+    channels, seconds, sizes = {}, {}, {}
+    examples = settings.top if settings.scan_images is not None else min(settings.top, photos)
+    for layer in layers:
+        rate = rates[layer.name]
+        n = len(settings.channels(layer))
+        chunks = math.ceil(n / FEATURE_CHUNK)
+        channels[layer.name] = n
+        seconds[layer.name] = rate.step * settings.steps * n + rate.fixed * chunks + rate.projection * examples * n
+        shown = examples if "deconv" not in settings.skip else 0
+        sizes[layer.name] = n * (rate.feature_bytes + BYTES_PER_EXAMPLE * shown + BYTES_PER_PHOTO * photos
+                                 + BYTES_PER_PAGE)
+    return AtlasPlan(settings, list(layers), channels, seconds, sizes, calibration_seconds)
+
+
+def fit_budget(layers: list[LayerInfo], settings: AtlasSettings, rates: dict[str, LayerRate], photos: int,
+               hours: float) -> AtlasPlan:
+    """The plan that fits ``hours`` (see the module notes): the widest per-layer channel cap, then fewer layers."""
+    def plan(chosen, cap):
+        return plan_atlas(chosen, replace(settings, channels_per_layer=cap, full_layers=(),
+                                          layers=",".join(layer.name for layer in chosen)), rates, photos)
+
+    full = plan_atlas(layers, settings, rates, photos)
+    if full.hours <= hours:
+        return full
+    widest = max(layer.channels for layer in layers)
+    low, high = 1, widest
+    if plan(layers, 1).hours <= hours:
+        while low < high:  # the largest cap that fits
+            mid = (low + high + 1) // 2
+            low, high = (mid, high) if plan(layers, mid).hours <= hours else (low, mid - 1)
+        return plan(layers, low)
+    for keep in range(len(layers) - 1, 0, -1):
+        chosen = [layers[i] for i in _spread(len(layers), keep)]
+        if plan(chosen, 1).hours <= hours:
+            return plan(chosen, 1)
+    return plan(layers[-1:], 1)

@@ -1,0 +1,103 @@
+"""The atlas's projection and budget: calibration, the budget policy, and the CLI's --yes/--budget."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from convscope.atlas import AtlasSettings
+from convscope.atlas import plan as atlas_plan
+from convscope.atlas.driver import atlas_layers
+from convscope.atlas.plan import LayerRate, fit_budget, plan_atlas
+from convscope.cli import atlas as cli_atlas
+from convscope.cli.main import main
+from convscope.models import as_loaded
+
+LAYERS = "bn1,blocks.0.0.bn2,blocks.1.1.bn3,blocks.3.2.bn3,bn2"  # 32, 16, 24, 80 and 1280 channels
+SLOW = LayerRate(step=0.01, fixed=0.5, projection=0.05, feature_bytes=8000.0)
+
+
+@pytest.fixture
+def layers(default_model):
+    return atlas_layers(default_model, LAYERS)
+
+
+def test_the_default_is_every_channel_and_the_plan_counts_them(layers):
+    rates = {layer.name: SLOW for layer in layers}
+    plan = plan_atlas(layers, AtlasSettings(), rates, photos=8)
+    assert plan.channels == {layer.name: layer.channels for layer in layers}
+    # 256 steps x 0.01 s per channel, 0.5 s per chunk of 16, 8 projections (one per photo) x 0.05 s
+    bn2 = 1280 * (2.56 + 8 * 0.05) + 80 * 0.5
+    assert plan.seconds["bn2"] == pytest.approx(bn2)
+    assert plan.total_bytes / plan.total_channels < 60 * 1024
+
+
+def test_a_budget_keeps_every_layer_with_the_widest_cap_that_fits(layers):
+    rates = {layer.name: SLOW for layer in layers}
+    settings = AtlasSettings()
+    plan = fit_budget(layers, settings, rates, photos=8, hours=0.5)
+    cap = plan.settings.channels_per_layer
+    assert plan.hours <= 0.5 and 24 <= cap < 1280
+    assert plan.channels == {layer.name: min(layer.channels, cap) for layer in layers}  # narrow layers whole
+    wider = plan_atlas(layers, AtlasSettings(channels_per_layer=cap + 1), rates, 8)
+    assert wider.hours > 0.5                                                            # the widest cap that fits
+    whole = fit_budget(layers, settings, rates, photos=8, hours=100)
+    assert whole.settings == settings and whole.total_channels == sum(layer.channels for layer in layers)
+
+
+def test_a_tiny_budget_thins_the_layers_evenly(layers):
+    rates = {layer.name: LayerRate(step=1.0, fixed=0.0, projection=0.0, feature_bytes=1.0) for layer in layers}
+    plan = fit_budget(layers, AtlasSettings(), rates, photos=8, hours=3 * 256 / 3600)  # three channels' worth
+    assert [layer.name for layer in plan.layers] == ["bn1", "blocks.1.1.bn3", "bn2"]   # first, middle, last
+    assert plan.total_channels == 3 and plan.settings.layers == "bn1,blocks.1.1.bn3,bn2"
+
+
+def test_calibration_measures_this_machine():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 20, 3, stride=2), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(20, 4))
+    loaded = as_loaded(net)
+    layers = atlas_layers(loaded, None)
+    settings = AtlasSettings(steps=8, feature_size=32, top=2)
+    rates = atlas_plan.calibrate(loaded, layers, settings)
+    assert set(rates) == {layer.name for layer in layers}
+    for rate in rates.values():
+        assert rate.step > 0 and rate.fixed >= 0 and rate.projection > 0 and rate.feature_bytes > 50
+    plan = plan_atlas(layers, settings, rates, photos=3)
+    assert plan.total_channels == 26 and 0 < plan.hours < 0.1
+    assert "26 channels" in plan.describe()
+
+
+def test_cli_asks_for_yes_above_an_hour_and_fits_a_budget(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(atlas_plan, "calibrate", lambda loaded, layers, settings, photos: {
+        layer.name: SLOW for layer in layers})
+    out = tmp_path / "atlas"
+    assert main(["atlas", "--layers", LAYERS, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--yes" in err and "--budget" in err and "projected" in err
+    assert not out.exists()                                          # refused before anything was written
+
+    built = []
+
+    def fake_build(loaded, images, folder, settings):
+        built.append(settings)
+        raise SystemExit(0)
+    monkeypatch.setattr(cli_atlas, "build_atlas", fake_build)
+    with pytest.raises(SystemExit):
+        main(["atlas", "--layers", LAYERS, "--out", str(out), "--budget", "0.5"])
+    assert 24 <= built[0].channels_per_layer < 1280
+    assert "budget 0.5 h:" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["atlas", "--layers", LAYERS, "--out", str(out), "--yes"])
+    assert built[1].channels_per_layer is None                       # every channel
+    with pytest.raises(SystemExit):
+        main(["atlas", "--layers", LAYERS, "--out", str(out), "--channels", "4"])   # 0.2 h: no --yes needed
+    assert built[2].channels_per_layer == 4
+
+
+def test_skipped_stages_are_not_calibrated_and_cost_nothing(default_model, layers):
+    settings = AtlasSettings(skip=("features", "deconv"))
+    rates = atlas_plan.calibrate(default_model, layers[:1], settings)
+    assert rates["bn1"] == LayerRate(0.0, 0.0, 0.0, 0.0)
+    assert plan_atlas(layers[:1], settings, rates, photos=8).seconds == {"bn1": 0.0}
