@@ -64,23 +64,23 @@ def on_disk(size: int) -> int:
 
 def measure_files(out: Path, slugs: list[str]) -> dict:
     """Bytes of the built atlas by kind: per channel, per layer (per photo), scan sources, the rest."""
-    kinds = {"channel": [0, 0], "sprite": [0, 0], "records": [0, 0], "layer": [0, 0], "scan": [0, 0],
-             "shared": [0, 0]}
-    heat = [0, 0]
+    kinds = {"feature": [0, 0], "heat": [0, 0], "projections": [0, 0], "page": [0, 0], "sprite": [0, 0],
+             "records": [0, 0], "layer": [0, 0], "scan": [0, 0], "shared": [0, 0]}
     for path in out.rglob("*"):
         if not path.is_file():
             continue
         rel = path.relative_to(out).as_posix()
         size = path.stat().st_size
         if _PER_CHANNEL.match(rel):
-            kind = "channel"
-            if rel.endswith("_heat.webp"):
-                heat[0] += size
-                heat[1] += on_disk(size)
+            kind = ("heat" if rel.endswith("_heat.webp") else "page" if rel.endswith(".html") else
+                    "feature" if rel.startswith("data/features/") else "projections")
         elif "/sprite" in rel:
             kind = "sprite"
-        elif rel.startswith("records/") and any(rel.endswith(f"/{slug}.json") for slug in slugs):
-            kind = "records"
+        elif rel.startswith("records/") and not rel.startswith("records/activations/") and any(
+                rel.endswith(f"/{slug}.json") for slug in slugs):
+            kind = "records"  # the activations record holds every channel's peaks already: per layer
+        elif rel.startswith("records/activations/"):
+            kind = "layer"
         elif rel.startswith("data/scan-images/"):
             kind = "scan"
         elif any(f"/{slug}/" in rel for slug in slugs):
@@ -90,7 +90,7 @@ def measure_files(out: Path, slugs: list[str]) -> dict:
         kinds[kind][0] += size
         kinds[kind][1] += on_disk(size)
     scan_files = sum(1 for _ in (out / "data/scan-images").glob("*")) if (out / "data/scan-images").is_dir() else 0
-    return {"kinds": kinds, "heat": heat, "scan_files": scan_files}
+    return {"kinds": kinds, "scan_files": scan_files}
 
 
 def main() -> None:
@@ -171,11 +171,14 @@ def main() -> None:
     print(f"  {'total':<18} {hours:8.2f} wall hours (projected; this machine, CPU, {torch.get_num_threads()} threads)")
 
     # --- bytes
-    kinds, heat = files["kinds"], files["heat"]
+    kinds = files["kinds"]
     full_bytes = [0.0, 0.0]
+    # per channel and kind, for the whole atlas: heat maps scale with the photos
+    scale = {"heat": full_photos / photos_n}
+    per_kind = {k: kinds[k][0] * scale.get(k, 1.0) / built_channels / 1024
+                for k in ("feature", "heat", "projections", "page", "sprite", "records")}
     for i in (0, 1):
-        per_channel = (kinds["channel"][i] - heat[i] + heat[i] * full_photos / photos_n + kinds["sprite"][i]
-                       + kinds["records"][i]) / built_channels
+        per_channel = sum(kinds[k][i] * scale.get(k, 1.0) for k in per_kind) / built_channels
         per_layer = kinds["layer"][i] * full_photos / photos_n
         scan = kinds["scan"][i] / max(files["scan_files"], 1) * min(args.full_scan, channels * defaults.top)
         full_bytes[i] = per_channel * channels + per_layer + scan + kinds["shared"][i]
@@ -183,6 +186,9 @@ def main() -> None:
     print(f"\nbytes: the measured build holds {measured / 2**20:.1f} MB for {built_channels} channels; by kind (KB): "
           + ", ".join(f"{k} {v[0] / 1024:.0f}" for k, v in kinds.items()))
     apparent, disk = (b / channels / 1024 for b in full_bytes)
+    print("whole atlas, KB per channel by kind: " + ", ".join(f"{k} {v:.1f}" for k, v in per_kind.items())
+          + f", per-layer files {full_bytes[0] and (kinds['layer'][0] * full_photos / photos_n) / channels / 1024:.1f}"
+          + f", scan images {kinds['scan'][0] / max(files['scan_files'], 1) * min(args.full_scan, channels * defaults.top) / channels / 1024:.1f}")
     print(f"whole atlas: {full_bytes[0] / 2**30:.2f} GB, {apparent:.1f} KB per channel "
           f"({full_bytes[1] / 2**30:.2f} GB, {disk:.1f} KB per channel on disk in 4 KiB blocks)")
     _machine.footer(f"whole {args.model} atlas ({channels} channels, {defaults.steps} steps at {defaults.feature_size} px, "

@@ -3,9 +3,9 @@
 **Time** comes from a calibration on this machine with the build's own settings: on up to
 :data:`CALIBRATION_LAYERS` of the chosen layers, spread over depth (the first, the last and
 the middle), one chunk of channels (as the features stage optimizes them) is visualized for
-:data:`CALIBRATION_STEPS` steps, which gives seconds per step and the fixed cost of a chunk
-(the photos' reference pass and the final scoring), and a few units are projected, which gives
-seconds per projection. A layer between sampled layers takes the rates of the nearest sampled
+:data:`CALIBRATION_STEPS` steps after one warm-up step, which gives seconds per step and the
+fixed cost of a chunk (the photos' reference pass and the final scoring), and a few units are
+projected after a warm-up projection, which gives seconds per projection. A layer between sampled layers takes the rates of the nearest sampled
 layer deeper than it (a conservative guess: cost grows with depth). A layer's time is then its
 chunks x (steps x seconds per step + fixed cost) plus its projections (``top`` per channel from
 a scan, else one per photo); the activations and pages stages, a few per cent of a build, are
@@ -127,10 +127,14 @@ def calibrate(loaded: LoadedModel, layers: list[LayerInfo], settings: AtlasSetti
         step = fixed = feature_bytes = projection = 0.0
         if "features" not in settings.skip:
             chunk = list(range(min(FEATURE_CHUNK, layer.channels)))
+            options = {**FeaturesStage.options(settings),
+                       "precision": resolve_precision(settings.precision, loaded.device, purpose=PICTURE,
+                                                      module=loaded.module)}
+            # A first optimization step is many times slower than the others (allocations, kernel
+            # selection): one warm-up step on the same chunk keeps it out of the rate.
+            visualize_features(loaded, layer, chunk, photos=photos, **{**options, "steps": 1})
             start = time.perf_counter()
-            options = {**FeaturesStage.options(settings), "steps": CALIBRATION_STEPS}
-            precision = resolve_precision(settings.precision, loaded.device, purpose=PICTURE, module=loaded.module)
-            result = visualize_features(loaded, layer, chunk, photos=photos, precision=precision, **options)
+            result = visualize_features(loaded, layer, chunk, photos=photos, **{**options, "steps": CALIBRATION_STEPS})
             fixed = max(time.perf_counter() - start - result.seconds, 0.0)
             step = result.seconds / CALIBRATION_STEPS / len(chunk)
             sizes = []
@@ -157,6 +161,7 @@ def _projection_rate(loaded: LoadedModel, layer: LayerInfo, rule, photos: dict[s
     else:
         x = torch.rand((1, 3, *size), generator=torch.Generator().manual_seed(0)).to(loaded.device)
     units = [Unit(c % layer.channels, 0, 0) for c in range(CALIBRATION_UNITS)]
+    project_units(loaded, x, layer, units[:1], method=rule, strict=False)  # warm-up, as for the features
     start = time.perf_counter()
     project_units(loaded, x, layer, units, method=rule, strict=False)
     return (time.perf_counter() - start) / len(units)
