@@ -112,7 +112,8 @@ def test_default_layers_are_post_activation(net, photo):
         nxt = next((r for r in rows[layer.index + 1:] if r.kind not in ("pass", "block")), None)
         if nxt is not None and nxt.shape == layer.shape:
             assert nxt.kind != "act", (layer.name, nxt.name)
-    assert not [layer.name for layer in cat.features if layer.is_spatial and layer.shape[1:] == (1, 1)]
+    gates = [layer.name for layer in cat.features if layer.field == "global" and layer.shape[1:] == (1, 1)]
+    assert not gates  # squeeze-excite gate vectors are not feature layers
     # The recorded values are the rectified ones (a call's row is its output, not its input).
     result = convscope.activations(loaded, photo, names, size=loaded.preprocessing.input_size)
     for layer in result.layers:

@@ -15,8 +15,9 @@ Activations called as functions inside a module's ``forward`` (``F.relu``, ``F.g
 ``torch.relu``, ``x.relu_()``, ...) are layers too: the k-th call (from 0) of activation ``fn``
 made directly by module ``M``'s ``forward`` during one forward pass is named ``M.fn@fn`` for
 k = 0 and ``M.fn@fn<k>`` after (``Conv2d_1a_3x3.relu@fn``, ``block.relu@fn1``), counted over all
-calls of ``M``; ``relu@fn`` is a call made by the root model's own ``forward``. "Directly" means no submodule was running at the time, so
-``nn.ReLU``'s own ``F.relu`` belongs to that ``nn.ReLU``. Such rows are recorded by a
+calls of ``M``; ``relu@fn`` is a call made by the root model's own ``forward``. "Directly"
+means no submodule was running at the time, so ``nn.ReLU``'s own ``F.relu`` belongs to that
+``nn.ReLU``. Such rows are recorded by a
 :class:`~torch.overrides.TorchFunctionMode` that is pushed when the model's forward starts,
 after any rule mode the caller entered, so it sees the value that mode returns.
 """
