@@ -77,3 +77,18 @@ def test_scan_accepts_not_strict(tmp_path, capsys):
     assert main([*common, "--not-strict", "--out", str(tmp_path / "loose")]) == 0
     index = json.loads((tmp_path / "loose" / "scan.json").read_text())
     assert any(unit["figure"] for unit in index["layers"][0]["units"])
+
+
+@pytest.mark.slow
+def test_convnext_atlas_builds_with_default_projection(tmp_path):
+    out = tmp_path / "atlas"
+    layers = "features.0.0,features.1.1.block.0"
+    assert main(["atlas", "--model", "convnext_tiny", "--random", "--layers", layers, *BUDGET, "--out", str(out)]) == 0
+    records = {record["layer"]: record for record in _deconv_records(out).values()}
+    assert records["features.0.0"]["method"] == "guided"
+    block = records["features.1.1.block.0"]
+    assert block["method"] == "gradient" and "guided backprop undefined" in block["reason"]
+    for record in records.values():
+        page = (out / "L" / record["slug"] / "index.html").read_text()
+        label = {"guided": "guided backprop", "gradient": "plain gradient"}[record["method"]]
+        assert f'class="projection">{label}' in page

@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import convscope
@@ -68,3 +69,47 @@ def test_recording_unknown_layer_suggests():
     with pytest.raises(ConvscopeError, match="Did you mean"):
         with recording(model, ["00"]):
             pass
+
+
+class _Functional(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        y = F.relu(self.conv(x))
+        z = F.gelu(self.conv(x))
+        return self.act(y).relu_() + z  # nn.ReLU's own F.relu is that module's row, not ours
+
+
+def test_functional_activation_rows_are_recorded_per_caller_and_call():
+    from convscope.layers import build_catalogue
+
+    torch.manual_seed(0)
+    model = _Functional().eval()
+    x = torch.randn(1, 3, 8, 8)
+    names = [layer.name for layer in build_catalogue(model, (8, 8))]
+    assert [n for n in names if "@fn" in n] == ["relu@fn", "gelu@fn", "relu@fn1"]
+    assert names.count("act") == 1  # a leaf module's own call is folded into its row
+    before = model_state(model)
+    out = convscope.capture(model, x, ["relu@fn", "gelu@fn", "relu@fn1"])
+    conv = model.conv(x)
+    torch.testing.assert_close(out["relu@fn"], conv.clamp(min=0))
+    torch.testing.assert_close(out["gelu@fn"], F.gelu(conv))
+    torch.testing.assert_close(out["relu@fn1"], conv.clamp(min=0))
+    assert model_state(model) == before
+    assert torch._C._len_torch_function_stack() == 0  # the mode left with the forward (it stopped early)
+    with pytest.raises(ConvscopeError, match="unknown layer"):
+        convscope.capture(model, x, ["nothere.relu@fn"])
+
+
+def test_functional_rows_see_the_rule_of_the_callers_mode():
+    from convscope.rectifiers import backward_rule
+
+    torch.manual_seed(0)
+    model = _Functional().eval()
+    x = torch.randn(1, 3, 8, 8, requires_grad=True)
+    with recording(model, ["relu@fn"], detach=False, clone=False) as store, backward_rule("deconvnet") as mode:
+        model(x)
+    assert mode.counts["relu"] == 3 and "RuleFunction" in type(store["relu@fn"].grad_fn).__name__

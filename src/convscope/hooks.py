@@ -10,20 +10,35 @@
   records without copying and checks each tensor's version counter afterwards; only if an
   in-place op did touch a recorded output (``out += identity`` in a ResNet block) does it
   run a second pass that copies those layers. Copies cost as much as a conv layer here.
+
+Activations called as functions inside a module's ``forward`` (``F.relu``, ``F.gelu``,
+``torch.relu``, ``x.relu_()``, ...) are layers too: the k-th call (from 0) of activation ``fn``
+made directly by module ``M``'s ``forward`` during one forward pass is named ``M.fn@fn`` for
+k = 0 and ``M.fn@fn<k>`` after (``Conv2d_1a_3x3.relu@fn``, ``block.relu@fn1``), counted over all
+calls of ``M``; ``relu@fn`` is a call made by the root model's own ``forward``. "Directly"
+means no submodule was running at the time, so ``nn.ReLU``'s own ``F.relu`` belongs to that
+``nn.ReLU``. Such rows are recorded by a
+:class:`~torch.overrides.TorchFunctionMode` that is pushed when the model's forward starts,
+after any rule mode the caller entered, so it sees the value that mode returns.
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from .errors import ConvscopeError, suggest
 
-__all__ = ["frozen", "recording", "capture", "StopForward", "Recorded", "LayerRef", "named_layers", "parse_layer_name"]
+__all__ = [
+    "frozen", "recording", "capture", "StopForward", "Recorded", "LayerRef", "named_layers", "parse_layer_name",
+    "FUNCTIONAL_ACTIVATIONS", "functional_activation", "functional_row", "parse_functional_row", "ModuleStack",
+]
 
 LayerRef = Any  # a qualified name, or anything with a ``.name`` (a catalogue row)
 
@@ -46,6 +61,79 @@ def parse_layer_name(name: str) -> tuple[str, int]:
     if sep and call.isdigit():
         return module, int(call)
     return name, 0
+
+
+# Activations (not gates: sigmoid/hardsigmoid outputs are excluded) that get a row when called as a function.
+FUNCTIONAL_ACTIVATIONS = frozenset({
+    "relu", "relu6", "leaky_relu", "gelu", "silu", "hardswish", "mish", "elu", "selu", "celu",
+})
+_FUNCTIONAL_ROW = re.compile(r"^(?:(?P<module>.+)\.)?(?P<fn>[a-z0-9_]+)@fn(?P<k>\d*)$")
+
+
+def functional_activation(func) -> str | None:
+    """``"relu"`` for ``F.relu``, ``F.relu_``, ``torch.relu``, ``Tensor.relu_``...; None for any other op."""
+    name = getattr(func, "__name__", "").strip("_")
+    return name if name in FUNCTIONAL_ACTIVATIONS else None
+
+
+def functional_row(module: str, fn: str, k: int) -> str:
+    """The row name of the k-th call of activation ``fn`` made by module ``module`` ("" for the root)."""
+    return f"{module + '.' if module else ''}{fn}@fn{k if k else ''}"
+
+
+def parse_functional_row(name: str) -> tuple[str, str, int] | None:
+    """``"b.relu@fn1"`` -> ``("b", "relu", 1)``; None for a module's row."""
+    match = _FUNCTIONAL_ROW.match(name)
+    if match is None or match["fn"] not in FUNCTIONAL_ACTIVATIONS:
+        return None
+    return match["module"] or "", match["fn"], int(match["k"] or 0)
+
+
+class ModuleStack:
+    """Which module's ``forward`` is running now (``top``: its qualified name, "" for the root).
+
+    Pre/post hooks on every module keep the stack; post hooks are ``always_call`` so an
+    exception (``StopForward``) unwinds it. ``remove()`` takes every hook off.
+    """
+
+    def __init__(self, model: nn.Module, modules: dict[str, nn.Module]):
+        self.names: list[str] = []
+        self.handles = []
+        for name, module in [("", model), *modules.items()]:
+            self.handles.append(module.register_forward_pre_hook(self._push(name)))
+            self.handles.append(module.register_forward_hook(self._pop, always_call=True))
+
+    def _push(self, name: str):
+        def hook(_module, _inputs):
+            self.names.append(name)
+        return hook
+
+    def _pop(self, _module, _inputs, _output):
+        if self.names:
+            self.names.pop()
+
+    @property
+    def top(self) -> str | None:
+        return self.names[-1] if self.names else None
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+class _FunctionalCalls(TorchFunctionMode):
+    """Reports every functional activation call with the module that made it and its output."""
+
+    def __init__(self, stack: ModuleStack, report):
+        super().__init__()
+        self.stack, self.report = stack, report
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        fn = functional_activation(func)
+        if fn is not None and isinstance(out, torch.Tensor) and self.stack.top is not None:
+            self.report(self.stack.top, fn, out)
+        return out
 
 
 class Recorded(dict):
@@ -115,7 +203,12 @@ def recording(
     names = _names(layers)
     modules = named_layers(model)
     wanted: dict[str, dict[int, str]] = {}
+    functional: dict[tuple[str, str, int], str] = {}
     for name in names:
+        parsed = parse_functional_row(name)
+        if parsed is not None and (parsed[0] == "" or parsed[0] in modules):
+            functional[parsed] = name
+            continue
         module_name, call = parse_layer_name(name)
         if module_name not in modules:
             raise ConvscopeError(
@@ -124,34 +217,60 @@ def recording(
             )
         wanted.setdefault(module_name, {})[call] = name
     store = Recorded()
-    calls: dict[str, int] = {}
+    calls: dict = {}
 
     def reset(_module, _inputs):
         calls.clear()
         store.clear()
+
+    def keep(name: str, output: torch.Tensor) -> None:
+        value = output.detach() if detach else output
+        store[name] = value.clone() if clone else value
+        store.versions[name] = store[name]._version
+        if stop_after_last and len(store) == len(set(names)):
+            raise StopForward
 
     def make_hook(module_name: str):
         def hook(_module, _inputs, output):
             call = calls.get(module_name, 0)
             calls[module_name] = call + 1
             name = wanted[module_name].get(call)
-            if name is None or not isinstance(output, torch.Tensor):
-                return
-            value = output.detach() if detach else output
-            store[name] = value.clone() if clone else value
-            store.versions[name] = store[name]._version
-            if stop_after_last and len(store) == len(names):
-                raise StopForward
+            if name is not None and isinstance(output, torch.Tensor):
+                keep(name, output)
         return hook
 
+    def report(module_name: str, fn: str, output: torch.Tensor) -> None:
+        key = (module_name, fn)
+        k = calls.get(key, 0)
+        calls[key] = k + 1
+        name = functional.get((module_name, fn, k))
+        if name is not None:
+            keep(name, output)
+
     handles = [model.register_forward_pre_hook(reset)]
+    stack = None
     try:
         for module_name in wanted:
             handles.append(modules[module_name].register_forward_hook(make_hook(module_name)))
+        if functional:
+            stack = ModuleStack(model, modules)
+            mode = _FunctionalCalls(stack, report)
+            # Pushed inside the forward, so it is the innermost mode: a rule mode the caller
+            # entered (backward_rule) has already replaced the call when it reports the output.
+            def enter(_module, _inputs):
+                mode.__enter__()  # returns the mode, which a pre-hook must not (it would replace the input)
+
+            def leave(_module, _inputs, _output):
+                mode.__exit__(None, None, None)
+
+            handles.append(model.register_forward_pre_hook(enter))
+            handles.append(model.register_forward_hook(leave, always_call=True))
         yield store
     finally:
         for handle in handles:
             handle.remove()
+        if stack is not None:
+            stack.remove()
 
 
 def capture(

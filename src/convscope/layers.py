@@ -6,7 +6,10 @@ watches every tensor operation so that the receptive field is propagated through
 dataflow (convolutions, pooling, explicit ``F.pad`` as in TF-"same" models, residual adds)
 instead of being guessed from the module tree. Layers are addressed by qualified module
 name; a module called more than once per forward (a shared ``ReLU``) gets one row per
-call, the k-th call named ``name@k`` for k > 0.
+call, the k-th call named ``name@k`` for k > 0. An activation called as a function inside a
+module's ``forward`` (``F.relu`` in Inception's ``BasicConv2d``) gets a row of its own,
+``module.relu@fn`` (see :mod:`convscope.hooks` for the naming), unless it is the whole of a
+leaf module (``nn.ReLU``, timm's ``GELU``), whose row it already is.
 
 Grids, crops, deconvnet boxes, scans and the atlas all read this one description, as
 timm's ``FeatureInfo`` is read by its feature extractors.
@@ -24,7 +27,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .errors import ConvscopeError, suggest
-from .hooks import frozen, named_layers, parse_layer_name
+from .hooks import ModuleStack, frozen, functional_activation, functional_row, named_layers, parse_layer_name
 
 __all__ = ["LayerInfo", "Catalogue", "build_catalogue", "parse_layer_name", "named_layers"]
 
@@ -281,11 +284,12 @@ class Catalogue:
 class _FieldTracer(TorchFunctionMode):
     """Propagates receptive fields through every torch operation of one forward pass."""
 
-    def __init__(self, input_tensor: torch.Tensor):
+    def __init__(self, input_tensor: torch.Tensor, on_activation=None):
         super().__init__()
         self.fields: dict[int, _Field] = {id(input_tensor): _Field()}
         self.keep: list[torch.Tensor] = [input_tensor]  # hold references so ids stay unique
         self.saw_merge = False
+        self.on_activation = on_activation  # called with (func, output) for a functional activation
 
     def field_of(self, tensor) -> _Field | None:
         return self.fields.get(id(tensor)) if isinstance(tensor, torch.Tensor) else None
@@ -297,6 +301,8 @@ class _FieldTracer(TorchFunctionMode):
             self._propagate(func, args, kwargs, out)
         except Exception:  # an op we cannot follow must never break the forward
             pass
+        if self.on_activation is not None and isinstance(out, torch.Tensor):
+            self.on_activation(func, out)
         return out
 
     def _propagate(self, func, args, kwargs, out) -> None:
@@ -424,8 +430,8 @@ def build_catalogue(model: nn.Module, input_size: tuple[int, int] = (224, 224), 
     The model is left as it was (mode, hooks); see :func:`convscope.hooks.frozen`.
     """
 
-    records: list[tuple[str, nn.Module, torch.Tensor]] = []
-    calls: dict[str, int] = {}
+    records: list[tuple[str, nn.Module | str, torch.Tensor]] = []  # module, or the caller's name for a call
+    calls: dict = {}
 
     def make_hook(name):
         def hook(module, inputs, output):
@@ -435,45 +441,83 @@ def build_catalogue(model: nn.Module, input_size: tuple[int, int] = (224, 224), 
                 records.append((name if k == 0 else f"{name}@{k}", module, output))
         return hook
 
+    def on_activation(func, output):
+        fn, caller = functional_activation(func), stack.top
+        if fn is None or caller is None:
+            return
+        k = calls.get((caller, fn), 0)
+        calls[(caller, fn)] = k + 1
+        records.append((functional_row(caller, fn, k), caller, output))
+
     param = next(model.parameters(), None)
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     x = torch.zeros(1, 3, *input_size, device=device, dtype=dtype)  # a float64 model gets a float64 probe
     handles = []
+    modules = named_layers(model)
     with frozen(model):
+        stack = ModuleStack(model, modules)
         try:
-            for name, module in named_layers(model).items():
+            for name, module in modules.items():
                 handles.append(module.register_forward_hook(make_hook(name)))
-            with _FieldTracer(x) as tracer:
+            with _FieldTracer(x, on_activation) as tracer:
                 model(x)
         finally:
+            stack.remove()
             for h in handles:
                 h.remove()
 
-    layers = []
+    records, activation_modules = _fold_activation_modules(records, modules)
+    layers, ids = [], []
     for index, (name, module, output) in enumerate(records):
         f = tracer.fields.get(id(output), _UNKNOWN)
         exact = not (f.global_ or f.unknown) and f.axes == (-2, -1) and output.dim() >= 3
+        functional = isinstance(module, str)
         layers.append(LayerInfo(
-            name=name, alias=None, type=type(module).__name__, shape=tuple(output.shape[1:]),
+            name=name, alias=None, type=f"F.{name.rpartition('.')[2].partition('@')[0]}" if functional
+            else type(module).__name__, shape=tuple(output.shape[1:]),
             stride=f.jump if exact else None,
             rf_size=f.size if exact else None,
             rf_start=f.start if exact else None,
-            kind=_kind(module), is_feature=False, index=index,
+            kind="act" if functional or module in activation_modules else _kind(module),
+            is_feature=False, index=index,
             global_field=f.global_,
         ))
-    layers = _mark_features(layers)
+        ids.append(id(output))
+    layers = _mark_features(layers, ids)
     if not tracer.saw_merge:
         layers = _keras_aliases(layers)
     return Catalogue(layers, tuple(input_size))
 
 
-def _mark_features(layers: list[LayerInfo]) -> list[LayerInfo]:
+def _fold_activation_modules(records: list, modules: dict[str, nn.Module]) -> tuple[list, set[nn.Module]]:
+    """Drop the call rows that are a leaf module's whole output; those modules are activations.
+
+    ``nn.ReLU`` and timm's ``GELU`` are leaf modules whose ``forward`` is one activation call:
+    their own row already holds it.
+    """
+    outputs: dict[str, set[int]] = {}
+    for name, module, output in records:
+        if not isinstance(module, str) and not any(True for _ in module.children()):
+            outputs.setdefault(parse_layer_name(name)[0], set()).add(id(output))
+    kept, folded = [], set()
+    for name, module, output in records:
+        if isinstance(module, str) and id(output) in outputs.get(module, ()):
+            folded.add(modules[module])
+            continue
+        kept.append((name, module, output))
+    return kept, folded
+
+
+def _mark_features(layers: list[LayerInfo], ids: list[int] | None = None) -> list[LayerInfo]:
     """Mark each conv's representative: its output after the norm and activation that follow it.
 
-    Walks the completion order of modules: after a conv, norms (timm's ``BatchNormAct2d``
-    is a norm that applies its activation itself, and completes after its children),
-    activations and pass-through modules extend the chain; anything else ends it.
-    A 1x1 map that sees the whole image (a squeeze-excite gate vector) is not a feature layer.
+    Walks the completion order of modules and functional activation calls: after a conv,
+    norms (timm's ``BatchNormAct2d`` is a norm that applies its activation itself, and
+    completes after its children), activations (modules or ``F.relu``-style calls) and
+    pass-through modules extend the chain, and so does a container whose output is the very
+    tensor the chain ends on (``ids``: each row's output tensor id), as timm's stem
+    ``Sequential`` before its ``bn1``/``act1``; anything else ends it. A 1x1 map that sees the
+    whole image (a squeeze-excite gate vector) is not a feature layer.
     """
     chosen: set[str] = set()
     i = 0
@@ -489,7 +533,7 @@ def _mark_features(layers: list[LayerInfo]) -> list[LayerInfo]:
             if nxt.kind in ("norm", "act", "pass") and nxt.shape == layer.shape:
                 if nxt.kind != "pass":
                     representative = nxt
-            else:
+            elif not (ids is not None and nxt.kind in ("block", "other") and ids[j] == ids[j - 1]):
                 break
             j += 1
         if not (representative.global_field and representative.shape[1:] == (1, 1)):
