@@ -63,7 +63,8 @@ def test_calibration_measures_this_machine():
     rates = atlas_plan.calibrate(loaded, layers, settings)
     assert set(rates) == {layer.name for layer in layers}
     for rate in rates.values():
-        assert rate.step > 0 and rate.fixed >= 0 and rate.projection > 0 and rate.feature_bytes > 50
+        # step and fixed come from a difference of two timings: >= 0 (clamped); a projection always takes time
+        assert rate.step >= 0 and rate.fixed >= 0 and rate.projection > 0 and rate.feature_bytes > 50
     plan = plan_atlas(layers, settings, rates, photos=3)
     assert plan.total_channels == 26 and 0 < plan.hours < 0.1
     assert "26 channels" in plan.describe()

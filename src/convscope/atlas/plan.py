@@ -2,10 +2,11 @@
 
 **Time** comes from a calibration on this machine with the build's own settings: on up to
 :data:`CALIBRATION_LAYERS` of the chosen layers, spread over depth (the first, the last and
-the middle), one chunk of channels (as the features stage optimizes them) is visualized for
-:data:`CALIBRATION_STEPS` steps after one warm-up step, which gives seconds per step and the
-fixed cost of a chunk (the photos' reference pass and the final scoring), and a few units are
-projected after a warm-up projection, which gives seconds per projection. A layer between sampled layers takes the rates of the nearest sampled
+the middle), one chunk of channels (as the features stage optimizes them) is visualized, after
+one warm-up step, for :data:`CALIBRATION_SHORT` and for :data:`CALIBRATION_STEPS` steps: the
+difference gives the steady seconds per step, the rest of the short run the fixed cost of a chunk
+(the photos' reference pass and the final scoring); and a few units are projected after a
+warm-up projection, which gives seconds per projection. A layer between sampled layers takes the rates of the nearest sampled
 layer deeper than it (a conservative guess: cost grows with depth). A layer's time is then its
 chunks x (steps x seconds per step + fixed cost) plus its projections (``top`` per channel from
 a scan, else one per photo); the activations and pages stages, a few per cent of a build, are
@@ -45,7 +46,8 @@ from .stages.features import FEATURE_CHUNK, FEATURE_QUALITY, FeaturesStage
 __all__ = ["AtlasPlan", "LayerRate", "calibrate", "plan_atlas", "fit_budget", "CONFIRM_HOURS"]
 
 CALIBRATION_LAYERS = 3
-CALIBRATION_STEPS = 4
+CALIBRATION_SHORT = 2
+CALIBRATION_STEPS = 6
 CALIBRATION_UNITS = 4
 # Above this projected time `convscope atlas` asks for --yes (or --budget).
 CONFIRM_HOURS = 1.0
@@ -130,13 +132,18 @@ def calibrate(loaded: LoadedModel, layers: list[LayerInfo], settings: AtlasSetti
             options = {**FeaturesStage.options(settings),
                        "precision": resolve_precision(settings.precision, loaded.device, purpose=PICTURE,
                                                       module=loaded.module)}
-            # A first optimization step is many times slower than the others (allocations, kernel
-            # selection): one warm-up step on the same chunk keeps it out of the rate.
+            # The first optimization steps are many times slower than the others (allocations, kernel
+            # selection): after a warm-up step, a short and a longer run; their difference is the
+            # steady per-step cost, and what the short run spent beyond its steps the fixed cost.
             visualize_features(loaded, layer, chunk, photos=photos, **{**options, "steps": 1})
-            start = time.perf_counter()
-            result = visualize_features(loaded, layer, chunk, photos=photos, **{**options, "steps": CALIBRATION_STEPS})
-            fixed = max(time.perf_counter() - start - result.seconds, 0.0)
-            step = result.seconds / CALIBRATION_STEPS / len(chunk)
+            times = []
+            for steps in (CALIBRATION_SHORT, CALIBRATION_STEPS):
+                start = time.perf_counter()
+                result = visualize_features(loaded, layer, chunk, photos=photos, **{**options, "steps": steps})
+                times.append(time.perf_counter() - start)
+            per_step = max((times[1] - times[0]) / (CALIBRATION_STEPS - CALIBRATION_SHORT), 0.0)
+            fixed = max(times[0] - CALIBRATION_SHORT * per_step, 0.0)
+            step = per_step / len(chunk)
             sizes = []
             for image in result.images:
                 buffer = io.BytesIO()
