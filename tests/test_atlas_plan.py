@@ -25,10 +25,11 @@ def layers(default_model):
 
 def test_the_default_is_every_channel_and_the_plan_counts_them(layers):
     rates = {layer.name: SLOW for layer in layers}
-    plan = plan_atlas(layers, AtlasSettings(), rates, photos=8)
+    settings = AtlasSettings()
+    plan = plan_atlas(layers, settings, rates, photos=8)
     assert plan.channels == {layer.name: layer.channels for layer in layers}
-    # 256 steps x 0.01 s per channel, 0.5 s per chunk of 16, 8 projections (one per photo) x 0.05 s
-    bn2 = 1280 * (2.56 + 8 * 0.05) + 80 * 0.5
+    # steps x 0.01 s per channel, 0.5 s per chunk of 16, 8 projections (one per photo) x 0.05 s
+    bn2 = 1280 * (settings.steps * 0.01 + 8 * 0.05) + 80 * 0.5
     assert plan.seconds["bn2"] == pytest.approx(bn2)
     assert plan.total_bytes / plan.total_channels < 60 * 1024
 
@@ -48,7 +49,8 @@ def test_a_budget_keeps_every_layer_with_the_widest_cap_that_fits(layers):
 
 def test_a_tiny_budget_thins_the_layers_evenly(layers):
     rates = {layer.name: LayerRate(step=1.0, fixed=0.0, projection=0.0, feature_bytes=1.0) for layer in layers}
-    plan = fit_budget(layers, AtlasSettings(), rates, photos=8, hours=3 * 256 / 3600)  # three channels' worth
+    settings = AtlasSettings()
+    plan = fit_budget(layers, settings, rates, photos=8, hours=3 * settings.steps / 3600)  # three channels' worth
     assert [layer.name for layer in plan.layers] == ["bn1", "blocks.1.1.bn3", "bn2"]   # first, middle, last
     assert plan.total_channels == 3 and plan.settings.layers == "bn1,blocks.1.1.bn3,bn2"
 
