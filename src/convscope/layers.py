@@ -24,7 +24,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .errors import ConvscopeError, suggest
-from .hooks import frozen, named_layers, parse_layer_name
+from .hooks import channels_first, frozen, named_layers, parse_layer_name
 
 __all__ = ["LayerInfo", "Catalogue", "build_catalogue", "parse_layer_name", "named_layers"]
 
@@ -432,7 +432,8 @@ def build_catalogue(model: nn.Module, input_size: tuple[int, int] = (224, 224), 
             if isinstance(output, torch.Tensor):
                 k = calls.get(name, 0)
                 calls[name] = k + 1
-                records.append((name if k == 0 else f"{name}@{k}", module, output))
+                # turned inside the trace, so the tracer follows the permute to the (C, H, W) axes
+                records.append((name if k == 0 else f"{name}@{k}", module, channels_first(model, output)))
         return hook
 
     param = next(model.parameters(), None)
@@ -449,6 +450,7 @@ def build_catalogue(model: nn.Module, input_size: tuple[int, int] = (224, 224), 
             for h in handles:
                 h.remove()
 
+    kind_of = getattr(model, "convscope_kind", None) or _kind
     layers = []
     for index, (name, module, output) in enumerate(records):
         f = tracer.fields.get(id(output), _UNKNOWN)
@@ -458,11 +460,11 @@ def build_catalogue(model: nn.Module, input_size: tuple[int, int] = (224, 224), 
             stride=f.jump if exact else None,
             rf_size=f.size if exact else None,
             rf_start=f.start if exact else None,
-            kind=_kind(module), is_feature=False, index=index,
+            kind=kind_of(module), is_feature=False, index=index,
             global_field=f.global_,
         ))
     layers = _mark_features(layers)
-    if not tracer.saw_merge:
+    if not tracer.saw_merge and not hasattr(model, "convscope_layers"):  # own names need no alias
         layers = _keras_aliases(layers)
     return Catalogue(layers, tuple(input_size))
 
