@@ -67,6 +67,13 @@ def photo():
     return np.asarray(convscope.sample_photos()["chelsea"])
 
 
+def _state(loaded) -> tuple:
+    """The wrapper's modes, requires_grad and hooks, and every Keras layer's hooks and trainable flag."""
+    layers = loaded.module.convscope_layers().values()
+    return (model_state(loaded.module), [len(layer._forward_hooks) + len(layer._forward_pre_hooks) for layer in layers],
+            [layer.trainable for layer in layers])
+
+
 def _rel(a, b) -> float:
     return float(np.abs(np.asarray(a) - np.asarray(b)).max() / max(np.abs(np.asarray(b)).max(), 1e-12))
 
@@ -98,14 +105,14 @@ def test_every_conv_layer_equals_torchvision(pair, photo):
 @pytest.mark.parametrize("method", ["deconvnet", "guided"])
 def test_projections_equal_torchvision(pair, photo, method):
     _, lk, lt = pair
-    before = model_state(lk.module)
+    before = _state(lk)
     ours = convscope.deconv(lk, photo, "block3_conv2", channels=range(6), method=method, size=SIZE)
     ref = convscope.deconv(lt, photo, "block3_conv2", channels=range(6), method=method, size=SIZE)
     a, b = ours.projections[method], ref.projections[method]
     assert [(u.channel, u.row, u.col) for u in a.units] == [(u.channel, u.row, u.col) for u in b.units]
     assert np.abs(a.maps).max() > 0
     assert _rel(a.maps, b.maps) < 1e-4
-    assert model_state(lk.module) == before
+    assert _state(lk) == before
 
 
 def test_feature_objectives_equal_torchvision(pair):

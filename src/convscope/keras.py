@@ -248,7 +248,8 @@ def load_keras(spec: str, *, weights=None, random_init: bool = False, seed: int 
     builds VGG19: any input size) unless ``+top``; with the top its last layer gives logits
     (``classifier_activation=None``), as a torchvision classifier does. Weights: ``weights``
     (a ``.h5``, ``.weights.h5`` or ``.keras`` file), else ImageNet from Keras's cache, else
-    ``random_init`` (seeded by ``seed``; the global RNG states are left as they were).
+    ``random_init`` (seeded by ``seed``). The global RNG states (Python, NumPy, torch, Keras) are
+    left as they were.
     """
     keras = import_keras()
     device = torch.device(device)
@@ -258,7 +259,8 @@ def load_keras(spec: str, *, weights=None, random_init: bool = False, seed: int 
             raise ConvscopeError(f"weights file not found: {weights}")
         if not weights.name.endswith(WEIGHT_SUFFIXES):
             raise ConvscopeError(f"--weights {weights}: a Keras model takes a {', '.join(WEIGHT_SUFFIXES)} file")
-    with keras.device(str(device)):
+    # Building runs Keras's initialisers (drawing from Python's RNG) even before weights load over them.
+    with keras.device(str(device)), _seeded(keras, seed):
         if not spec.startswith("keras:"):
             loaded = _load_saved(keras, Path(spec))
         else:
@@ -295,8 +297,7 @@ def _load_application(keras, name: str, weights, random_init: bool, seed: int) -
             with _cache_only(missing):
                 model = build(weights="imagenet", **kwargs)
         else:
-            with _seeded(keras, seed):
-                model = build(weights=None, **kwargs)
+            model = build(weights=None, **kwargs)
     except Exception as err:
         if pretrained and missing:
             raise ConvscopeError(
