@@ -93,7 +93,15 @@ class KerasNet(nn.Module):
             x = x.permute(0, 2, 3, 1)
         # Keras moves inputs to its default device (CUDA when there is one); run where x is.
         with self._device(str(x.device)):
-            out = self.keras_model(x)
+            try:
+                out = self.keras_model(x)
+            except ValueError as err:  # Keras's input-spec check: the model was built for one size
+                if "is incompatible with the layer" not in str(err):
+                    raise
+                raise ConvscopeError(
+                    f"the Keras model {self.keras_model.name} takes inputs of shape {self.keras_model.input_shape} "
+                    f"only, not {tuple(x.shape)}: pass that size (--size HxW), or build the model with "
+                    "Input((None, None, 3))") from None
         if isinstance(out, list | tuple):
             out = out[0]
         if self.channels_last and out.dim() == 4:
