@@ -61,7 +61,9 @@ def import_keras():
             import keras as module
         except ImportError:
             raise ConvscopeError("Keras models need Keras 3: pip install 'convscope[keras]'") from None
-    version = getattr(module, "__version__", "0")
+    version = getattr(module, "__version__", None)
+    if version is None:  # e.g. a script named keras.py shadowing the package
+        raise ConvscopeError(f"the module 'keras' ({getattr(module, '__file__', '?')}) is not Keras; rename it")
     if int(version.split(".")[0]) < 3:
         raise ConvscopeError(f"Keras {version} is installed; convscope needs Keras 3 (pip install 'convscope[keras]')")
     backend = module.backend.backend()

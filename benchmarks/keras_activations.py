@@ -17,8 +17,8 @@ environment; without it the script says how to make one and times convscope alon
 Both timings are warm (one untimed call first) and the best of ``--repeat``; the arrays are compared
 layer by layer (max |difference| / max |keract|).
 
-Run: .venv/bin/python benchmarks/keras.py [--repeat 3] [--peer-python PATH]
-Quick smoke run: .venv/bin/python benchmarks/keras.py --quick
+Run: .venv/bin/python benchmarks/keras_activations.py [--repeat 3] [--peer-python PATH]
+Quick smoke run: .venv/bin/python benchmarks/keras_activations.py --quick
 """
 
 from __future__ import annotations
