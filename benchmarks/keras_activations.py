@@ -6,7 +6,9 @@ Task: the post's own reading of VGG19 (random init, seed 0, no top): the outputs
   ours    ``convscope.activations(load_model("keras:VGG19", random=True), photo, layers, size)``;
   keract  ``keract.get_activations(model, x, layer_names)`` on the same weights (shared through a
           ``.weights.h5`` file) and the same preprocessed input, in a subprocess under
-          ``KERAS_BACKEND=tensorflow``, since a Keras process has one backend.
+          ``KERAS_BACKEND=tensorflow``, since a Keras process has one backend. keract 4.5.2 reads
+          tf.keras 2 internals (``_is_compiled``, ``_feed_inputs``) and fails on Keras 3; the peer
+          then runs the post's own way, ``Model(outputs=[layer.output ...]).predict``, and says so.
 
 keract needs TensorFlow, which convscope does not install. The peer runs in its own virtual
 environment; without it the script says how to make one and times convscope alone:
@@ -53,15 +55,23 @@ layers = sys.argv[5].split(",")
 model = keras.applications.VGG19(weights=None, include_top=False)
 model.load_weights(weights)
 x = np.load(x_file)
-acts = keract.get_activations(model, x, layer_names=layers)  # warm: keract builds its sub-model here
+try:
+    keract.get_activations(model, x, layer_names=layers)  # warm: keract builds its sub-model here
+    peer = "keract.get_activations"
+    run = lambda: keract.get_activations(model, x, layer_names=layers)
+except AttributeError as err:  # keract reads tf.keras 2 internals (_is_compiled, _feed_inputs)
+    peer = f"the post's Model(outputs=layer outputs).predict (keract fails on Keras 3: {err})"
+    sub = keras.Model(inputs=model.input, outputs=[model.get_layer(n).output for n in layers])
+    run = lambda: dict(zip(layers, sub.predict(x, verbose=0)))
+    run()
 times = []
 for _ in range(repeat):
     start = time.perf_counter()
-    acts = keract.get_activations(model, x, layer_names=layers)
+    acts = run()
     times.append(time.perf_counter() - start)
 np.savez(out_file, **{k: np.asarray(v) for k, v in acts.items()})
-print(json.dumps({"best": min(times), "keras": keras.__version__, "tensorflow": tf.__version__,
-                  "keract": getattr(keract, "__version__", "?"), "threads": tf.config.threading.get_intra_op_parallelism_threads()}))
+print(json.dumps({"best": min(times), "keras": keras.__version__, "tensorflow": tf.__version__, "peer": peer,
+                  "keract": getattr(keract, "__version__", "?")}))
 """
 
 
@@ -121,10 +131,12 @@ def main() -> None:
         rel = float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
         worst = max(worst, rel)
         print(f"  {name:<14} {'x'.join(map(str, a.shape)):<14} max rel diff {rel:.2e}")
-    print(f"keract get_activations: {peer['best'] * 1000:.0f} ms (best of {args.repeat}; keras {peer['keras']}, "
+    print(f"peer: {peer['peer']}")
+    print(f"peer on TensorFlow: {peer['best'] * 1000:.0f} ms (best of {args.repeat}; keras {peer['keras']}, "
           f"tensorflow {peer['tensorflow']}, keract {peer['keract']})")
-    _machine.footer(f"convscope {ours_s * 1000:.0f} ms vs keract {peer['best'] * 1000:.0f} ms "
-          f"({peer['best'] / ours_s:.2f}x keract/convscope) for 18 layers at {size[0]}x{size[1]}; "
+    who = "keract" if peer["peer"].startswith("keract") else "TF Model.predict"
+    _machine.footer(f"convscope {ours_s * 1000:.0f} ms vs {who} {peer['best'] * 1000:.0f} ms "
+          f"({peer['best'] / ours_s:.2f}x peer/convscope) for 18 layers at {size[0]}x{size[1]}; "
           f"max rel diff {worst:.1e}")
 
 
