@@ -38,6 +38,7 @@ from .errors import ConvscopeError, suggest
 __all__ = [
     "frozen", "recording", "capture", "StopForward", "Recorded", "LayerRef", "named_layers", "parse_layer_name",
     "FUNCTIONAL_ACTIVATIONS", "functional_activation", "functional_row", "parse_functional_row", "ModuleStack",
+    "channels_first",
 ]
 
 LayerRef = Any  # a qualified name, or anything with a ``.name`` (a catalogue row)
@@ -47,12 +48,25 @@ def named_layers(model: nn.Module) -> dict[str, nn.Module]:
     """The addressable layers of ``model``: qualified name -> module, without the root.
 
     The one place that enumerates a model's layers, for the catalogue and for every hook.
-    PyTorch models use ``named_modules()``. A Keras 3 model on the torch backend is an
-    ``nn.Module`` too, but its layers are ``model.layers`` named by ``layer.name``; that
-    source (and its channels-last tensors) plugs in here.
+    PyTorch models use ``named_modules()``. A model that names its own layers (the Keras
+    wrapper, :class:`convscope.keras.KerasNet`: ``model.layers`` by ``layer.name``) provides
+    ``convscope_layers()``.
     """
+    own = getattr(model, "convscope_layers", None)
+    if callable(own):
+        return dict(own())
     return {name: module for name, module in model.named_modules() if name}
 
+
+def channels_first(model: nn.Module, output: torch.Tensor) -> torch.Tensor:
+    """A layer's output as ``(B, C, H, W)``: the one place channels-last maps (Keras) are turned.
+
+    A model whose layers compute channels-last says so with ``channels_last = True``; its 4-D
+    outputs become a permuted view (same storage and version counter, differentiable).
+    """
+    if getattr(model, "channels_last", False) and output.dim() == 4:
+        return output.permute(0, 3, 1, 2)
+    return output
 
 
 def parse_layer_name(name: str) -> tuple[str, int]:
@@ -224,6 +238,7 @@ def recording(
         store.clear()
 
     def keep(name: str, output: torch.Tensor) -> None:
+        output = channels_first(model, output)
         value = output.detach() if detach else output
         store[name] = value.clone() if clone else value
         store.versions[name] = store[name]._version

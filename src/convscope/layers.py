@@ -27,7 +27,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .errors import ConvscopeError, suggest
-from .hooks import ModuleStack, frozen, functional_activation, functional_row, named_layers, parse_layer_name
+from .hooks import (ModuleStack, channels_first, frozen, functional_activation, functional_row, named_layers,
+                    parse_layer_name)
 
 __all__ = ["LayerInfo", "Catalogue", "build_catalogue", "parse_layer_name", "named_layers"]
 
@@ -438,7 +439,8 @@ def build_catalogue(model: nn.Module, input_size: tuple[int, int] = (224, 224), 
             if isinstance(output, torch.Tensor):
                 k = calls.get(name, 0)
                 calls[name] = k + 1
-                records.append((name if k == 0 else f"{name}@{k}", module, output))
+                # turned inside the trace, so the tracer follows the permute to the (C, H, W) axes
+                records.append((name if k == 0 else f"{name}@{k}", module, channels_first(model, output)))
         return hook
 
     def on_activation(func, output):
@@ -467,6 +469,7 @@ def build_catalogue(model: nn.Module, input_size: tuple[int, int] = (224, 224), 
                 h.remove()
 
     records, activation_modules = _fold_activation_modules(records, modules)
+    kind_of = getattr(model, "convscope_kind", None) or _kind
     layers, ids = [], []
     for index, (name, module, output) in enumerate(records):
         f = tracer.fields.get(id(output), _UNKNOWN)
@@ -478,13 +481,13 @@ def build_catalogue(model: nn.Module, input_size: tuple[int, int] = (224, 224), 
             stride=f.jump if exact else None,
             rf_size=f.size if exact else None,
             rf_start=f.start if exact else None,
-            kind="act" if functional or module in activation_modules else _kind(module),
+            kind="act" if functional or module in activation_modules else kind_of(module),
             is_feature=False, index=index,
             global_field=f.global_,
         ))
         ids.append(id(output))
     layers = _mark_features(layers, ids)
-    if not tracer.saw_merge:
+    if not tracer.saw_merge and not hasattr(model, "convscope_layers"):  # own names need no alias
         layers = _keras_aliases(layers)
     return Catalogue(layers, tuple(input_size))
 

@@ -31,6 +31,9 @@ class Preprocessing:
     """How a model wants its input: size, normalisation, and the eval crop.
 
     ``normalize`` is differentiable, so feature visualisation runs it inside the graph.
+    ``mean`` and ``std`` are per RGB channel of a [0, 1] image; ``channel_order="BGR"`` then
+    reverses the channels (Keras's 'caffe' mode for VGG and ResNet). ``mode`` names a
+    convention the numbers come from, for the description.
     """
 
     input_size: tuple[int, int] = (224, 224)
@@ -38,14 +41,18 @@ class Preprocessing:
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     crop_pct: float = 0.875
     interpolation: str = "bilinear"
+    channel_order: str = "RGB"
+    mode: str | None = None
 
     @property
     def description(self) -> str:
-        if self.mean == (0.5, 0.5, 0.5) and self.std == (0.5, 0.5, 0.5):
+        if self.mode:
+            norm = self.mode
+        elif self.mean == (0.5, 0.5, 0.5) and self.std == (0.5, 0.5, 0.5):
             norm = "scaled to [-1, 1]"
         else:
             norm = f"mean {tuple(round(m, 3) for m in self.mean)}, std {tuple(round(s, 3) for s in self.std)}"
-        return f"{self.input_size[0]}×{self.input_size[1]} RGB, {norm}, {self.interpolation} resize"
+        return f"{self.input_size[0]}×{self.input_size[1]} {self.channel_order}, {norm}, {self.interpolation} resize"
 
     @property
     def value_range(self) -> tuple[float, float]:
@@ -58,9 +65,13 @@ class Preprocessing:
         """``(B, 3, H, W)`` in [0, 1] → the model's input scale."""
         mean = torch.tensor(self.mean, dtype=x01.dtype, device=x01.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, dtype=x01.dtype, device=x01.device).view(1, 3, 1, 1)
-        return (x01 - mean) / std
+        x = (x01 - mean) / std
+        return x.flip(1) if self.channel_order == "BGR" else x
 
     def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's input scale → ``(B, 3, H, W)`` RGB in [0, 1]."""
+        if self.channel_order == "BGR":
+            x = x.flip(1)
         mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
         return x * std + mean
@@ -100,8 +111,11 @@ class Preprocessing:
         return self.normalize(x)
 
     def as_dict(self) -> dict:
-        return {"input_size": list(self.input_size), "mean": list(self.mean), "std": list(self.std),
-                "crop_pct": self.crop_pct, "interpolation": self.interpolation, "description": self.description}
+        out = {"input_size": list(self.input_size), "mean": list(self.mean), "std": list(self.std),
+               "crop_pct": self.crop_pct, "interpolation": self.interpolation, "description": self.description}
+        if self.channel_order != "RGB":  # only then, so caches keyed on an RGB model's dict stay valid
+            out["channel_order"] = self.channel_order
+        return out
 
 
 @dataclass
@@ -203,12 +217,21 @@ def as_loaded(model: LoadedModel | nn.Module, preprocessing: Preprocessing | Non
     """
     if isinstance(model, LoadedModel):
         return model
+    if _is_keras(model):
+        from .keras import as_loaded_keras
+
+        return as_loaded_keras(model, preprocessing)
     if not isinstance(model, nn.Module):
         raise ConvscopeError(f"expected an nn.Module or LoadedModel, got {type(model).__name__}")
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     return LoadedModel(model, type(model).__name__, "user module", preprocessing or Preprocessing(),
                        guess_classes(model), device=device)
+
+
+def _is_keras(model) -> bool:
+    """Is ``model`` a Keras object (on any backend)? Asked without importing Keras."""
+    return any(cls.__module__.split(".")[0] == "keras" for cls in type(model).__mro__)
 
 
 def guess_classes(module: nn.Module) -> list[str] | None:

@@ -9,6 +9,8 @@ A model spec is one of:
 * ``timm:NAME``: any timm model, weights from the Hugging Face hub cache.
 * a ``.pt``/``.pth``/``.ts`` file: TorchScript, or a pickled ``nn.Module`` (``trust_file=True`` only).
 * ``package.module:factory``: a function that returns an ``nn.Module``.
+* ``keras:NAME`` (``keras.applications``; ``NAME+top`` with the classifier) or a saved ``.keras``
+  file: a Keras 3 model on Keras's torch backend (:mod:`convscope.keras`).
 
 ``weights=PATH`` loads a local state dict (always ``weights_only=True``); ``random=True`` builds
 the architecture alone, and every output says so.
@@ -80,6 +82,12 @@ def load_model(
     if isinstance(spec, nn.Module):
         return as_loaded(spec)
     device = resolve_device(device)
+    if spec and (spec.startswith("keras:") or spec.endswith(".keras")):
+        from .keras import load_keras  # seeds and places the model itself; Keras's RNG is not torch's
+
+        loaded = load_keras(spec, weights=weights, random_init=random, seed=seed, device=device)
+        loaded.module.eval()
+        return loaded
     # Architectures initialise from the global RNG: a seeded fork makes --random reproducible
     # without touching the caller's random state.
     with torch.random.fork_rng(devices=[]):

@@ -23,8 +23,11 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--model", default=None,
                        help="default: EfficientNet-Lite0 with ImageNet weights (offline). Or a torchvision name "
-                            "(vgg19, resnet50, ...), timm:NAME, a .pt file, or package.module:factory")
-    group.add_argument("--weights", default=None, metavar="PATH", help="load this local state dict")
+                            "(vgg19, resnet50, ...), timm:NAME, a .pt file, package.module:factory, "
+                            "keras:NAME (keras.applications, e.g. keras:VGG19; keras:VGG19+top with the "
+                            "classifier) or a saved .keras model")
+    group.add_argument("--weights", default=None, metavar="PATH",
+                       help="load this local state dict (a Keras model: a .h5, .weights.h5 or .keras file)")
     group.add_argument("--random", action="store_true", help="random weights (architecture only); outputs say so")
     if not any("--seed" in action.option_strings for action in parser._actions):
         group.add_argument("--seed", type=int, default=0, help="seed of the --random initialisation (default 0)")

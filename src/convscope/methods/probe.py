@@ -141,11 +141,15 @@ def random_init_like(loaded: LoadedModel, seed: int = 0) -> LoadedModel:
     """
     from ..sources import list_models, load_model
 
-    if loaded.name in list_models() or loaded.name.startswith("timm:"):
+    if loaded.name in list_models() or loaded.name.startswith(("timm:", "keras:")):
         try:
             return load_model(loaded.name, random=True, seed=seed, device=loaded.device)  # seeds its own fork
         except ConvscopeError:
             pass
+    reinitialized = getattr(loaded.module, "reinitialized", None)  # a model with its own initialisers (Keras)
+    if callable(reinitialized):
+        return LoadedModel(reinitialized(seed), loaded.name, "random init", loaded.preprocessing, loaded.class_names,
+                           random_init=True, seed=seed, device=loaded.device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         module = copy.deepcopy(loaded.module)
