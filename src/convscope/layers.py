@@ -27,8 +27,15 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .errors import ConvscopeError, suggest
-from .hooks import (ModuleStack, channels_first, frozen, functional_activation, functional_row, named_layers,
-                    parse_layer_name)
+from .hooks import (
+    ModuleStack,
+    channels_first,
+    frozen,
+    functional_activation,
+    functional_row,
+    named_layers,
+    parse_layer_name,
+)
 
 __all__ = ["LayerInfo", "Catalogue", "build_catalogue", "parse_layer_name", "named_layers"]
 
