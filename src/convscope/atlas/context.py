@@ -57,6 +57,8 @@ class AtlasSettings:
             nonlinearity other than a ReLU on the path) the plain gradient, with the reason.
         strict: False backpropagates nonlinearities without a deconvnet/guided rule (GELU,
             Hardswish, gates) plainly under the rule, instead of using the plain gradient there.
+        profile: also build the model's depth profile (:func:`convscope.profile_model`: dead
+            channels, transfer probes, projection trust) for the model page; minutes on a CPU.
     """
 
     layers: str | None = None
@@ -73,6 +75,7 @@ class AtlasSettings:
     deconv_method: str = "auto"
     scan_limit: int | None = None
     strict: bool = True
+    profile: bool = False
 
     def as_dict(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
