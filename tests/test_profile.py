@@ -163,3 +163,19 @@ def test_profile_cli_refuses_bad_input_before_loading(tmp_path, capsys):
     assert main(["profile", "--images", str(tmp_path / "missing"), "--samples", "--out", str(tmp_path / "o")]) == 2
     assert "not both" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_atlas_model_page_has_the_depth_profile_and_channel_pages_link_to_trust(tmp_path):
+    from convscope.atlas import AtlasSettings, build_atlas
+
+    photos = _photos()
+    loaded = _blue_net(photos)
+    settings = AtlasSettings(channels_per_layer=1, steps=4, feature_size=32, top=2, profile=True)
+    build = build_atlas(loaded, photos, tmp_path, settings, progress=False)
+    model_page = build.index.read_text()
+    assert "Depth profile" in model_page and 'id="trust-guided"' in model_page
+    assert "not applicable: the model has no max-pooling" in model_page
+    channel_page = next((tmp_path / "L").glob("*/0.html")).read_text()
+    assert 'index.html#trust-guided"' in channel_page
+    record = json.loads((tmp_path / "records" / "profile.json").read_text())
+    assert 1 in record["layers"][0]["dead_channels"] and 0 not in record["layers"][0]["dead_channels"]
