@@ -179,3 +179,20 @@ def test_atlas_model_page_has_the_depth_profile_and_channel_pages_link_to_trust(
     assert 'index.html#trust-guided"' in channel_page
     record = json.loads((tmp_path / "records" / "profile.json").read_text())
     assert 1 in record["layers"][0]["dead_channels"] and 0 not in record["layers"][0]["dead_channels"]
+
+
+@pytest.mark.slow
+def test_profile_runs_on_vgg19_random_with_the_deconvnet_measured(vgg19):
+    """~100 s on a busy 2-core machine: VGG19's random baseline and six cascade copies of 140M weights."""
+    from dataclasses import replace
+
+    small = replace(vgg19, preprocessing=replace(vgg19.preprocessing, input_size=(64, 64)))
+    before = model_state(vgg19.module)
+    res = profile_model(small, "block1_conv1,block3_conv1,block5_conv1", photos=_photos(), scan_limit=4,
+                        dead_steps=4, far_per_class=5, near_per_photo=6, far_size=32, near_size=32, trust_layers=3)
+    assert model_state(vgg19.module) == before
+    assert res.settings["baseline_seed"] == 1            # a random-init model is not its own baseline
+    assert [t.rule.name for t in res.trust] == ["deconvnet", "guided", "gradient"]   # max-pooling: switches
+    assert res.cascade_steps == ["head", "stride 16", "stride 8", "stride 4", "stride 2", "stride 1 (stem)"]
+    assert [row["rf"] for row in res.rows()] == [3, 24, 156]
+    assert "RANDOM INIT" in res.table()
