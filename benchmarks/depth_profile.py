@@ -6,9 +6,12 @@ init, and projection trust at 8 layers with the cascade; prints the time of each
 per-method verdicts and the total. Also writes ``profile.png`` (the README's picture) with
 ``--out``.
 
+(Not ``profile.py``: run from ``benchmarks/``, that name would shadow the standard library's
+``profile`` module, which torch imports.)
+
 Usage:
-    python benchmarks/profile.py [--out docs]       # full
-    python benchmarks/profile.py --quick            # smoke run: 6 layers, small probes
+    python benchmarks/depth_profile.py [--out docs]       # full
+    python benchmarks/depth_profile.py --quick            # smoke run: 6 layers, small probes
 """
 
 from __future__ import annotations
