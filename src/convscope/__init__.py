@@ -14,6 +14,7 @@ Example:
     >>> convscope.scan(model, convscope.SampleImages(), "blocks.2.1.bn3").figure("blocks.2.1.bn3", 3)
     >>> convscope.occlusion(model, "cat.jpg").sheet()       # occlusion maps (exact incremental inference)
     >>> print(convscope.probe(model).table())               # linear probes by depth, pretrained vs random
+    >>> convscope.profile_model(model).plot()               # depth profile: dead channels, probes, projection trust
     >>> convscope.build_atlas(model, out="runs/atlas").index  # browsable pages (then: convscope serve runs/atlas)
 
 Building blocks stay in their modules: :mod:`convscope.rectifiers` (backward rules),
@@ -33,6 +34,7 @@ from .methods.deconv import DeconvResult, deconv
 from .methods.features import FeatureResult, visualize, visualize_classes, visualize_features
 from .methods.occlusion import OcclusionResult, occlusion
 from .methods.probe import ProbeDataset, ProbeResult, probe
+from .methods.profile import ProfileResult, profile_model
 from .methods.scan import ScanResult, scan
 from .models import LoadedModel, Preprocessing, as_loaded
 from .sources import list_models, load_model
@@ -47,6 +49,7 @@ __all__ = [
     "scan", "ScanResult", "FolderImages", "SampleImages", "TensorImages",
     "occlusion", "OcclusionResult",
     "probe", "ProbeResult", "ProbeDataset",
+    "profile_model", "ProfileResult",
     "build_atlas", "AtlasSettings",
     # capture tools (hooks in context managers) and inputs
     "frozen", "recording", "capture", "load_image", "sample_photos",

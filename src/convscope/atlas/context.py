@@ -67,6 +67,8 @@ class AtlasSettings:
         precision: ``"auto"``, ``"fp32"``, ``"bf16"`` or ``"fp16"`` (:mod:`convscope.precision`).
             ``"auto"`` lets the feature visualization use bf16 where the hardware has it and
             keeps the scan and the projections in exact float32; a named precision applies to all.
+        profile: also build the model's depth profile (:func:`convscope.profile_model`: dead
+            channels, transfer probes, projection trust) for the model page; minutes on a CPU.
     """
 
     layers: str | None = None
@@ -85,6 +87,7 @@ class AtlasSettings:
     scan_limit: int | None = None
     strict: bool = True
     precision: str = "auto"
+    profile: bool = False
 
     def as_dict(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}

@@ -24,6 +24,7 @@ from ..rectifiers import resolve_projection
 from .context import AtlasBuild, AtlasSettings, BuildContext, Photo, Stage, collect_photos
 from .pages import render_site
 from .stages import STAGE_NAMES, STAGES, build_photos
+from .stages.profile import build_profile
 from .store import unique_slugs
 
 __all__ = ["atlas_layers", "build_atlas", "check_settings", "stage_report"]
@@ -102,7 +103,13 @@ def build_atlas(
         manifest_stages[stage.name] = {**report[stage.name], "records": {
             ctx.slug(layer): f"records/{stage.name}/{ctx.slug(layer)}.json" for layer in layers if layer.name in done}}
 
-    save_json(_manifest(ctx, manifest_stages), out / "atlas.json")
+    manifest = _manifest(ctx, manifest_stages)
+    if settings.profile:
+        start = time.perf_counter()
+        build_profile(ctx)
+        manifest["profile"] = "records/profile.json"
+        report["profile"] = {"status": "built", "built": 1, "reused": 0, "seconds": round(time.perf_counter() - start, 2)}
+    save_json(manifest, out / "atlas.json")
     start = time.perf_counter()
     index = render_site(out, progress=progress)
     report["pages"] = {"status": "built", "built": 1, "reused": 0, "seconds": round(time.perf_counter() - start, 2)}

@@ -97,6 +97,7 @@ class _Site:
         photos_record = read_json(out / manifest["photos"]) or {}
         self.prediction_error = photos_record.get("prediction_error")
         self.records: dict[tuple[str, str], dict | None] = {}
+        self.profile = read_json(out / manifest["profile"]) if manifest.get("profile") else None
 
     def record(self, stage: str, slug: str) -> dict | None:
         if (stage, slug) not in self.records:
@@ -142,7 +143,7 @@ def render_site(out: str | Path, *, progress: bool = True) -> Path:
     _copy_static(out)
     _write_search_index(site)
     common = {"model": site.manifest["model"], "version": site.manifest.get("convscope", "?"), "stage_titles": STAGE_TITLES,
-              "settings": site.manifest["settings"]}
+              "settings": site.manifest["settings"], "profile": site.profile}
 
     pages = 1 + sum(1 + len(layer["visualised"]) for layer in site.layers)
     bar = tqdm(total=pages, desc=f"{'pages':<11}", unit="page", disable=not progress, dynamic_ncols=True)

@@ -83,6 +83,9 @@ def register(subparsers) -> None:
     p.add_argument("--not-strict", dest="strict", action="store_false",
                    help="backpropagate nonlinearities without a deconvnet/guided rule (GELU, Hardswish, gates) "
                         "plainly under the rule instead of using the plain gradient on those layers")
+    p.add_argument("--profile", action="store_true",
+                   help="also build the depth profile (dead channels, transfer probes, projection trust) for the "
+                        "model page, as `convscope profile` does on the atlas's layers (minutes on a CPU)")
     p.add_argument("--skip", default="", metavar="STAGES",
                    help=f"comma-separated stages not to run: {', '.join(STAGE_NAMES)}")
     p.add_argument("--json", action="store_true", help="print the per-stage report as JSON")
@@ -99,7 +102,7 @@ def settings_from_args(args) -> AtlasSettings:
                              feature_size=args.size, recipe=args.recipe, seed=args.seed, top=args.top,
                              max_photos=args.photos, scan_images=args.scan, skip=skip,
                              deconv_method=args.deconv_method, scan_limit=args.scan_limit,
-                             strict=args.strict, precision=args.precision)
+                             strict=args.strict, precision=args.precision, profile=args.profile)
     check_settings(settings)
     return settings
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from ..errors import ConvscopeError
 from ..methods.deconv import deconv
+from ..methods.deconv.choice import AUTO, PROJECTION_CHOICES
 from ..precision import NUMBERS, resolve_precision
-from ..rectifiers import PROJECTION_NAMES
 from ._common import (
     add_batch_size_arg,
     add_max_side_arg,
@@ -44,8 +44,9 @@ def register(subparsers) -> None:
                    help="the N channels with the highest peaks (default 16 when --channels is not given)")
     p.add_argument("--positions", type=positive_int, default=None, metavar="N",
                    help="instead, the N strongest positions of one channel (give one --channels, or --top 1)")
-    p.add_argument("--method", default="deconvnet", choices=(*PROJECTION_NAMES, "all"),
-                   help="backward rule at the rectifiers; 'all' draws the three side by side")
+    p.add_argument("--method", default=AUTO, choices=(*PROJECTION_CHOICES, "all"),
+                   help="backward rule at the rectifiers (default auto: the deconvnet on a model with max-pooling, "
+                        "else guided backprop; the plain gradient on a layer where neither holds); 'all' draws the three side by side")
     p.add_argument("--signed", action="store_true", help="draw the gradient signed instead of as |gradient|")
     p.add_argument("--size", default=None, help="N (shorter side) or HxW; default the model's input size")
     p.add_argument("--tile", type=positive_int, default=None,

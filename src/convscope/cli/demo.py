@@ -24,10 +24,11 @@ from ._common import add_out_arg, out_dir
 
 # The atlas budget of the demo: every channel of the narrowest stage output (blocks.0.0.bn2, 16
 # channels, shallow, so cheap to visualize), 6 channels of each other layer, short feature
-# visualizations, a scan of 256 windows of the built-in sample set, on DEMO_LAYERS.
+# visualizations, a scan of 256 windows of the built-in sample set, on DEMO_LAYERS, and the depth
+# profile of those layers (dead channels, transfer probes, projection trust) on the model page.
 DEMO_FULL_LAYERS = ("blocks.0.0.bn2",)
 DEMO_SETTINGS = AtlasSettings(channels_per_layer=6, full_layers=DEMO_FULL_LAYERS, steps=64, feature_size=96, top=9,
-                              scan_images="samples", scan_limit=256)
+                              scan_images="samples", scan_limit=256, profile=True)
 # The default model's stem, the output of each of its 7 stages, and its head. The stage outputs
 # are linear bottlenecks (conv + BN, no ReLU6): their strongest units are not tied at the cap of 6,
 # so the scan's top 9 are distinct and guided backprop is not zero there (the deconv and scan
@@ -42,7 +43,8 @@ def register(subparsers) -> None:
                                           "scikit-image's chelsea, astronaut and coffee photos; feature sheets, "
                                           "deconvnet / guided backprop / gradient sheets and a sample-set scan "
                                           "for a few layers; then the atlas of the stem, each stage's output and "
-                                          "the head (feature visualizations, the sample-set scan, projections); occlusion maps "
+                                          "the head (feature visualizations, the sample-set scan, projections, "
+                                          "and the depth profile on the model page); occlusion maps "
                                           "for chelsea and linear probes by depth on lfw_subset, "
                                           "whose index.html it prints.",
                               epilog="Example: convscope demo --out runs/demo")

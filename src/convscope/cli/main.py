@@ -15,7 +15,7 @@ import warnings
 from ..errors import ConvscopeError
 
 # Subcommand modules, in the order `convscope --help` lists them.
-COMMANDS = ("predict", "models", "layers", "activations", "features", "deconv", "scan", "occlusion", "probe", "atlas",
+COMMANDS = ("predict", "models", "layers", "activations", "features", "deconv", "scan", "occlusion", "probe", "profile", "atlas",
             "serve", "demo")
 
 

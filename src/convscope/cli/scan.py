@@ -1,4 +1,4 @@
-"""``convscope scan [FOLDER]``: the top-k examples of every channel across a data set, with deconvnet projections."""
+"""``convscope scan [FOLDER]``: the top-k examples of every channel across a data set, with their projections."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from pathlib import Path
 
 from ..datasets import FolderImages, SampleImages
 from ..errors import ConvscopeError
+from ..methods.deconv.choice import AUTO, PROJECTION_CHOICES
 from ..methods.scan import DEFAULT_TOP, INDEX_FILE, STATE_FILE, default_layers, load_checkpoint, scan
 from ..models import DEFAULT_MODEL
 from ..precision import NUMBERS, resolve_precision
-from ..rectifiers import PROJECTION_NAMES
 from ..sources import is_model_file
 from ._common import (
     add_batch_size_arg,
@@ -43,10 +43,10 @@ def register(subparsers) -> None:
     import argparse
 
     p = subparsers.add_parser(
-        "scan", help="top-k images of every channel across a data set, with deconvnet projections",
+        "scan", help="top-k images of every channel across a data set, with their projections",
         description="Stream a folder of images (recursively: jpg, png, webp, bmp, tiff) through the model, keep the "
-                    "top-k activations of every channel (one per image), then draw each channel's figure: deconvnet "
-                    "projections beside the image patches, as in Zeiler & Fergus. Unreadable files are skipped and "
+                    "top-k activations of every channel (one per image), then draw each channel's figure: projections "
+                    "(deconvnet or guided backprop, see --method) beside the image patches, as in Zeiler & Fergus. Unreadable files are skipped and "
                     "listed. The state is checkpointed; --resume continues an interrupted scan.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("folder", nargs="?", default=None, help="folder of images, searched recursively")
@@ -69,8 +69,9 @@ def register(subparsers) -> None:
     p.add_argument("--limit", type=positive_int, default=None, metavar="N", help="scan only the first N images")
     p.add_argument("--channels", default=None,
                    help="channels to draw, e.g. 0-15 (default all; the index lists every channel)")
-    p.add_argument("--method", default="deconvnet", choices=PROJECTION_NAMES,
-                   help="projection method (deconvnet is Zeiler & Fergus's)")
+    p.add_argument("--method", default=AUTO, choices=PROJECTION_CHOICES,
+                   help="backward rule at the rectifiers (default auto: the deconvnet on a model with max-pooling, "
+                        "else guided backprop; the plain gradient on a layer where neither holds)")
     p.add_argument("--not-strict", dest="strict", action="store_false",
                    help="backpropagate nonlinearities without a deconvnet/guided rule (GELU, SiLU, gates) "
                         "plainly instead of refusing them, as captum does")

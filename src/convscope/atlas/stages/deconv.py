@@ -3,104 +3,30 @@ visualised channel: the scan's, or the strongest unit on each photo when no scan
 
 from __future__ import annotations
 
-import contextlib
-import re
 import time
 
 import numpy as np
-import torch
 from PIL import Image
 
-from ...errors import ConvscopeError
-from ...hooks import StopForward, frozen, recording
-from ...layers import LayerInfo
 from ...methods.deconv import Unit, project_units, render_projection_pair, strongest_units
-from ...models import LoadedModel
+from ...methods.deconv.choice import PROJECTION_CHOICES, choose_projection, has_max_pooling, projection_method
 from ...precision import NUMBERS
 from ...rectifiers import (
     DECONVNET,
     GRADIENT,
-    GUIDED,
-    PROJECTION_NAMES,
     Rule,
-    audit_graph,
-    backward_rule,
-    resolve_projection,
 )
 from ..context import Stage
 from ..store import pack_row, read_json
 
 __all__ = ["DeconvStage", "DECONV_METHODS", "choose_projection", "projection_method"]
 
-DECONV_METHODS = ("auto", *PROJECTION_NAMES)
+DECONV_METHODS = PROJECTION_CHOICES
 
 # How the channel pages name each method's projections.
 _SHOWN = {"deconvnet": "deconvnet projection (Zeiler & Fergus)", "guided": "guided-backprop projection",
           "gradient": "gradient (saliency)"}
-
-
-def projection_method(loaded: LoadedModel, requested: str | Rule) -> Rule:
-    """The projection rule the stage uses on ``loaded`` for ``settings.deconv_method``.
-
-    ``"auto"`` is the deconvnet for a model with max-pooling, else guided backprop.
-    """
-    if requested == "auto":
-        return DECONVNET if _has_max_pooling(loaded) else GUIDED
-    return resolve_projection(requested)
-
-
-def _has_max_pooling(loaded: LoadedModel) -> bool:
-    return any(layer.type.startswith(("MaxPool", "AdaptiveMaxPool")) for layer in loaded.catalogue)
-
-
 _RULE_LABELS = {"deconvnet": "the deconvnet", "guided": "guided backprop"}
-
-
-def choose_projection(loaded: LoadedModel, layer: LayerInfo, requested: str | Rule = "auto", *,
-                      strict: bool = True) -> tuple[Rule, str | None]:
-    """The projection rule for ``layer``, and why it is not the requested one (None when it is).
-
-    ``requested`` is resolved as in :func:`projection_method` (``"auto"``: the deconvnet for a model
-    with max-pooling, else guided backprop). The deconvnet and guided rules are defined only for
-    ReLU-family rectifiers: one small forward pass to ``layer`` under the rule, audited with
-    :func:`~convscope.rectifiers.audit_graph`, finds any other nonlinearity (Hardswish, GELU, SiLU,
-    a gate) on the path. There the plain gradient (:data:`GRADIENT`) is used instead, with the
-    reason, e.g. ``"Hardswish on the path; guided backprop undefined"``. With ``strict=False`` such
-    nonlinearities are backpropagated plainly under the rule instead (the reason says so).
-    """
-    rule = projection_method(loaded, requested)
-    if rule is GRADIENT or not rule.intercepts:
-        return rule, None
-    return _audit_choice(loaded, layer, rule, strict)
-
-
-def _audit_choice(loaded: LoadedModel, layer: LayerInfo, rule: Rule, strict: bool) -> tuple[Rule, str | None]:
-    label = _RULE_LABELS.get(rule.name, rule.name)
-    size = loaded.preprocessing.input_size
-    x = torch.randn((1, 3, *size), generator=torch.Generator().manual_seed(0)).to(loaded.device)
-    try:
-        with frozen(loaded.module), torch.enable_grad():
-            x.requires_grad_(True)
-            with recording(loaded.module, [layer.name], clone=True, detach=False, stop_after_last=True) as store:
-                with backward_rule(rule), contextlib.suppress(StopForward):
-                    loaded.module(x)
-            output = store.get(layer.name) if layer.name in store else None
-            if output is None or output.grad_fn is None:
-                return rule, None  # project_units reports it
-            other = audit_graph(output, rule, strict=False)
-    except ConvscopeError:  # a rectifier the rule cannot reach (TorchScript, a custom autograd.Function)
-        return GRADIENT, f"a rectifier on the path that the {rule.name} rule cannot reach; {label} undefined there"
-    if not other:
-        return rule, None
-    names = ", ".join(sorted({_op_name(n) for n in other}))
-    if not strict:
-        return rule, f"{names} on the path, backpropagated plainly (--not-strict); {label} elsewhere"
-    return GRADIENT, f"{names} on the path; {label} undefined there"
-
-
-def _op_name(node: str) -> str:
-    """``HardswishBackward0`` -> ``Hardswish``; ``CopySlices(...)`` kept."""
-    return re.sub(r"Backward\d*$", "", node)
 
 
 # Distinct images per project_units call (they are batched inside; this bounds the memory).
@@ -183,7 +109,7 @@ class DeconvStage(Stage):
                 note += (f" {_RULE_LABELS.get(asked.name, asked.name).capitalize()} was asked for; it holds only on "
                          "layers whose path has no nonlinearity but ReLUs, so this layer shows the plain gradient.")
             return note
-        if rule is DECONVNET and not _has_max_pooling(ctx.loaded):
+        if rule is DECONVNET and not has_max_pooling(ctx.loaded):
             note += (" This model has no max-pooling, so the deconvnet's projection of a unit does not depend on "
                      "the image (its rectifier rule ignores the forward pass): use guided backprop for "
                      "image-specific projections.")

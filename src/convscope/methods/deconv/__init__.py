@@ -50,6 +50,7 @@ from ...layers import LayerInfo
 from ...models import LoadedModel, as_loaded
 from ...precision import NUMBERS, Precision, resolve_precision
 from ...rectifiers import PROJECTIONS, Rule, resolve_projection
+from .choice import AUTO, PROJECTION_CHOICES, choose_projection, has_max_pooling, projection_method
 from .engine import STRATEGIES, project_units, spatial_layer
 from .figures import projection_sheet, render_projection_pair, whole_image_sheet
 from .result import DeconvResult, Projections, Unit
@@ -57,7 +58,8 @@ from .units import strongest_units, top_positions
 
 __all__ = [
     "Unit", "Projections", "DeconvResult", "project_units", "render_projection_pair", "strongest_units",
-    "top_positions", "deconv", "projection_sheet", "whole_image_sheet", "STRATEGIES",
+    "top_positions", "deconv", "projection_sheet", "whole_image_sheet", "STRATEGIES", "AUTO", "PROJECTION_CHOICES",
+    "choose_projection", "projection_method", "has_max_pooling",
 ]
 
 
@@ -69,7 +71,7 @@ def deconv(
     channels: Sequence[int] | range | None = None,
     top: int | None = None,
     positions: int | None = None,
-    method: str | Rule | Sequence[str | Rule] = "deconvnet",
+    method: str | Rule | Sequence[str | Rule] = AUTO,
     size: int | tuple[int, int] | None = None,
     batch_size: int | None = None,
     strict: bool = True,
@@ -83,7 +85,10 @@ def deconv(
         top: only the ``top`` channels with the highest peaks, strongest first.
         positions: instead, the ``positions`` strongest units of one channel (give one channel,
             or ``top=1`` for the strongest one).
-        method: ``deconvnet``, ``guided``, ``gradient``, ``all``, or a list of them.
+        method: ``auto`` (default: the deconvnet on a model with max-pooling, else guided
+            backprop, or the plain gradient where neither rule holds on the layer's path; see
+            :func:`~convscope.methods.deconv.choice.choose_projection`), ``deconvnet``, ``guided``,
+            ``gradient``, ``all``, or a list of them.
         size: shorter side, or ``(H, W)``; default the model's input size (aspect kept).
         precision: ``"auto"`` (float32, exact), ``"fp32"``, ``"bf16"`` or ``"fp16"`` (see
             :func:`project_units`).
@@ -94,12 +99,22 @@ def deconv(
     """
     loaded = as_loaded(model)
     chosen_precision = resolve_precision(precision, loaded.device, purpose=NUMBERS, module=loaded.module)
+    x, rgb = loaded.tensor(image, size)
+    info = spatial_layer(loaded, layer, (int(x.shape[2]), int(x.shape[3])))
+    notes = []
     if method == "all":
         rules = list(PROJECTIONS)
     else:
-        rules = [resolve_projection(m) for m in ([method] if isinstance(method, str | Rule) else method)]
-    x, rgb = loaded.tensor(image, size)
-    info = spatial_layer(loaded, layer, (int(x.shape[2]), int(x.shape[3])))
+        rules = []
+        for m in [method] if isinstance(method, str | Rule) else method:
+            if m == AUTO:
+                rule, reason = choose_projection(loaded, info, AUTO, strict=strict)
+                if reason:
+                    notes.append(f"auto chose {rule.name} for {info.label}: {reason}")
+                rules.append(rule)
+            else:
+                rules.append(resolve_projection(m))
+        rules = list(dict.fromkeys(rules))
     if positions is not None:
         chosen = strongest_units(loaded, x, info, channels, top=top)
         if len(chosen) != 1:
@@ -111,7 +126,6 @@ def deconv(
     projections = {rule.name: project_units(loaded, x, info, units, method=rule, batch_size=batch_size,
                                             strict=strict, progress=progress, precision=chosen_precision)
                    for rule in rules}
-    notes = []
     if any(projections[rules[0].name].clipped):
         notes.append("some receptive fields reach past the image border; their boxes are clipped")
     for m, p in projections.items():

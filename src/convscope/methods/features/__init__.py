@@ -51,10 +51,10 @@ from ...models import LoadedModel, as_loaded
 from ...precision import PICTURE, Precision, resolve_precision
 from . import objectives as obj
 from .engine import Optimized, Recipe, make_recipe, optimize, resolve_layers
-from .result import DEAD_FRACTION, DEAD_THRESHOLD, FeatureResult, FeatureSet
+from .result import DEAD_FRACTION, DEAD_THRESHOLD, FeatureResult, FeatureSet, dead_limit, layer_scale
 
 __all__ = ["FeatureResult", "FeatureSet", "visualize_features", "visualize_classes", "visualize", "DEAD_THRESHOLD",
-           "DEAD_FRACTION", "make_recipe", "Recipe"]
+           "DEAD_FRACTION", "make_recipe", "Recipe", "layer_scale", "dead_limit"]
 
 
 def _to_uint8(images: np.ndarray, recipe: Recipe) -> np.ndarray:
@@ -103,9 +103,7 @@ def _photo_stats(loaded: LoadedModel, objective: obj.Objective, n: int, peak_lay
                 layer_magnitude = largest if layer_magnitude is None else np.maximum(layer_magnitude, largest)
     if layer_magnitude is None:
         return best, peak, (np.zeros(n, dtype=np.float64) if track else None), None
-    firing = layer_magnitude[layer_magnitude > 0]
-    scale = float(np.median(firing)) if firing.size else 0.0
-    return best, peak, layer_magnitude[list(channels)], scale
+    return best, peak, layer_magnitude[list(channels)], layer_scale(layer_magnitude)
 
 
 @torch.no_grad()

@@ -15,7 +15,7 @@ from ...precision import FP32, Precision
 from . import figures
 from .engine import Recipe
 
-__all__ = ["DEAD_FRACTION", "DEAD_THRESHOLD", "FeatureResult", "FeatureSet"]
+__all__ = ["DEAD_FRACTION", "DEAD_THRESHOLD", "FeatureResult", "FeatureSet", "layer_scale", "dead_limit"]
 
 # "Dead" is relative to the layer's scale: a channel is dead when its |activation| never exceeds
 # DEAD_FRACTION x the layer's scale on any sample photo *and* the optimization cannot lift its
@@ -28,6 +28,20 @@ DEAD_FRACTION = 1e-3
 # The absolute floor, used only for a layer that is exactly zero on every photo (no scale):
 # there a channel is dead when the optimization cannot lift its objective above this.
 DEAD_THRESHOLD = 1e-3
+
+
+def layer_scale(magnitudes: np.ndarray) -> float:
+    """A layer's scale: the median, over its channels that fire (``> 0``), of each channel's largest
+    |activation| on the photos (``magnitudes``, one per channel); 0.0 when none fires."""
+    magnitudes = np.asarray(magnitudes, dtype=np.float64)
+    firing = magnitudes[magnitudes > 0]
+    return float(np.median(firing)) if firing.size else 0.0
+
+
+def dead_limit(scale: float | None, fraction: float = DEAD_FRACTION, threshold: float = DEAD_THRESHOLD) -> float:
+    """The limit of the dead test: ``fraction x scale``, or the absolute ``threshold`` when the layer
+    has no scale (zero on every photo, or no layer)."""
+    return fraction * scale if scale else threshold
 
 
 @dataclass
@@ -74,9 +88,7 @@ class FeatureResult:
     def dead_limit(self) -> float:
         """The limit the dead test used: ``dead_fraction x layer_scale``, or the absolute floor
         when the layer has no scale (zero on every photo, or no layer)."""
-        if self.layer_scale:
-            return self.dead_fraction * self.layer_scale
-        return self.dead_threshold
+        return dead_limit(self.layer_scale, self.dead_fraction, self.dead_threshold)
 
     def __len__(self) -> int:
         return len(self.records)

@@ -22,13 +22,16 @@ The scan's checkpoint ``scan_state.pt`` (``--resume``) sits beside them in the C
       "image_size": [H, W],             # every image was resized to cover this and centre-cropped
       "top": k, "images_scanned": int,
       "skipped": [{"id": int, "path": str, "reason": str}],   # unreadable, corrupt, empty, tiny files
-      "method": "deconvnet" | "guided" | "gradient" | null,   # null when nothing was rendered
+      "method": "deconvnet" | "guided" | "gradient" | null,   # the rule asked for ("auto" resolved);
+                                                              # null when nothing was rendered
       "images": {"<id>": {"path": str}},  # the images that appear below; path relative to
                                           # source.root (folder) or skimage:NAME[t:b,l:r]
       "layers": [{
         "name", "alias", "label", "type", "stride", "rf_size",
         "shape": [C, h, w],             # the scanned map's shape at image_size
         "dir": str,                     # folder of this layer's figures
+        "method": str | null,           # the rule this layer's figures were drawn with (null: none drawn)
+        "method_reason": str | null,    # why it is not the rule asked for (e.g. a GELU on the path)
         "units": [{                     # one per channel, channel order
           "channel": int,
           "figure": str | null,         # relative to the run folder; null if not rendered
@@ -64,7 +67,8 @@ from ...errors import ConvscopeError
 from ...layers import LayerInfo
 from ...models import LoadedModel
 from ...precision import FP32, Precision
-from ...rectifiers import DECONVNET, Rule, resolve_projection
+from ...rectifiers import Rule, resolve_projection
+from ..deconv.choice import AUTO, choose_projection, projection_method
 from .figures import DRIFT_TOLERANCE, relative_drift, render_channels
 from .topk import EMPTY, TopK
 
@@ -141,14 +145,20 @@ class ScanResult:
     def images_scanned(self) -> int:
         return self.topk.images_seen
 
-    def figure(self, layer: str | LayerInfo, channel: int, *, method: str | Rule = DECONVNET) -> Image.Image:
+    def figure(self, layer: str | LayerInfo, channel: int, *, method: str | Rule = AUTO) -> Image.Image:
         """One channel's figure: its top examples' projections beside their image patches.
+
+        ``method="auto"`` (default) is the deconvnet on a model with max-pooling, else guided
+        backprop, or the plain gradient where neither rule holds on the layer's path
+        (:func:`~convscope.methods.deconv.choice.choose_projection`); the figure's title names it.
 
         Example:
             >>> result.figure("blocks.3.2.bn3", 5)       # shows inline in Jupyter
         """
         figures: list[Image.Image] = []
-        render_channels(self, layer, [channel], method=resolve_projection(method), progress=False,
+        row = self.layer(layer)
+        rule = choose_projection(self.model, row, AUTO)[0] if method == AUTO else resolve_projection(method)
+        render_channels(self, row, [channel], method=rule, progress=False,
                         on_figure=lambda _c, figure, _e, _v: figures.append(figure))
         return figures[0]
 
@@ -160,7 +170,7 @@ class ScanResult:
         self,
         folder: str | Path,
         *,
-        method: str | Rule | None = DECONVNET,
+        method: str | Rule | None = AUTO,
         channels: Channels = None,
         batch_size: int | None = None,
         progress: bool = True,
@@ -172,8 +182,11 @@ class ScanResult:
         so until this returns the folder reads as an incomplete run (see :func:`read_scan`).
 
         Args:
-            method: ``"deconvnet"`` (Zeiler & Fergus), ``"guided"`` or ``"gradient"`` (or its
-                Rule); ``None`` writes the index and arrays without figures.
+            method: ``"auto"`` (default: the deconvnet on a model with max-pooling, else guided
+                backprop; per layer the plain gradient where neither rule holds, see
+                :func:`~convscope.methods.deconv.choice.choose_projection`), ``"deconvnet"`` (Zeiler &
+                Fergus), ``"guided"`` or ``"gradient"`` (or its Rule); ``None`` writes the index and
+                arrays without figures.
             channels: channels to render: one list for every layer (channels beyond a layer's
                 count are ignored) or ``{layer name: list}``; default all.
             batch_size: passed to :func:`convscope.methods.deconv.project_units` (default: its own budget).
@@ -183,17 +196,22 @@ class ScanResult:
         Returns:
             the index dict.
         """
-        rule = None if method is None else resolve_projection(method)
+        rule = None if method is None else (projection_method(self.model, method) if method == AUTO
+                                             else resolve_projection(method))
         out = Path(folder)
         out.mkdir(parents=True, exist_ok=True)
         (out / MANIFEST_FILE).unlink(missing_ok=True)
         save_npz(out / ARRAYS_FILE, **self.topk.arrays())
         written = [ARRAYS_FILE]
         drawn: dict[str, tuple[dict[int, str], dict[int, list[float]]]] = {}
+        chosen: dict[str, tuple[Rule, str | None]] = {}
         for layer in self.layers:
             wanted = _wanted(channels, layer)
             if rule is None or not wanted:
                 continue
+            layer_rule, reason = (choose_projection(self.model, layer, AUTO, strict=strict) if method == AUTO
+                                  else (rule, None))
+            chosen[layer.name] = (layer_rule, reason)
             figures: dict[int, str] = {}
 
             def keep(channel, figure, _examples, _values, folder=_layer_dir(layer), figures=figures):
@@ -202,18 +220,21 @@ class ScanResult:
                 figures[channel] = rel
                 written.append(rel)
 
-            rerun = render_channels(self, layer, wanted, method=rule, batch_size=batch_size, on_figure=keep,
+            rerun = render_channels(self, layer, wanted, method=layer_rule, batch_size=batch_size, on_figure=keep,
                                     progress=progress, strict=strict)
             drawn[layer.name] = (figures, rerun)
-        index = {**self._record(rule, drawn), "arrays": ARRAYS_FILE}
+        index = {**self._record(rule, drawn, chosen), "arrays": ARRAYS_FILE}
         save_json(index, out / INDEX_FILE)
         written.append(INDEX_FILE)
         save_json({"format": RUN_FORMAT, "files": {rel: _file_entry(out / rel) for rel in written}},
                   out / MANIFEST_FILE)
         return index
 
-    def _record(self, rule: Rule | None, drawn: dict[str, tuple[dict[int, str], dict[int, list[float]]]]) -> dict:
-        """The index; ``drawn`` gives per layer name the figures' paths and the re-run values by channel."""
+    def _record(self, rule: Rule | None, drawn: dict[str, tuple[dict[int, str], dict[int, list[float]]]],
+                chosen: dict[str, tuple[Rule, str | None]] | None = None) -> dict:
+        """The index; ``drawn`` gives per layer name the figures' paths and the re-run values by channel,
+        ``chosen`` the rule each layer's figures were drawn with and why it is not ``rule`` (or None)."""
+        chosen = chosen or {}
         referenced: set[int] = set()
         layers = []
         drift_units, drift_max = 0, 0.0
@@ -237,6 +258,8 @@ class ScanResult:
                 "name": layer.name, "alias": layer.alias, "label": layer.label, "type": layer.type,
                 "shape": [layer.channels, *(map_size or layer.shape[1:])], "stride": layer.stride,
                 "rf_size": layer.rf_size, "dir": _layer_dir(layer), "units": units,
+                "method": chosen[layer.name][0].name if layer.name in chosen else None,
+                "method_reason": chosen[layer.name][1] if layer.name in chosen else None,
             })
         return {
             "format": FORMAT,

@@ -1,0 +1,62 @@
+"""The whole depth profile of the default model at its default settings, timed (target: <= 3 minutes on 2 cores).
+
+Runs :func:`convscope.profile_model` on EfficientNet-Lite0 (real weights): every feature layer,
+the sample photos and 96 sample windows, the dead test, both transfer probes against random
+init, and projection trust at 8 layers with the cascade; prints the time of each part, the
+per-method verdicts and the total. Also writes ``profile.png`` (the README's picture) with
+``--out``.
+
+(Not ``profile.py``: run from ``benchmarks/``, that name would shadow the standard library's
+``profile`` module, which torch imports.)
+
+Usage:
+    python benchmarks/depth_profile.py [--out docs]       # full
+    python benchmarks/depth_profile.py --quick            # smoke run: 6 layers, small probes
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import _machine
+import torch
+
+import convscope
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="6 layers, small probe sets, 16 scan images")
+    parser.add_argument("--out", default=None, help="save the profile (png, md, csv, json) here")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    _machine.header("depth profile of the default model (convscope profile)")
+    loaded = convscope.load_model(device="cpu")
+    layers = None
+    options = {}
+    if args.quick:
+        features = loaded.catalogue.features
+        layers = [features[i].name for i in range(0, len(features), max(1, len(features) // 6))][:6]
+        options = {"scan_limit": 16, "far_per_class": 10, "near_per_photo": 10, "trust_layers": 3}
+    start = time.perf_counter()
+    result = convscope.profile_model(loaded, layers, **options)
+    seconds = time.perf_counter() - start
+    print(f"layers: {len(result.layers)}; parts (s): {result.seconds}")
+    for name, info in result.methods().items():
+        median = info["median_spearman"]
+        print(f"  {name:<10} median Spearman {'n/a' if median is None else f'{median:.2f}'}: {info['verdict']}")
+    dead = sum(len(result.activity[layer.name].dead) for layer in result.layers)
+    silent = sum(len(result.activity[layer.name].silent) for layer in result.layers)
+    print(f"  silent channels {silent}, dead {dead}")
+    if args.out:
+        index = result.save(args.out)
+        print(f"wrote {', '.join(index['files'].values())} to {args.out}")
+    _machine.footer(f"profile of {len(result.layers)} layers in {seconds:.1f} s "
+                    f"({'quick' if args.quick else 'full'}; target <= 180 s on an idle 2-core machine)")
+
+
+if __name__ == "__main__":
+    main()
