@@ -88,12 +88,12 @@ class RayTarget:
         and left running.
         """
         ray = require_ray()
-        if ray.is_initialized():
-            yield ray
-            return
         address = self.address or os.environ.get("RAY_ADDRESS") or None
         if address and not address.startswith("ray://") and address != "auto":
             _check_reachable(address)
+        if ray.is_initialized():
+            yield ray
+            return
         try:
             if address:
                 ray.init(address=address, log_to_driver=False, configure_logging=False)
