@@ -68,8 +68,9 @@ class RayTarget:
     Attributes:
         address: ``HOST:PORT`` of a running cluster's head (or ``ray://...``); None means ``auto``:
             the cluster in ``RAY_ADDRESS`` when set, else a new local one on 127.0.0.1.
-        workers: actors in the pool (default: one per GPU, or one per CPU of the cluster).
-        threads: torch threads per actor (default: the cluster's CPUs shared among the actors).
+        workers: actors in the pool (default: one per GPU, else the cluster's CPUs divided by ``threads``).
+        threads: torch threads per actor (default: this process's torch threads, so that each actor
+            computes exactly what a local run would; with ``workers`` given, the CPUs shared among them).
     """
 
     address: str | None = None
@@ -118,8 +119,16 @@ class RayTarget:
         resources = ray.cluster_resources()
         cpus = max(1, int(resources.get("CPU", 1)))
         gpus = int(resources.get("GPU", 0))
-        workers = self.workers or (gpus if gpus else cpus)
-        threads = self.threads or max(1, cpus // workers)
+        if self.threads:
+            threads = self.threads
+        elif self.workers:
+            threads = max(1, cpus // self.workers)
+        else:
+            # Each worker does the arithmetic of a local run in this process (its torch threads), so
+            # by default the distributed result is the local one; --ray-workers trades that for more,
+            # thinner workers (an optimization amplifies another thread count's rounding).
+            threads = max(1, min(torch.get_num_threads(), cpus))
+        workers = self.workers or (gpus if gpus else max(1, cpus // threads))
         return workers, threads, (1.0 if gpus and workers <= gpus else 0.0)
 
 

@@ -43,7 +43,10 @@ def add_ray_arg(parser: argparse.ArgumentParser, what: str) -> None:
                        help=f"run {what} on a Ray cluster: auto joins the cluster in RAY_ADDRESS or starts a local "
                             "one; HOST:PORT joins the cluster whose head is there (`ray start --head`)")
     group.add_argument("--ray-workers", type=positive_int, default=None, metavar="N",
-                       help="Ray actors, each with its own copy of the model (default: one per GPU, else per CPU)")
+                       help="Ray actors, each with its own copy of the model and the cluster's CPUs / N torch threads "
+                            "(default: one per GPU, else as many as give each the torch threads of a local run, "
+                            "which keeps the results bit-equal to a local run's; more, thinner workers may be "
+                            "faster, and differ from a local run by float rounding)")
 
 
 def ray_from_args(args: argparse.Namespace):
