@@ -183,3 +183,10 @@ def test_an_unreachable_cluster_fails_fast(tmp_path):
     with pytest.raises(ConvscopeError, match="no Ray cluster answers at 127.0.0.1:9"):
         with RayTarget("127.0.0.1:9").session():
             pass
+
+
+def test_without_ray_the_flag_says_how_to_install(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "ray", None)   # `import ray` now fails as if it were not installed
+    assert main(["scan", "--samples", "--ray", "auto", "--out", str(tmp_path / "x")]) == 2
+    assert "pip install 'convscope[ray]'" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -370,7 +370,7 @@ def scan_shards(target: RayTarget, loaded: LoadedModel, images, names: list[str]
             previous = (context.execution_options.preserve_order, context.enable_progress_bars)
             context.execution_options.preserve_order = True   # shards come back in order: a resumable cursor
             context.enable_progress_bars = False               # one bar, the driver's
-            logging.getLogger("ray.data").setLevel(logging.WARNING)
+            logging.getLogger("ray.data").setLevel(logging.ERROR)   # its notes would break the one bar
             try:
                 shards = data.from_items([{"start": a, "stop": b} for a, b in bounds],
                                          override_num_blocks=max(1, min(len(bounds), 4 * workers)))
