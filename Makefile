@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	# torch and torchvision first, pinned to the releases this kind of machine serves from disk.
 	# (grep drops pip's "Location ... is ignored" notes about this machine's local indexes)
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1 2>&1 | { grep -v 'is ignored: it is neither' || true; }
-	$(PY) -m pip install -q -e '.[test,bench,keras]' 2>&1 | { grep -v 'is ignored: it is neither' || true; }
+	$(PY) -m pip install -q -e '.[test,bench,keras,ray]' 2>&1 | { grep -v 'is ignored: it is neither' || true; }
 	touch $(STAMP)
 
 demo: $(STAMP)

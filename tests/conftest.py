@@ -50,3 +50,22 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster for the whole run: 2 CPUs, traffic on 127.0.0.1, no dashboard, quiet.
+
+    Actors ask for half a CPU each (convscope.distributed.ACTOR_CPUS), so a pool of two leaves
+    room for Ray Data's read tasks.
+    """
+    ray = pytest.importorskip("ray")
+    if ray.is_initialized():
+        yield ray
+        return
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
+             configure_logging=False, object_store_memory=256 * 1024 * 1024)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()

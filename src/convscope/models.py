@@ -130,6 +130,9 @@ class LoadedModel:
     random_init: bool = False
     seed: int | None = None  # of the initialisation, when random_init
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    # The arguments of :func:`~convscope.sources.load_model` that made it (None for a user's own
+    # module): how a worker on another machine loads the very same network.
+    source: dict | None = field(default=None, compare=False)
 
     _catalogues: dict[tuple[int, int], Catalogue] = field(default_factory=dict, init=False, repr=False, compare=False)
 

@@ -104,6 +104,8 @@ def load_model(
             loaded = _load_torchvision(spec, weights=weights, random=random)
     if loaded.random_init:
         loaded.seed = seed
+    loaded.source = {"spec": spec, "weights": None if weights is None else str(weights), "random": bool(random),
+                     "seed": int(seed), "trust_file": bool(trust_file)}
     loaded.module.to(device).eval()
     loaded.device = device
     return loaded

@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from ..datasets import MIN_SIDE, FolderImages, SampleImages
+from ..distributed import LocalExecutor
 from ..errors import ConvscopeError
 from ..hooks import capture
 from ..images import IMAGE_EXTENSIONS, ImageSource, load_image, sample_photos
@@ -141,8 +142,11 @@ class BuildContext:
     """Everything a stage needs: the model, the layers, the photos, the output folder and the cache."""
 
     def __init__(self, loaded: LoadedModel, out: Path, settings: AtlasSettings, layers: list[LayerInfo],
-                 photos: list[Photo], progress: bool = True):
+                 photos: list[Photo], progress: bool = True, executor=None):
         self.loaded = loaded
+        # Where the heavy work units run: this process, or a Ray cluster (convscope.distributed).
+        # Results come back to this process, which writes every file and record.
+        self.executor = executor if executor is not None else LocalExecutor()
         self.out = out
         self.settings = settings
         self.layers = layers

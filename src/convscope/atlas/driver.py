@@ -60,6 +60,7 @@ def build_atlas(
     *,
     progress: bool = True,
     stages: Sequence[Stage] | None = None,
+    executor=None,
 ) -> AtlasBuild:
     """Build (or bring up to date) the atlas of ``model`` over ``images`` in ``out``.
 
@@ -69,6 +70,10 @@ def build_atlas(
         out: output folder; records from an earlier build there are reused when still valid.
         settings: what to build and the budget (:class:`AtlasSettings`).
         stages: the producers to run (default :data:`STAGES`), for tests and extensions.
+        executor: where the feature visualizations run: None for this process, or a
+            :class:`~convscope.distributed.RayExecutor` to fan them out over a Ray cluster
+            (the scan stage then scans on the same cluster). Files and records are written
+            here either way, so the atlas and its cache are the same.
 
     Returns:
         an :class:`AtlasBuild` with the path of ``index.html`` and what each stage did.
@@ -87,7 +92,7 @@ def build_atlas(
     out = ensure_dir(out)
     slugs = unique_slugs([name for name, _, _ in found])
     photos = [Photo(name, slug, source, loaded.preprocessing.fit(rgb)) for (name, source, rgb), slug in zip(found, slugs)]
-    ctx = BuildContext(loaded, out, settings, layers, photos, progress)
+    ctx = BuildContext(loaded, out, settings, layers, photos, progress, executor)
 
     photos_record = build_photos(ctx)
     reused = bool(photos_record.get("_reused"))

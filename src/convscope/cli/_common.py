@@ -41,6 +41,29 @@ def load_from_args(args: argparse.Namespace) -> LoadedModel:
                       trust_file=args.trust_file, device=args.device)
 
 
+def add_ray_arg(parser: argparse.ArgumentParser, what: str) -> None:
+    group = parser.add_argument_group("Ray (pip install 'convscope[ray]')")
+    group.add_argument("--ray", default=None, metavar="auto|HOST:PORT",
+                       help=f"run {what} on a Ray cluster: auto joins the cluster in RAY_ADDRESS or starts a local "
+                            "one; HOST:PORT joins the cluster whose head is there (`ray start --head`)")
+    group.add_argument("--ray-workers", type=positive_int, default=None, metavar="N",
+                       help="Ray actors, each with its own copy of the model and the cluster's CPUs / N torch threads "
+                            "(default: one per GPU, else as many as give each the torch threads of a local run, "
+                            "which keeps the results bit-equal to a local run's; more, thinner workers may be "
+                            "faster, and differ from a local run by float rounding)")
+
+
+def ray_from_args(args: argparse.Namespace):
+    """The :class:`~convscope.distributed.RayTarget` of ``--ray`` (None without it); Ray must be installed."""
+    if getattr(args, "ray", None) is None:
+        if getattr(args, "ray_workers", None) is not None:
+            raise ConvscopeError("--ray-workers sizes the Ray pool; give --ray auto (or --ray HOST:PORT) too")
+        return None
+    from ..distributed import parse_ray
+
+    return parse_ray(args.ray, workers=args.ray_workers)
+
+
 def add_out_arg(parser: argparse.ArgumentParser, default: str) -> None:
     parser.add_argument("--out", default=default, metavar="DIR", help=f"output folder, created if needed (default {default})")
 

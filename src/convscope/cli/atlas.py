@@ -20,6 +20,7 @@ from ._common import (
     add_model_args,
     add_out_arg,
     add_precision_arg,
+    add_ray_arg,
     check_image,
     check_out,
     load_from_args,
@@ -28,6 +29,7 @@ from ._common import (
     positive_float,
     positive_int,
     print_json,
+    ray_from_args,
 )
 
 
@@ -92,6 +94,7 @@ def register(subparsers) -> None:
     add_max_side_arg(p)
     add_out_arg(p, "runs/atlas")
     add_model_args(p)
+    add_ray_arg(p, "the feature visualizations (chunks of channels) and the scan")
     p.set_defaults(func=run)
 
 
@@ -154,6 +157,7 @@ def _plan(args, loaded, layers, settings: AtlasSettings) -> AtlasSettings:
 
 def run(args) -> int:
     settings = settings_from_args(args)
+    ray = ray_from_args(args)
     check_out(args.out)
     named = check_sources(args)
     loaded = load_from_args(args)
@@ -171,7 +175,13 @@ def run(args) -> int:
     print(f"plan: {len(layers)} layers, {channels} channels with pages, feature visualizations ({settings.steps} "
           f"steps at {settings.feature_size} px) and top-{settings.top} projections; valid results in {out} are "
           "reused")
-    build = build_atlas(loaded, args.images, out, settings)
+    executor = None
+    if ray is not None:
+        from ..distributed import RayExecutor
+
+        executor = RayExecutor(ray)
+        print(f"ray: feature visualizations and the scan run on {ray.describe()}; files are written here")
+    build = build_atlas(loaded, args.images, out, settings, executor=executor)
     if args.json:
         print_json({"index": str(build.index.resolve()), "stages": build.stages})
         return 0

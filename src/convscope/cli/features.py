@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from ..errors import ConvscopeError
-from ..methods.features import FeatureSet, visualize_classes, visualize_features
+from ..methods.features import FeatureSet, join_results, visualize_classes, visualize_features
 from ..methods.features.objectives import parse_objective
 from ..precision import PICTURE, resolve_precision
 from ._common import (
@@ -14,6 +14,7 @@ from ._common import (
     add_model_args,
     add_out_arg,
     add_precision_arg,
+    add_ray_arg,
     check_out,
     load_from_args,
     non_negative_float,
@@ -22,6 +23,7 @@ from ._common import (
     parse_size,
     positive_float,
     positive_int,
+    ray_from_args,
 )
 
 EPILOG = """Examples:
@@ -67,6 +69,7 @@ def register(subparsers) -> None:
     p.add_argument("--cols", type=positive_int, default=8, help="tiles per row on the sheet")
     add_out_arg(p, "runs/features")
     add_model_args(p)
+    add_ray_arg(p, "chunks of channels (16 per Ray task, or --batch-size)")
     p.set_defaults(func=run)
 
 
@@ -85,9 +88,49 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
+# Channels per Ray work unit without --batch-size: small enough to spread a layer over many workers.
+RAY_CHUNK = 16
+
+
+def visualize_unit(loaded, unit: tuple[str, list[int]], options: dict):
+    """One Ray work unit: a chunk of one layer's channels (a module-level function: it is pickled)."""
+    layer, channels = unit
+    return visualize_features(loaded, layer, channels, **options)
+
+
+def _on_ray(ray, loaded, plans, kind: str, common: dict) -> list:
+    """Each layer's channels in chunks on a Ray pool; per layer, the chunks joined in channel order."""
+    from tqdm import tqdm
+
+    from ..distributed import RayExecutor
+
+    size = common.get("max_batch") or RAY_CHUNK
+    units = [(layer.name, channels[i:i + size]) for layer, channels in plans for i in range(0, len(channels), size)]
+    labels = {layer.name: layer.label for layer, _ in plans}
+    parts: dict[tuple[str, int], object] = {}
+    began = time.perf_counter()
+    print(f"ray: {len(units)} chunks of up to {size} channels on {ray.describe()}")
+    with tqdm(total=sum(len(c) for _, c in units), unit="ch", desc="features (ray)", dynamic_ncols=True) as bar:
+        for (name, channels), result in RayExecutor(ray).map(loaded, visualize_unit, units,
+                                                             {**common, "objective": kind}):
+            parts[(name, channels[0])] = result
+            bar.update(len(channels))
+    seconds = time.perf_counter() - began
+    total = sum(len(channels) for _, channels in plans)
+    results = []
+    for layer, channels in plans:   # the wall time, shared out by channels: the chunks ran side by side
+        chunks = [parts[(layer.name, channels[i])] for i in range(0, len(channels), size)]
+        results.append((labels[layer.name], join_results(chunks), seconds * len(channels) / total))
+    return results
+
+
 def run(args) -> int:
     check_out(args.out)
+    ray = ray_from_args(args)
     kind, classes = parse_objective(args.objective)
+    if ray is not None and kind not in ("channel", "neuron"):
+        raise ConvscopeError(f"--ray fans out chunks of channels; --objective {args.objective} is one optimization: "
+                             "run it without --ray")
     size = parse_size(args.size)
     if isinstance(size, int):
         size = (size, size)
@@ -118,6 +161,8 @@ def run(args) -> int:
         t0 = time.perf_counter()
         result = visualize_classes(loaded, classes, **common)
         results.append(("classes", result, time.perf_counter() - t0))
+    elif ray is not None:
+        results = _on_ray(ray, loaded, plans, kind, {**common, "progress": False})
     else:
         for layer, channels in plans:
             t0 = time.perf_counter()

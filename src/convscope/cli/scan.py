@@ -19,6 +19,7 @@ from ._common import (
     add_model_args,
     add_out_arg,
     add_precision_arg,
+    add_ray_arg,
     check_out,
     load_from_args,
     non_negative_int,
@@ -26,6 +27,7 @@ from ._common import (
     parse_channels,
     parse_size,
     positive_int,
+    ray_from_args,
 )
 
 EXAMPLES = """examples:
@@ -79,6 +81,7 @@ def register(subparsers) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_out_arg(p, "runs/scan")
     add_model_args(p)
+    add_ray_arg(p, "the forward passes (shards of --batch-size images, one model per Ray actor)")
     p.set_defaults(func=run)
 
 
@@ -120,6 +123,7 @@ def _check_resumed_model(args, saved: dict, path: Path) -> None:
 
 def run(args) -> int:
     out = check_out(args.out)
+    ray = ray_from_args(args)
     resume = args.resume
     if resume and not (out / STATE_FILE).exists():
         print(f"note: no checkpoint {out / STATE_FILE} to resume; starting a new scan")
@@ -161,7 +165,7 @@ def run(args) -> int:
     had_state = (out / STATE_FILE).exists()
     out_dir(args.out)  # created only once the model and the images are known to be good
     try:
-        return _scan_and_write(args, loaded, images, layers, workers, resume, channels, out)
+        return _scan_and_write(args, loaded, images, layers, workers, resume, channels, out, ray)
     except BaseException:
         # An error (or Ctrl-C) before the first image leaves nothing behind; a partial state is kept to resume.
         if not _has_images(out):
@@ -183,7 +187,7 @@ def _has_images(out: Path) -> bool:
         return False
 
 
-def _scan_and_write(args, loaded, images, layers, workers, resume, channels, out: Path) -> int:
+def _scan_and_write(args, loaded, images, layers, workers, resume, channels, out: Path, ray=None) -> int:
     meta = {key: getattr(args, key) for key in RESUMED_OPTIONS}
     meta.update(_model_identity(args.model, args.weights, args.random, args.seed))
     if args.folder:
@@ -192,9 +196,11 @@ def _scan_and_write(args, loaded, images, layers, workers, resume, channels, out
     print(f"model: {loaded.title}")
     print(f"precision: {precision.describe()}")
     print(f"images: {len(images)} from {images.describe()['root']}" + (" (demonstration set)" if args.samples else ""))
+    if ray is not None:
+        print(f"ray: scanning on {ray.describe()}")
     result = scan(loaded, images, layers, top=args.top or DEFAULT_TOP, batch_size=args.batch_size,
                   workers=workers, checkpoint=out / STATE_FILE, checkpoint_every=args.checkpoint_every,
-                  resume=resume, stop=args.limit, progress=not args.quiet, meta=meta, precision=precision)
+                  resume=resume, stop=args.limit, progress=not args.quiet, meta=meta, precision=precision, ray=ray)
     if result.images_scanned == 0:
         reasons = "; ".join(f"{images.path(i)}: {reason}" for i, reason in result.skipped[:3])
         raise ConvscopeError(f"no image could be read ({len(result.skipped)} skipped"

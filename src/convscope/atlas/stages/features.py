@@ -4,18 +4,22 @@ objective and ``dead`` flag (:func:`convscope.visualize_features`), and sprite s
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
+import numpy as np
 from PIL import Image
 
 from ...layers import LayerInfo
 from ...methods.features import visualize_features
-from ...precision import PICTURE
+from ...models import LoadedModel
+from ...precision import PICTURE, Precision
 from ..context import ATLAS_RECIPE, BuildContext, Stage
 from ..store import Picture, read_json, record_files, sig_figure, write_record
 
-__all__ = ["FeaturesStage", "FEATURE_CHUNK", "FEATURE_QUALITY", "SPRITE_TILE", "SPRITE_COLS", "SPRITE_ROWS"]
+__all__ = ["FeaturesStage", "FEATURE_CHUNK", "FEATURE_QUALITY", "SPRITE_TILE", "SPRITE_COLS", "SPRITE_ROWS",
+           "FeatureUnit", "FeatureJob", "visualize_chunk"]
 
-# Channels optimized per call of visualize_features: a crash loses at most one such chunk.
+# Channels optimized per call of visualize_features (one work unit): a crash loses at most one such chunk.
 FEATURE_CHUNK = 16
 # WebP quality of a channel's feature visualization: the channel page's main picture.
 FEATURE_QUALITY = 90
@@ -24,6 +28,34 @@ FEATURE_QUALITY = 90
 SPRITE_TILE = 64
 SPRITE_COLS = 16
 SPRITE_ROWS = 16
+
+
+@dataclass(frozen=True)
+class FeatureUnit:
+    """One work unit: a chunk of a layer's channels; ``first`` is its offset in the layer's list."""
+
+    layer: str
+    channels: list[int]
+    first: int
+
+
+@dataclass(frozen=True)
+class FeatureJob:
+    """What every unit of a build shares: the recipe, its budget and the reference photos."""
+
+    recipe: str
+    steps: int
+    size: int
+    seed: int
+    photos: dict[str, np.ndarray]
+    precision: Precision
+
+
+def visualize_chunk(loaded: LoadedModel, unit: FeatureUnit, job: FeatureJob) -> tuple[np.ndarray, list[dict], str]:
+    """``(images, records, recipe name)`` of one unit: runs wherever the executor puts it."""
+    result = visualize_features(loaded, unit.layer, unit.channels, recipe=job.recipe, steps=job.steps,
+                                size=job.size, seed=job.seed, photos=job.photos, precision=job.precision)
+    return result.images, result.records, result.recipe.name
 
 
 class FeaturesStage(Stage):
@@ -45,37 +77,55 @@ class FeaturesStage(Stage):
                 "photos": ctx.photos_key, **ctx.precision_key(ctx.precision(PICTURE))}
 
     def run(self, ctx, layers):
+        """Every chunk without a valid part record goes to ``ctx.executor``; each result is written
+        (images, then the chunk's part record) as it arrives, and a layer's record once all its
+        chunks are in, so an interrupted build, local or distributed, resumes from the chunks done."""
         bar = ctx.bar(self.name, sum(len(ctx.channels(layer)) for layer in layers), "ch")
+        by_name = {layer.name: layer for layer in layers}
+        seconds = {layer.name: 0.0 for layer in layers}
+        per_channel: dict[str, dict[str, dict]] = {layer.name: {} for layer in layers}
+        recipes: dict[str, str | None] = {layer.name: None for layer in layers}
+        parts: dict[str, list] = {layer.name: [] for layer in layers}
+        waiting: dict[str, int] = {layer.name: 0 for layer in layers}
+        todo: list[FeatureUnit] = []
         with bar:
             for layer in layers:
-                start = time.perf_counter()
                 key = ctx.key(self, layer)
-                per_channel: dict[str, dict] = {}
-                parts = []
-                recipe = None
                 channels = ctx.channels(layer)
                 for first in range(0, len(channels), FEATURE_CHUNK):
                     chunk = channels[first:first + FEATURE_CHUNK]
-                    part = ctx.record_path(self.name, layer).with_suffix(f".part{first}.json")
-                    parts.append(part)
+                    part = self._part_path(ctx, layer, first)
+                    parts[layer.name].append(part)
                     cached = read_json(part) or {}
                     if ctx.current(cached, key, record_files(cached.get("per_channel"))):
-                        done, recipe = cached["per_channel"], cached.get("recipe")
+                        per_channel[layer.name].update(cached["per_channel"])
+                        recipes[layer.name] = cached.get("recipe")
+                        bar.update(len(chunk))
                     else:
-                        bar.set_postfix_str(f"{layer.alias or layer.name} {chunk[0]}-{chunk[-1]}", refresh=True)
-                        done, recipe = self._visualize(ctx, layer, chunk)
-                        write_record(part, {"key": key, "recipe": recipe, "per_channel": done})
-                    per_channel.update(done)
-                    bar.update(len(chunk))
-                s = ctx.settings
-                ctx.save_record(self, layer, {
-                    "per_channel": per_channel, "sprites": self._sprites(ctx, layer, per_channel),
-                    "recipe": recipe, "steps": s.steps, "size": s.feature_size, "seed": s.seed,
-                    "precision": ctx.precision(PICTURE).as_dict(),
-                    "dead": sorted(int(c) for c, v in per_channel.items() if v["dead"]),
-                }, seconds=time.perf_counter() - start)
-                for part in parts:
-                    part.unlink(missing_ok=True)
+                        todo.append(FeatureUnit(layer.name, chunk, first))
+                        waiting[layer.name] += 1
+            for layer in layers:
+                if not waiting[layer.name]:
+                    self._finish(ctx, layer, per_channel[layer.name], recipes[layer.name], parts[layer.name], 0.0)
+            s = ctx.settings
+            job = FeatureJob(**self.options(s), photos={p.slug: p.rgb for p in ctx.photos},
+                             precision=ctx.precision(PICTURE))
+            last = time.perf_counter()
+            for unit, (images, records, recipe) in ctx.executor.map(ctx.loaded, visualize_chunk, todo, job):
+                layer = by_name[unit.layer]
+                bar.set_postfix_str(f"{layer.alias or layer.name} {unit.channels[0]}-{unit.channels[-1]}",
+                                    refresh=False)
+                done = self._write(ctx, layer, images, records)
+                write_record(self._part_path(ctx, layer, unit.first),
+                             {"key": ctx.key(self, layer), "recipe": recipe, "per_channel": done})
+                per_channel[layer.name].update(done)
+                recipes[layer.name] = recipe
+                bar.update(len(unit.channels))
+                seconds[layer.name] += time.perf_counter() - last   # the wait for this unit and its writing
+                waiting[layer.name] -= 1
+                if not waiting[layer.name]:
+                    self._finish(ctx, layer, per_channel[layer.name], recipe, parts[layer.name], seconds[layer.name])
+                last = time.perf_counter()
 
     @staticmethod
     def options(settings) -> dict:
@@ -83,12 +133,27 @@ class FeaturesStage(Stage):
         return {"recipe": settings.recipe or ATLAS_RECIPE, "steps": settings.steps, "size": settings.feature_size,
                 "seed": settings.seed}
 
-    def _visualize(self, ctx: BuildContext, layer: LayerInfo, chunk: list[int]) -> tuple[dict[str, dict], str]:
-        """The entries of one chunk of channels, their images written, and the recipe's name."""
-        result = visualize_features(ctx.loaded, layer, chunk, photos={p.slug: p.rgb for p in ctx.photos},
-                                    precision=ctx.precision(PICTURE), **self.options(ctx.settings))
+    def _part_path(self, ctx: BuildContext, layer: LayerInfo, first: int):
+        return ctx.record_path(self.name, layer).with_suffix(f".part{first}.json")
+
+    def _finish(self, ctx: BuildContext, layer: LayerInfo, per_channel: dict[str, dict], recipe: str | None,
+                parts: list, seconds: float) -> None:
+        """The layer's record (and sheet) from all its chunks; the part records are then redundant."""
+        s = ctx.settings
+        ordered = {c: per_channel[c] for c in sorted(per_channel, key=int)}
+        ctx.save_record(self, layer, {
+            "per_channel": ordered, "sprites": self._sprites(ctx, layer, ordered),
+            "recipe": recipe, "steps": s.steps, "size": s.feature_size, "seed": s.seed,
+            "precision": ctx.precision(PICTURE).as_dict(),
+            "dead": sorted(int(c) for c, v in ordered.items() if v["dead"]),
+        }, seconds=seconds)
+        for part in parts:
+            part.unlink(missing_ok=True)
+
+    def _write(self, ctx: BuildContext, layer: LayerInfo, images: np.ndarray, records: list[dict]) -> dict[str, dict]:
+        """The entries of one chunk of channels, their images written."""
         done = {}
-        for image, rec in zip(result.images, result.records):
+        for image, rec in zip(images, records):
             c = int(rec["channel"])
             done[str(c)] = {
                 "image": ctx.picture(ctx.data_path(self.name, layer, f"c{c:04d}.webp"), image, fmt="webp",
@@ -97,7 +162,7 @@ class FeaturesStage(Stage):
                 "ratio": sig_figure(rec.get("ratio")), "photo_best": sig_figure(rec.get("photo_best")),
                 "dead": bool(rec.get("dead")),
             }
-        return done, result.recipe.name
+        return done
 
     @staticmethod
     def _sprites(ctx: BuildContext, layer: LayerInfo, per_channel: dict[str, dict]) -> list[Picture]:

@@ -67,7 +67,8 @@ class ScanStage(Stage):
         start = time.perf_counter()
         result = scan_images(ctx.loaded, images, [layer.name for layer in layers], top=ctx.settings.top,
                              checkpoint=checkpoint, resume=checkpoint.exists(), stop=ctx.settings.scan_limit,
-                             progress=ctx.progress, precision=ctx.precision(NUMBERS))
+                             progress=ctx.progress, precision=ctx.precision(NUMBERS),
+                             ray=getattr(ctx.executor, "target", None))
         if result.images_scanned == 0:
             checkpoint.unlink(missing_ok=True)
             raise ConvscopeError(f"the scan read no image ({len(result.skipped)} skipped as unreadable); "

@@ -38,6 +38,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
@@ -53,8 +54,8 @@ from . import objectives as obj
 from .engine import Optimized, Recipe, make_recipe, optimize, resolve_layers
 from .result import DEAD_FRACTION, DEAD_THRESHOLD, FeatureResult, FeatureSet, dead_limit, layer_scale
 
-__all__ = ["FeatureResult", "FeatureSet", "visualize_features", "visualize_classes", "visualize", "DEAD_THRESHOLD",
-           "DEAD_FRACTION", "make_recipe", "Recipe", "layer_scale", "dead_limit"]
+__all__ = ["FeatureResult", "FeatureSet", "visualize_features", "join_results", "visualize_classes", "visualize",
+           "DEAD_THRESHOLD", "DEAD_FRACTION", "make_recipe", "Recipe", "layer_scale", "dead_limit"]
 
 
 def _to_uint8(images: np.ndarray, recipe: Recipe) -> np.ndarray:
@@ -258,6 +259,23 @@ def visualize_features(
                            dead_fraction=dead_fraction, layer_scale=scale, precision=chosen_precision)
     result.records = _records(run, units, variants, key, best, stats, result.dead_limit, image_peak=image_peak)
     return result
+
+
+def join_results(parts: Sequence[FeatureResult]) -> FeatureResult:
+    """One layer's result from results over disjoint chunks of its channels (in the given order).
+
+    A channel's image, objective and dead flag do not depend on the chunk it was optimized in
+    (per-channel seeds; the layer's scale is taken over all its channels), so the joined result
+    is the one a single call would give; ``seconds`` is the sum of the parts' times.
+    """
+    if not parts:
+        raise ConvscopeError("no results to join")
+    first = parts[0]
+    histories = [p.history for p in parts if p.history is not None]
+    return dataclasses.replace(
+        first, images=np.concatenate([p.images for p in parts]), records=[r for p in parts for r in p.records],
+        seconds=sum(p.seconds for p in parts), chunk_size=max(p.chunk_size for p in parts),
+        history=np.concatenate(histories, axis=1) if len(histories) == len(parts) else None)
 
 
 def visualize_classes(

@@ -39,6 +39,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -52,6 +53,9 @@ from .engine import STATE_FILE, Checkpoint, fold, load_checkpoint, resume_from, 
 from .figures import channel_figure, render_channels
 from .result import INDEX_FILE, MANIFEST_FILE, Example, ScanResult, read_scan
 from .topk import EMPTY, TopK
+
+if TYPE_CHECKING:
+    from ...distributed import RayTarget
 
 __all__ = [
     "TopK", "EMPTY", "Example", "ScanResult", "scan", "default_layers", "load_checkpoint", "render_channels",
@@ -77,6 +81,7 @@ def scan(
     progress: bool = True,
     meta: dict | None = None,
     precision: str | Precision = "auto",
+    ray: RayTarget | None = None,
 ) -> ScanResult:
     """Find the ``top`` strongest examples of every channel of ``layers`` over ``images``.
 
@@ -98,6 +103,10 @@ def scan(
         precision: ``"auto"`` (float32, exact values), ``"fp32"``, or ``"bf16"``/``"fp16"``
             autocast of the forward pass (faster where the hardware has them; values rounded).
             Part of a checkpoint's identity: a resumed scan keeps its precision.
+        ray: run the model on a Ray cluster (:func:`convscope.distributed.parse_ray`): the items
+            are cut into shards of ``batch_size`` and scanned by a pool of actors; the driver
+            merges their partial states in order, so checkpoints and ``resume`` work as locally
+            and the result equals the local one (up to float rounding in another process).
 
     Returns:
         a :class:`ScanResult`; ``.save(folder)`` draws the figures and writes the run.
@@ -141,8 +150,16 @@ def scan(
     elif resume and checkpoint is not None:
         warnings.warn(f"no checkpoint at {checkpoint}; starting a new scan", stacklevel=2)
     saver = None if checkpoint is None else Checkpoint(checkpoint, identity, meta or {}, batch_size)
-    scanned, seconds = fold(loaded, images, names, topk, skipped, start=start, cursor=cursor, stop=stop,
-                            batch_size=batch_size, workers=workers, checkpoint=saver,
-                            checkpoint_every=checkpoint_every, progress=progress, precision=chosen_precision)
+    if ray is not None:
+        from ...distributed import scan_shards
+
+        scanned, seconds = scan_shards(ray, loaded, images, names, topk, skipped, start=start, cursor=cursor,
+                                       stop=stop, batch_size=batch_size, checkpoint=saver,
+                                       checkpoint_every=checkpoint_every, progress=progress,
+                                       precision=chosen_precision)
+    else:
+        scanned, seconds = fold(loaded, images, names, topk, skipped, start=start, cursor=cursor, stop=stop,
+                                batch_size=batch_size, workers=workers, checkpoint=saver,
+                                checkpoint_every=checkpoint_every, progress=progress, precision=chosen_precision)
     return ScanResult(loaded, chosen, topk, images, skipped, seconds, scanned / seconds if seconds > 0 else 0.0,
                       chosen_precision)

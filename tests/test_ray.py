@@ -1,0 +1,192 @@
+"""Ray: the distributed scan and atlas equal the local ones, survive a dying worker, and stop clearly
+when no worker is left. One local 2-CPU cluster serves the whole run (``ray_cluster`` in conftest)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from convscope.atlas import AtlasSettings, build_atlas
+from convscope.cli.main import main
+from convscope.datasets import FolderImages
+from convscope.distributed import RayExecutor, RayTarget
+from convscope.errors import ConvscopeError
+from convscope.images import sample_photos
+from convscope.methods.features import visualize_features
+from convscope.methods.scan import scan
+
+pytest.importorskip("ray")
+
+# Two whole layers of the default model: 16 and 24 channels, three work units of up to 16 channels.
+LAYERS = "blocks.0.0.bn2,blocks.1.0.bn3"
+SETTINGS = AtlasSettings(layers=LAYERS, steps=4, feature_size=32, max_photos=2, skip=("deconv",))
+PHOTOS = {name: rgb for name, rgb in list(sample_photos().items())[:2]}
+
+pytestmark = [pytest.mark.usefixtures("one_thread")]   # the local runs then do the workers' arithmetic
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _pickle_by_value(ray_cluster):
+    """The fault-injecting wrappers below travel to the workers by value (tests/ is not on their path)."""
+    ray_cluster.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    yield
+    ray_cluster.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+
+
+@pytest.fixture(scope="module")
+def local_atlas(default_model, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("atlas-local")
+    build_atlas(default_model, PHOTOS, out, SETTINGS, progress=False)
+    return out
+
+
+def _features(out: Path) -> dict[str, dict]:
+    return {path.stem: json.loads(path.read_text()) for path in sorted((out / "records" / "features").glob("*.json"))}
+
+
+def _assert_same_atlas(mine: Path, reference: Path) -> None:
+    """The same feature records (every channel of both layers), the images within 1/255."""
+    ours, theirs = _features(mine), _features(reference)
+    assert sorted(ours) == sorted(theirs) == ["blocks.0.0.bn2", "blocks.1.0.bn3"]
+    for slug, record in theirs.items():
+        got = ours[slug]
+        assert got["key"] == record["key"] and got["channels"] == record["channels"]
+        assert list(got["per_channel"]) == list(record["per_channel"]) == [str(c) for c in record["channels"]]
+        for c, entry in record["per_channel"].items():
+            other = got["per_channel"][c]
+            assert other["dead"] == entry["dead"] and other["image"] == entry["image"]
+            for field in ("objective", "start", "ratio", "photo_best"):
+                if entry[field] is None:
+                    assert other[field] is None
+                else:
+                    assert other[field] == pytest.approx(entry[field], rel=1e-3, abs=1e-6), (slug, c, field)
+            a = np.asarray(Image.open(mine / entry["image"]["full"]), dtype=np.int16)
+            b = np.asarray(Image.open(reference / entry["image"]["full"]), dtype=np.int16)
+            assert np.abs(a - b).max() <= 1, (slug, c)
+    assert len(theirs["blocks.0.0.bn2"]["per_channel"]) == 16 and len(theirs["blocks.1.0.bn3"]["per_channel"]) == 24
+
+
+@pytest.mark.slow
+def test_scan_on_ray_equals_local(default_model, ray_cluster, tmp_path):
+    for i, (name, rgb) in enumerate(sample_photos().items()):
+        Image.fromarray(rgb).save(tmp_path / f"{i:02d}-{name}.png")
+    (tmp_path / "broken.jpg").write_bytes(b"not an image")
+    images = FolderImages(tmp_path, (64, 64), default_model.preprocessing.resample)
+    local = scan(default_model, images, LAYERS, top=3, batch_size=4, progress=False)
+    ray = scan(default_model, images, LAYERS, top=3, batch_size=4, progress=False,
+               ray=RayTarget(workers=2, threads=1))
+    assert ray.images_scanned == local.images_scanned == len(images) - 1
+    assert ray.skipped == local.skipped and len(local.skipped) == 1
+    for name in local.topk.layers:
+        assert torch.equal(ray.topk.images[name], local.topk.images[name])
+        assert torch.equal(ray.topk.positions[name], local.topk.positions[name])
+        torch.testing.assert_close(ray.topk.values[name], local.topk.values[name], rtol=1e-5, atol=1e-6)
+    assert ray.topk.seen == local.topk.seen
+
+
+@pytest.mark.slow
+def test_atlas_on_ray_equals_local(default_model, ray_cluster, local_atlas, tmp_path):
+    """Every channel of two whole layers, through the CLI's --ray on the local cluster."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name, rgb in PHOTOS.items():
+        Image.fromarray(rgb).save(photos / f"{name}.png")
+    # The photos' names are part of the records' key: give the same names as the local build's.
+    out = tmp_path / "atlas"
+    build_ray = build_atlas(default_model, PHOTOS, out, SETTINGS, progress=False,
+                            executor=RayExecutor(RayTarget(workers=2, threads=1)))
+    assert build_ray.stages["features"]["built"] == 2
+    _assert_same_atlas(out, local_atlas)
+    cli_out = tmp_path / "cli"
+    assert main(["atlas", "--layers", LAYERS, "--steps", "4", "--size", "32", "--images", str(photos),
+                 "--photos", "2", "--skip", "deconv,activations", "--ray", "auto", "--ray-workers", "2",
+                 "--out", str(cli_out), "--json"]) == 0
+    assert len(list((cli_out / "data" / "features").rglob("c*.png"))) == 40
+    # `convscope features --ray`: two chunks of 8 channels on two workers, joined as one layer's result.
+    features_out = tmp_path / "features"
+    assert main(["features", "--layer", "blocks.0.0.bn2", "--channels", "all", "--steps", "2", "--size", "32",
+                 "--batch-size", "8", "--ray", "auto", "--ray-workers", "2", "--out", str(features_out)]) == 0
+    local = visualize_features(default_model, "blocks.0.0.bn2", steps=2, size=32, max_batch=8)
+    entry = json.loads((features_out / "features.json").read_text())["layers"][0]
+    assert entry["count"] == 16 and entry["dead_channels"] == local.dead_channels
+
+
+class _KillWorker:
+    """Work that kills its own worker process (a crash, an OOM kill) under a condition, else works."""
+
+    def __init__(self, work, marker: str, always: bool):
+        self.work, self.marker, self.always = work, marker, always
+
+    def __call__(self, loaded, unit, shared):
+        marks = Path(self.marker)
+        calls = int(marks.read_text()) if marks.exists() else 0
+        marks.write_text(str(calls + 1))
+        if (calls == 1) or (self.always and calls >= 1):   # the second unit run, or every one after the first
+            os.kill(os.getpid(), signal.SIGKILL)
+        return self.work(loaded, unit, shared)
+
+
+class _Killing(RayExecutor):
+    def __init__(self, marker: Path, always: bool, **kwargs):
+        super().__init__(RayTarget(workers=1, threads=1), **kwargs)
+        self.marker, self.always = str(marker), always
+
+    def map(self, loaded, work, units, shared=None):
+        return super().map(loaded, _KillWorker(work, self.marker, self.always), units, shared)
+
+
+@pytest.mark.slow
+def test_a_dying_worker_is_retried_and_the_atlas_is_unchanged(default_model, ray_cluster, local_atlas, tmp_path):
+    marker = tmp_path / "calls"
+    out = tmp_path / "atlas"
+    build_atlas(default_model, PHOTOS, out, SETTINGS, progress=False, executor=_Killing(marker, always=False))
+    assert int(marker.read_text()) == 4        # three units, one of them run twice: its worker died mid-unit
+    _assert_same_atlas(out, local_atlas)
+
+
+@pytest.mark.slow
+def test_no_worker_left_is_a_clear_error_and_keeps_what_was_done(default_model, ray_cluster, local_atlas, tmp_path):
+    out = tmp_path / "atlas"
+    with pytest.raises(ConvscopeError, match=r"no Ray worker is left .* 1 of 3 work units are done and kept"):
+        build_atlas(default_model, PHOTOS, out, SETTINGS, progress=False,
+                    executor=_Killing(tmp_path / "calls", always=True, restarts=1))
+    # The first unit is the whole first layer (16 channels): its record is written, the second layer's is not.
+    records = sorted(p.name for p in (out / "records" / "features").glob("*.json"))
+    assert records == ["blocks.0.0.bn2.json"]
+    # A local run resumes: it reuses the unit done on Ray and builds the rest.
+    written = (out / "data" / "features" / "blocks.0.0.bn2" / "c0000.png").stat().st_mtime_ns
+    build_atlas(default_model, PHOTOS, out, SETTINGS, progress=False)
+    assert (out / "data" / "features" / "blocks.0.0.bn2" / "c0000.png").stat().st_mtime_ns == written
+    _assert_same_atlas(out, local_atlas)
+
+
+def test_ray_flags_are_checked_before_any_work(tmp_path, capsys):
+    out = tmp_path / "never"
+    assert main(["scan", "--samples", "--ray", "nohost", "--out", str(out)]) == 2
+    assert "HOST:PORT" in capsys.readouterr().err
+    assert main(["features", "--objective", "class:1", "--ray", "auto", "--out", str(out)]) == 2
+    assert "without --ray" in capsys.readouterr().err
+    assert main(["scan", "--samples", "--ray-workers", "2", "--out", str(out)]) == 2
+    assert "--ray auto" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_an_unreachable_cluster_fails_fast(tmp_path):
+    with pytest.raises(ConvscopeError, match="no Ray cluster answers at 127.0.0.1:9"):
+        with RayTarget("127.0.0.1:9").session():
+            pass
+
+
+def test_without_ray_the_flag_says_how_to_install(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "ray", None)   # `import ray` now fails as if it were not installed
+    assert main(["scan", "--samples", "--ray", "auto", "--out", str(tmp_path / "x")]) == 2
+    assert "pip install 'convscope[ray]'" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
