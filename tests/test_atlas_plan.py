@@ -73,8 +73,9 @@ def test_calibration_measures_this_machine():
 
 
 def test_cli_asks_for_yes_above_an_hour_and_fits_a_budget(tmp_path, capsys, monkeypatch):
+    slower = LayerRate(step=0.02, fixed=0.5, projection=0.05, feature_bytes=8000.0)   # about 1.7 h in all
     monkeypatch.setattr(atlas_plan, "calibrate", lambda loaded, layers, settings, photos: {
-        layer.name: SLOW for layer in layers})
+        layer.name: slower for layer in layers})
     out = tmp_path / "atlas"
     assert main(["atlas", "--layers", LAYERS, "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
@@ -83,7 +84,7 @@ def test_cli_asks_for_yes_above_an_hour_and_fits_a_budget(tmp_path, capsys, monk
 
     built = []
 
-    def fake_build(loaded, images, folder, settings):
+    def fake_build(loaded, images, folder, settings, **_):
         built.append(settings)
         raise SystemExit(0)
     monkeypatch.setattr(cli_atlas, "build_atlas", fake_build)
