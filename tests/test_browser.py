@@ -17,6 +17,7 @@ import pytest
 
 from convscope.atlas import AtlasSettings, build_atlas
 from convscope.atlas.stages import ActivationsStage, FeaturesStage
+from convscope.distributed import LocalExecutor
 from convscope.serve import start_server
 
 CHROMIUM = "/usr/bin/chromium"
@@ -168,18 +169,17 @@ def test_opens_from_disk_without_a_server(served_atlas, page):
     assert page.problems == []
 
 
-class _QuickFeatures(FeaturesStage):
-    """The real features stage (chunks, records, sprite sheets), with seeded noise for the optimization."""
+class _NoiseExecutor(LocalExecutor):
+    """Seeded noise for each unit's optimization: the real features stage (chunks, records, sprite
+    sheets) and pages, without 1,304 feature visualizations."""
 
-    def _visualize(self, ctx, layer, chunk):
-        rng = np.random.default_rng(chunk[0])
-        done = {}
-        for c in chunk:
-            image = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
-            done[str(c)] = {"image": ctx.picture(ctx.data_path(self.name, layer, f"c{c:04d}.webp"), image, fmt="webp"),
-                            "objective": float(c % 97), "start": 0.0, "ratio": 1.5, "photo_best": 1.0,
-                            "dead": c % 50 == 7}
-        return done, "noise"
+    def map(self, loaded, work, units, shared=None):
+        for unit in units:
+            rng = np.random.default_rng(unit.channels[0])
+            images = rng.integers(0, 255, (len(unit.channels), 32, 32, 3), dtype=np.uint8)
+            records = [{"channel": c, "objective": float(c % 97), "start": 0.0, "ratio": 1.5, "photo_best": 1.0,
+                        "dead": c % 50 == 7} for c in unit.channels]
+            yield unit, (images, records, "noise")
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +188,7 @@ def wide_atlas(default_model, photos, tmp_path_factory):
     out = tmp_path_factory.mktemp("wide-atlas")
     settings = AtlasSettings(layers="blocks.1.1.bn3,bn2", skip=("scan", "deconv"))
     build_atlas(default_model, {"chelsea": photos["chelsea"]}, out, settings, progress=False,
-                stages=[ActivationsStage(), _QuickFeatures()])
+                stages=[ActivationsStage(), FeaturesStage()], executor=_NoiseExecutor())
     server = start_server(out, port=0)
     yield out, f"http://127.0.0.1:{server.server_address[1]}/"
     server.shutdown()
