@@ -240,9 +240,10 @@ def test_audit_refuses_a_keras_nonlinearity_without_a_rule(photo):
     x = layers.Conv2D(4, 3, activation="relu", name="relu_conv")(inp)
     x = layers.Conv2D(4, 3, activation="gelu", name="gelu_conv")(x)  # Keras applies it inside the layer
     loaded = convscope.as_loaded(keras.Model(inp, x))
-    assert np.abs(convscope.deconv(loaded, photo, "relu_conv", top=1, size=32).projections["deconvnet"].maps).max() > 0
+    relu = convscope.deconv(loaded, photo, "relu_conv", top=1, size=32, method="deconvnet")
+    assert np.abs(relu.projections["deconvnet"].maps).max() > 0
     with pytest.raises(ConvscopeError, match="(?i)gelu"):
-        convscope.deconv(loaded, photo, "gelu_conv", top=1, size=32)
+        convscope.deconv(loaded, photo, "gelu_conv", top=1, size=32, method="deconvnet")
 
 
 def test_a_fixed_size_keras_model_says_which_size(photo):

@@ -109,7 +109,7 @@ def test_atlas_on_ray_equals_local(default_model, ray_cluster, local_atlas, tmp_
     assert main(["atlas", "--layers", LAYERS, "--steps", "4", "--size", "32", "--images", str(photos),
                  "--photos", "2", "--skip", "deconv,activations", "--ray", "auto", "--ray-workers", "2",
                  "--out", str(cli_out), "--json"]) == 0
-    assert len(list((cli_out / "data" / "features").rglob("c*.png"))) == 40
+    assert len(list((cli_out / "data" / "features").rglob("c*.webp"))) == 40
     # `convscope features --ray`: two chunks of 8 channels on two workers, joined as one layer's result.
     features_out = tmp_path / "features"
     assert main(["features", "--layer", "blocks.0.0.bn2", "--channels", "all", "--steps", "2", "--size", "32",
@@ -162,9 +162,9 @@ def test_no_worker_left_is_a_clear_error_and_keeps_what_was_done(default_model, 
     records = sorted(p.name for p in (out / "records" / "features").glob("*.json"))
     assert records == ["blocks.0.0.bn2.json"]
     # A local run resumes: it reuses the unit done on Ray and builds the rest.
-    written = (out / "data" / "features" / "blocks.0.0.bn2" / "c0000.png").stat().st_mtime_ns
+    written = (out / "data" / "features" / "blocks.0.0.bn2" / "c0000.webp").stat().st_mtime_ns
     build_atlas(default_model, PHOTOS, out, SETTINGS, progress=False)
-    assert (out / "data" / "features" / "blocks.0.0.bn2" / "c0000.png").stat().st_mtime_ns == written
+    assert (out / "data" / "features" / "blocks.0.0.bn2" / "c0000.webp").stat().st_mtime_ns == written
     _assert_same_atlas(out, local_atlas)
 
 

@@ -452,12 +452,13 @@ def build_catalogue(model: nn.Module, input_size: tuple[int, int] = (224, 224), 
 
     def on_activation(func, output):
         fn, caller = functional_activation(func), stack.top
-        if fn is None or caller is None:
+        if fn is None or caller is None or own_names:  # a model that names its layers (Keras) lists only those
             return
         k = calls.get((caller, fn), 0)
         calls[(caller, fn)] = k + 1
         records.append((functional_row(caller, fn, k), caller, output))
 
+    own_names = hasattr(model, "convscope_layers")
     param = next(model.parameters(), None)
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     x = torch.zeros(1, 3, *input_size, device=device, dtype=dtype)  # a float64 model gets a float64 probe
