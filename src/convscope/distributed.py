@@ -321,23 +321,22 @@ class _ScanShards:
         self.stack = contextlib.ExitStack()
         module = self.loaded.module
         self.stack.enter_context(frozen(module))
-        copy = _modified_in_place(module, names, images.size, self.loaded.device)
-        self.store = self.stack.enter_context(recording(module, names, clone=copy, stop_after_last=True))
+        self.copied = _modified_in_place(module, names, images.size, self.loaded.device)
+        self.store = self.stack.enter_context(recording(module, names, clone=self.copied, stop_after_last=True))
 
     def __call__(self, batch: dict) -> dict:
         from .datasets import collate_images
-        from .hooks import StopForward
         from .methods.scan import TopK
+        from .methods.scan.engine import fold_batch
 
         states, bad_lists = [], []
         for first, end in zip(batch["start"].tolist(), batch["stop"].tolist()):
             pixels, ids, bad = collate_images([self.images[i] for i in range(int(first), int(end))])
             state = TopK.empty(self.top, self.channels, self.loaded.device)
             if len(ids):
-                x = pixels.to(self.loaded.device).permute(0, 3, 1, 2).float().div_(255.0)
-                with torch.no_grad(), contextlib.suppress(StopForward), self.precision.autocast():
-                    self.loaded.module(self.precision.input(self.loaded.preprocessing.normalize(x)))
-                state.update({n: self.store[n].float() for n in self.names}, ids)
+                with torch.no_grad():
+                    fold_batch(self.loaded, self.store, self.names, state, pixels, ids, copied=self.copied,
+                               precision=self.precision)
             buffer = io.BytesIO()
             torch.save(state.state_dict(), buffer)
             states.append(buffer.getvalue())

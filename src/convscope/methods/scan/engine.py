@@ -27,7 +27,7 @@ from ...precision import FP32, Precision
 from ...weights import refused_global
 from .topk import TopK
 
-__all__ = ["STATE_FILE", "Checkpoint", "load_checkpoint", "run_identity", "resume_from", "fold"]
+__all__ = ["STATE_FILE", "Checkpoint", "load_checkpoint", "run_identity", "resume_from", "fold", "fold_batch"]
 
 STATE_FILE = "scan_state.pt"
 STATE_FORMAT = "convscope.scan-state/1"
@@ -125,6 +125,22 @@ def _modified_in_place(module: torch.nn.Module, names: list[str], size: tuple[in
         return bool(probe.modified())
 
 
+def fold_batch(loaded: LoadedModel, store, names: list[str], topk: TopK, pixels: torch.Tensor, ids,
+               *, copied: bool, precision: Precision = FP32) -> None:
+    """One batch of uint8 ``pixels`` (B, H, W, 3) through the model under ``recording(...)``'s
+    ``store``, its maps folded into ``topk`` in float32 (the local scan and each Ray actor call this)."""
+    x = pixels.to(loaded.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
+    with contextlib.suppress(StopForward), precision.autocast():
+        loaded.module(precision.input(loaded.preprocessing.normalize(x)))
+    missing = [n for n in names if n not in store]
+    if missing:
+        raise ConvscopeError(f"layers {missing} did not run in the forward pass")
+    if not copied and store.modified():
+        raise ConvscopeError(f"layers {store.modified()} were changed in place during the "
+                             "forward pass although the first one left them alone")
+    topk.update({n: store[n].float() for n in names}, ids)
+
+
 def fold(
     loaded: LoadedModel,
     images: ImageSet,
@@ -149,7 +165,7 @@ def fold(
     Returns:
         ``(images scanned, seconds)`` of this run.
     """
-    module, pre, device = loaded.module, loaded.preprocessing, loaded.device
+    module, device = loaded.module, loaded.device
     loader = images.loader(batch_size, workers, cursor, stop, pin_memory=device.type == "cuda")
     done = (topk.copy(), cursor, len(skipped))  # the last consistent state, replaced in one assignment
 
@@ -166,16 +182,7 @@ def fold(
                 for batch, (pixels, ids, bad) in enumerate(loader, start=1):
                     skipped.extend((int(i), reason) for i, reason in bad)
                     if len(ids):
-                        x = pixels.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
-                        with contextlib.suppress(StopForward), precision.autocast():
-                            module(precision.input(pre.normalize(x)))
-                        missing = [n for n in names if n not in store]
-                        if missing:
-                            raise ConvscopeError(f"layers {missing} did not run in the forward pass")
-                        if not copy and store.modified():
-                            raise ConvscopeError(f"layers {store.modified()} were changed in place during the "
-                                                 "forward pass although the first one left them alone")
-                        topk.update({n: store[n].float() for n in names}, ids)
+                        fold_batch(loaded, store, names, topk, pixels, ids, copied=copy, precision=precision)
                     cursor += len(ids) + len(bad)
                     scanned += len(ids)
                     done = (topk.copy(), cursor, len(skipped))
