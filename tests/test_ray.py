@@ -17,7 +17,7 @@ from PIL import Image
 from convscope.atlas import AtlasSettings, build_atlas
 from convscope.cli.main import main
 from convscope.datasets import FolderImages
-from convscope.distributed import RayExecutor, RayTarget
+from convscope.distributed import LocalExecutor, RayExecutor, RayTarget
 from convscope.errors import ConvscopeError
 from convscope.images import sample_photos
 from convscope.methods.features import visualize_features
@@ -117,6 +117,25 @@ def test_atlas_on_ray_equals_local(default_model, ray_cluster, local_atlas, tmp_
     local = visualize_features(default_model, "blocks.0.0.bn2", steps=2, size=32, max_batch=8)
     entry = json.loads((features_out / "features.json").read_text())["layers"][0]
     assert entry["count"] == 16 and entry["dead_channels"] == local.dead_channels
+
+
+def test_the_atlas_scan_stage_scans_through_the_executor(default_model, tmp_path):
+    """The scan stage asks the build's executor to scan (a RayExecutor scans on its cluster)."""
+    calls = []
+
+    class Recording(LocalExecutor):
+        def scan(self, loaded, images, layers, **options):
+            calls.append(list(layers))
+            return super().scan(loaded, images, layers, **options)
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, rgb in enumerate(list(PHOTOS.values()) * 2):
+        Image.fromarray(rgb[:64, :64]).save(folder / f"{i}.png")
+    settings = AtlasSettings(layers="blocks.1.0.bn2", channels_per_layer=1, top=2, scan_images=str(folder),
+                             skip=("features", "deconv", "activations"))
+    build = build_atlas(default_model, PHOTOS, tmp_path / "atlas", settings, progress=False, executor=Recording())
+    assert calls == [["blocks.1.0.bn2"]] and build.stages["scan"]["built"] == 1
 
 
 class _KillWorker:

@@ -7,8 +7,9 @@ for it. Everything else sees three values:
   edge by :func:`parse_ray`; :meth:`RayTarget.session` connects (or starts a local cluster) and
   disconnects afterwards.
 * an executor: :class:`LocalExecutor` runs work units in this process, :class:`RayExecutor` on a
-  pool of actors, each of which loads the model once. Both have the same :meth:`~LocalExecutor.map`,
-  so the atlas stages and the CLI call one interface and never touch Ray.
+  pool of actors, each of which loads the model once. Both have the same :meth:`~LocalExecutor.map`
+  (work units) and :meth:`~LocalExecutor.scan` (a dataset scan), so the atlas stages and the CLI
+  call one interface and never touch Ray.
 * :func:`scan_shards`: the dataset scan as a Ray Data pipeline (``map_batches`` over shards of the
   file list, one partial :class:`~convscope.methods.scan.TopK` per shard, folded on the driver
   with the associative :meth:`TopK.merge <convscope.methods.scan.TopK.merge>`).
@@ -233,6 +234,12 @@ class LocalExecutor:
         for unit in units:
             yield unit, work(loaded, unit, shared)
 
+    def scan(self, loaded: LoadedModel, images, layers, **options):
+        """:func:`convscope.methods.scan.scan` in this process (``options`` as there)."""
+        from .methods.scan import scan
+
+        return scan(loaded, images, layers, **options)
+
 
 class RayExecutor:
     """Runs work units on a pool of Ray actors, each holding its own copy of the model.
@@ -267,6 +274,12 @@ class RayExecutor:
             finally:
                 for actor in actors:
                     ray.kill(actor, no_restart=True)
+
+    def scan(self, loaded: LoadedModel, images, layers, **options):
+        """:func:`convscope.methods.scan.scan` on this executor's cluster, as a Ray Data actor pool."""
+        from .methods.scan import scan
+
+        return scan(loaded, images, layers, ray=self.target, **options)
 
     def _run(self, ray, actors: list, work: Work, units: list, shared) -> Iterator[tuple[Any, Any]]:
         from ray.exceptions import RayActorError, RayTaskError
@@ -309,20 +322,22 @@ class RayExecutor:
 class _ScanShards:
     """Ray Data's callable class: the model loaded once per actor; one partial TopK per shard."""
 
-    def __init__(self, payload: dict, threads: int, images, names: list[str], top: int, precision: Precision):
+    def __init__(self, payload: dict, threads: int, images, channels: dict[str, int], top: int,
+                 precision: Precision):
         from .hooks import frozen, recording
         from .methods.scan.engine import _modified_in_place
 
         self.loaded = load_worker_model(payload, threads)
-        self.images, self.names, self.top, self.precision = images, names, top, precision
-        channels = {layer.name: layer.channels for layer in self.loaded.catalogue_at(images.size).resolve(names)}
-        self.channels = {name: channels[name] for name in names}
+        # The driver resolved the layers and their channel counts: tracing a catalogue here would add
+        # seconds to every actor's start for nothing (fold_batch checks each recorded map's shape).
+        self.images, self.channels, self.top, self.precision = images, dict(channels), top, precision
+        self.names = list(channels)
         # Frozen and recording for the actor's life: the model is this actor's own copy.
         self.stack = contextlib.ExitStack()
         module = self.loaded.module
         self.stack.enter_context(frozen(module))
-        self.copied = _modified_in_place(module, names, images.size, self.loaded.device)
-        self.store = self.stack.enter_context(recording(module, names, clone=self.copied, stop_after_last=True))
+        self.copied = _modified_in_place(module, self.names, images.size, self.loaded.device)
+        self.store = self.stack.enter_context(recording(module, self.names, clone=self.copied, stop_after_last=True))
 
     def __call__(self, batch: dict) -> dict:
         from .datasets import collate_images
@@ -344,6 +359,23 @@ class _ScanShards:
         return {"start": batch["start"], "stop": batch["stop"], "state": states, "bad": bad_lists}
 
 
+@contextlib.contextmanager
+def _ordered_and_quiet(data) -> Iterator[None]:
+    """Ray Data set to give rows back in order (a resumable cursor) with no bars or notes of its own
+    (the driver's one bar); the caller's settings and the ``ray.data`` logger's level restored after."""
+    context = data.DataContext.get_current()
+    logger = logging.getLogger("ray.data")
+    previous = (context.execution_options.preserve_order, context.enable_progress_bars, logger.level)
+    context.execution_options.preserve_order = True
+    context.enable_progress_bars = False
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        context.execution_options.preserve_order, context.enable_progress_bars = previous[:2]
+        logger.setLevel(previous[2])
+
+
 def scan_shards(target: RayTarget, loaded: LoadedModel, images, names: list[str], topk, skipped: list,
                 *, start: int, cursor: int, stop: int, batch_size: int, checkpoint, checkpoint_every: int,
                 progress: bool, precision: Precision = FP32) -> tuple[int, float]:
@@ -363,14 +395,9 @@ def scan_shards(target: RayTarget, loaded: LoadedModel, images, names: list[str]
                dynamic_ncols=True, smoothing=0.05)
     began, scanned, folded = time.perf_counter(), 0, 0
     try:
-        with target.session() as ray:
+        with target.session() as ray, _ordered_and_quiet(ray.data):
             workers, threads, gpus = target.plan(ray)
             data = ray.data
-            context = data.DataContext.get_current()
-            previous = (context.execution_options.preserve_order, context.enable_progress_bars)
-            context.execution_options.preserve_order = True   # shards come back in order: a resumable cursor
-            context.enable_progress_bars = False               # one bar, the driver's
-            logging.getLogger("ray.data").setLevel(logging.ERROR)   # its notes would break the one bar
             try:
                 shards = data.from_items([{"start": a, "stop": b} for a, b in bounds],
                                          override_num_blocks=max(1, min(len(bounds), 4 * workers)))
@@ -378,7 +405,8 @@ def scan_shards(target: RayTarget, loaded: LoadedModel, images, names: list[str]
                     _ScanShards, batch_size=1, compute=data.ActorPoolStrategy(size=max(1, min(workers, len(bounds)))),
                     num_cpus=ACTOR_CPUS, num_gpus=gpus,
                     fn_constructor_kwargs={"payload": model_payload(loaded), "threads": threads, "images": images,
-                                           "names": list(names), "top": topk.k, "precision": precision},
+                                           "channels": {n: int(topk.values[n].shape[0]) for n in names},
+                                           "top": topk.k, "precision": precision},
                     max_restarts=RESTARTS, max_task_retries=RESTARTS)
                 for row in mapped.iter_rows():
                     part = TopK.from_state_dict(torch.load(io.BytesIO(row["state"]), weights_only=True),
@@ -401,8 +429,6 @@ def scan_shards(target: RayTarget, loaded: LoadedModel, images, names: list[str]
                                          + (" and kept in the checkpoint: run again with --resume"
                                             if checkpoint is not None else "")) from None
                 raise
-            finally:
-                context.execution_options.preserve_order, context.enable_progress_bars = previous
     except BaseException:
         if checkpoint is not None:
             checkpoint.save(state, position, skipped[:n_skipped])

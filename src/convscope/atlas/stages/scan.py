@@ -10,7 +10,6 @@ import time
 import numpy as np
 
 from ...errors import ConvscopeError
-from ...methods.scan import scan as scan_images
 from ...precision import NUMBERS
 from ..context import BuildContext, Stage
 from ..store import SCREEN_WIDTH, Picture, make_key
@@ -65,10 +64,9 @@ class ScanStage(Stage):
         keys = sorted(ctx.key(self, layer) for layer in layers)
         checkpoint = ctx.out / "records" / self.name / f"state-{make_key(keys=keys)}.pt"
         start = time.perf_counter()
-        result = scan_images(ctx.loaded, images, [layer.name for layer in layers], top=ctx.settings.top,
-                             checkpoint=checkpoint, resume=checkpoint.exists(), stop=ctx.settings.scan_limit,
-                             progress=ctx.progress, precision=ctx.precision(NUMBERS),
-                             ray=getattr(ctx.executor, "target", None))
+        result = ctx.executor.scan(ctx.loaded, images, [layer.name for layer in layers], top=ctx.settings.top,
+                                   checkpoint=checkpoint, resume=checkpoint.exists(), stop=ctx.settings.scan_limit,
+                                   progress=ctx.progress, precision=ctx.precision(NUMBERS))
         if result.images_scanned == 0:
             checkpoint.unlink(missing_ok=True)
             raise ConvscopeError(f"the scan read no image ({len(result.skipped)} skipped as unreadable); "
