@@ -7,11 +7,18 @@ The same work three ways, on the default model (EfficientNet-Lite0, real weights
   ray x2       two Ray actors with one thread each (2 cores: the pool `--ray auto` makes here).
 
 Work: (a) the atlas's feature-visualization units (chunks of 16 channels of whole layers,
-`convscope.atlas.stages.features.visualize_chunk`), (b) a dataset scan of the built-in sample set.
+`convscope.atlas.stages.features.visualize_chunk`), (b) a dataset scan of JPEG files (the sample
+set's windows, with their mirror images, written to a temporary folder: a real scan reads files).
 The Ray times include starting the actors and loading one model per actor (a user waits for that
 too), not the one-off `ray.init` (printed separately). Overhead = ray x2 time / local time - 1;
 target <= 15% at 2 workers on 2 cores. The results are checked: the same image ids and values
 within float tolerance for the scan, images within 1/255 and objectives within 1e-3 for features.
+
+The scan runs at two lengths (local and ray x2), which splits Ray's overhead into a fixed start-up
+cost (seconds once per run: actor processes, imports, model loads, Ray Data's start) and a steady
+per-image cost: a straight line t = fixed + n * per_image through the two MEASURED points of each.
+The overhead of a whole-model scan (the atlas scans 10,000 images by default) is then PROJECTED
+from the two lines, and printed as such.
 
 The full run also times one unit at the atlas's default budget (16 channels, 256 steps at 128 px)
 and projects the whole default model (21,008 channels) over 1, 4, 16 and 64 machines like this
@@ -19,7 +26,7 @@ one. That is a PROJECTION: per-unit time measured here, divided by the machines,
 measured Ray efficiency at 2 workers; it ignores the network and the head's writing (a few
 hundred kB per unit).
 
-Run:  .venv/bin/python benchmarks/ray_scaling.py            (full, about 10 min on an idle 2-core machine)
+Run:  .venv/bin/python benchmarks/ray_scaling.py            (full, about 8 min on an idle 2-core machine)
       .venv/bin/python benchmarks/ray_scaling.py --quick    (smoke, about 2 min)
 """
 
@@ -27,20 +34,25 @@ from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 import time
+from pathlib import Path
 
 import _machine
 import numpy as np
 import torch
+from PIL import Image
 
 import convscope
 from convscope.atlas.stages.features import FEATURE_CHUNK, FeatureJob, FeatureUnit, visualize_chunk
-from convscope.datasets import SampleImages
+from convscope.datasets import FolderImages, SampleImages
 from convscope.distributed import LocalExecutor, RayExecutor, RayTarget
 from convscope.images import sample_photos
 from convscope.methods.scan import scan
+from convscope.precision import FP32
 
 WHOLE_MODEL_CHANNELS = 21_008
+WHOLE_SCAN_IMAGES = 10_000   # the atlas's default --scan-limit
 
 
 def feature_units(loaded, layers: list[str]) -> list[FeatureUnit]:
@@ -69,6 +81,30 @@ def compare_features(a: dict, b: dict) -> tuple[int, float]:
     return pixels, objective
 
 
+def write_images(folder: Path, count: int) -> None:
+    """``count`` JPEG files of 256 px: the sample set's windows, then their mirror images."""
+    windows = SampleImages((256, 256))
+    for i in range(count):
+        rgb = windows.load(i % len(windows))
+        flip = (i // len(windows)) % 4
+        rgb = rgb[:, ::-1] if flip & 1 else rgb
+        rgb = rgb[::-1] if flip & 2 else rgb
+        Image.fromarray(np.ascontiguousarray(rgb)).save(folder / f"{i:05d}.jpg", quality=90)
+
+
+def timed_scan(loaded, images, **options):
+    began = time.perf_counter()
+    result = scan(loaded, images, top=9, batch_size=32, progress=False, **options)
+    return time.perf_counter() - began, result
+
+
+def line(short: tuple[int, float], long: tuple[int, float]) -> tuple[float, float]:
+    """``(fixed seconds, seconds per image)`` of the straight line through two (images, seconds) points."""
+    (n0, t0), (n1, t1) = short, long
+    per_image = (t1 - t0) / (n1 - n0)
+    return t0 - n0 * per_image, per_image
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: a smaller unit set and scan")
@@ -80,16 +116,19 @@ def main() -> None:
     torch.set_num_threads(cores)
     loaded = convscope.load_model(device="cpu")
     if args.quick:
-        layers, steps, size, scan_images = ["blocks.0.0.bn2", "blocks.1.0.bn3"], 8, 48, 64
+        layers, steps, size, lengths = ["blocks.0.0.bn2", "blocks.1.0.bn3"], 8, 48, (64, 192)
     else:
-        layers, steps, size, scan_images = ["blocks.0.0.bn2", "blocks.1.0.bn3", "blocks.2.0.bn3"], 32, 64, 256
+        layers, steps, size, lengths = ["blocks.0.0.bn2", "blocks.1.0.bn3", "blocks.2.0.bn3"], 32, 64, (256, 1024)
     units = feature_units(loaded, layers)
     channels = sum(len(u.channels) for u in units)
     photos = dict(list(sample_photos().items())[:4])
-    job = FeatureJob("lucid", steps, size, 0, photos)
-    images = SampleImages(loaded.preprocessing.input_size, loaded.preprocessing.resample, limit=scan_images)
+    job = FeatureJob("lucid", steps, size, 0, photos, FP32)
+    folder = tempfile.TemporaryDirectory(prefix="convscope-ray-scan-")
+    write_images(Path(folder.name), lengths[1])
+    images = FolderImages(folder.name, loaded.preprocessing.input_size, loaded.preprocessing.resample)
     print(f"features: {len(units)} units, {channels} channels of {', '.join(layers)}, {steps} steps at {size} px")
-    print(f"scan: {len(images)} sample images at 224 px, the default layers, batch 32")
+    print(f"scan: {lengths[1]} JPEG files (256 px) at 224 px, the default layers, batch 32; local and ray x2 also "
+          f"over the first {lengths[0]} (for the fixed / per-image split)")
 
     began = time.perf_counter()
     ray.init(num_cpus=cores, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
@@ -98,16 +137,15 @@ def main() -> None:
     try:
         rows = {}
         local_t, local_f = run_features(LocalExecutor(), loaded, units, job)
-        local_s0 = time.perf_counter()
-        local_scan = scan(loaded, images, top=9, batch_size=32, progress=False)
-        local_s = time.perf_counter() - local_s0
+        local_short, _ = timed_scan(loaded, images, stop=lengths[0])
+        local_s, local_scan = timed_scan(loaded, images)
         rows["local"] = (local_t, local_s, "", "")
         for workers in (1, 2):
             target = RayTarget(workers=workers, threads=max(1, cores // workers))
             t, f = run_features(RayExecutor(target), loaded, units, job)
-            s0 = time.perf_counter()
-            result = scan(loaded, images, top=9, batch_size=32, progress=False, ray=target)
-            s = time.perf_counter() - s0
+            if workers == 2:
+                ray_short, _ = timed_scan(loaded, images, stop=lengths[0], ray=target)
+            s, result = timed_scan(loaded, images, ray=target)
             pixels, objective = compare_features(local_f, f)
             same_ids = all(torch.equal(result.topk.images[n], local_scan.topk.images[n])
                            for n in local_scan.topk.layers)
@@ -117,16 +155,31 @@ def main() -> None:
                                        f"ids {'identical' if same_ids else 'DIFFER'}, values max |diff| {worst:.1e}")
         print(f"\n{'run':<8} {'features s':>11} {'ch/s':>7} {'scan s':>8} {'img/s':>7}  check vs local")
         for name, (t, s, fcheck, scheck) in rows.items():
-            print(f"{name:<8} {t:>11.1f} {channels / t:>7.2f} {s:>8.1f} {len(images) / s:>7.1f}  {fcheck}; {scheck}")
+            print(f"{name:<8} {t:>11.1f} {channels / t:>7.2f} {s:>8.1f} {lengths[1] / s:>7.1f}  {fcheck}; {scheck}")
         f_over = rows["ray x2"][0] / local_t - 1
         s_over = rows["ray x2"][1] / local_s - 1
-        print(f"\nRay overhead at 2 workers: features {f_over:+.0%}, scan {s_over:+.0%} (target <= +15%)")
+        print(f"\nRay overhead at 2 workers, MEASURED: features {f_over:+.0%}; scan of {lengths[1]} images {s_over:+.0%}"
+              " (target <= +15%)")
+
+        local_fixed, local_per = line((lengths[0], local_short), (lengths[1], local_s))
+        ray_fixed, ray_per = line((lengths[0], ray_short), (lengths[1], rows["ray x2"][1]))
+        print(f"scan, MEASURED at {lengths[0]} and {lengths[1]} images: local {local_short:.1f} s and {local_s:.1f} s, "
+              f"ray x2 {ray_short:.1f} s and {rows['ray x2'][1]:.1f} s")
+        print(f"  straight lines through them: local {local_fixed:.1f} s + {1000 * local_per:.1f} ms/image, "
+              f"ray x2 {ray_fixed:.1f} s + {1000 * ray_per:.1f} ms/image")
+        fixed, per_image = ray_fixed - local_fixed, ray_per - local_per
+        print(f"  Ray's overhead: fixed start-up {fixed:+.1f} s once per run; steady {1000 * per_image:+.2f} ms/image "
+              f"({ray_per / local_per - 1:+.0%} per image)")
+        whole = (ray_fixed + WHOLE_SCAN_IMAGES * ray_per) / (local_fixed + WHOLE_SCAN_IMAGES * local_per) - 1
+        print(f"  PROJECTED for a {WHOLE_SCAN_IMAGES:,}-image scan (the atlas default; from the two lines, not run): "
+              f"local {local_fixed + WHOLE_SCAN_IMAGES * local_per:.0f} s, ray x2 "
+              f"{ray_fixed + WHOLE_SCAN_IMAGES * ray_per:.0f} s, overhead {whole:+.0%}")
 
         projection = ""
         if not args.quick:
             unit = FeatureUnit(layers[-1], list(range(FEATURE_CHUNK)), 0)
             began = time.perf_counter()
-            visualize_chunk(loaded, unit, FeatureJob("lucid", 256, 128, 0, photos))
+            visualize_chunk(loaded, unit, FeatureJob("lucid", 256, 128, 0, photos, FP32))
             per_channel = (time.perf_counter() - began) / FEATURE_CHUNK
             efficiency = local_t / rows["ray x2"][0]
             print(f"\natlas default budget (256 steps at 128 px), measured locally: {per_channel:.2f} s per channel")
@@ -141,9 +194,11 @@ def main() -> None:
         identical = all("DIFFER" not in row[3] for row in rows.values())
     finally:
         ray.shutdown()
-    _machine.footer(f"Ray overhead at 2 workers on {cores} cores: features {f_over:+.0%}, scan {s_over:+.0%} "
-                    f"(target <= +15%); scan ids {'identical' if identical else 'DIFFER'}{projection}")
-
+        folder.cleanup()
+    _machine.footer(f"Ray overhead at 2 workers on {cores} cores: features {f_over:+.0%}; scan of {lengths[1]} images "
+                    f"{s_over:+.0%} measured (fixed {fixed:+.1f} s, {1000 * per_image:+.2f} ms/image), "
+                    f"{whole:+.0%} projected at {WHOLE_SCAN_IMAGES:,} images (target <= +15%); "
+                    f"scan ids {'identical' if identical else 'DIFFER'}{projection}")
 
 if __name__ == "__main__":
     main()
