@@ -407,6 +407,8 @@ def scan_shards(target: RayTarget, loaded: LoadedModel, images, names: list[str]
                     fn_constructor_kwargs={"payload": model_payload(loaded), "threads": threads, "images": images,
                                            "channels": {n: int(topk.values[n].shape[0]) for n in names},
                                            "top": topk.k, "precision": precision},
+                    # Actor options go to map_batches as keyword arguments (Ray Data's own way to
+                    # bound its default of endless restarts; only ray_remote_args_fn is deprecated).
                     max_restarts=RESTARTS, max_task_retries=RESTARTS)
                 for row in mapped.iter_rows():
                     part = TopK.from_state_dict(torch.load(io.BytesIO(row["state"]), weights_only=True),
