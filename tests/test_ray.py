@@ -4,6 +4,7 @@ when no worker is left. One local 2-CPU cluster serves the whole run (``ray_clus
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import sys
@@ -81,8 +82,17 @@ def test_scan_on_ray_equals_local(default_model, ray_cluster, tmp_path):
     (tmp_path / "broken.jpg").write_bytes(b"not an image")
     images = FolderImages(tmp_path, (64, 64), default_model.preprocessing.resample)
     local = scan(default_model, images, LAYERS, top=3, batch_size=4, progress=False)
-    ray = scan(default_model, images, LAYERS, top=3, batch_size=4, progress=False,
-               ray=RayTarget(workers=2, threads=1))
+    import ray.data  # noqa: F401  (importing Ray Data sets its logger's level: set ours after)
+
+    logger = logging.getLogger("ray.data")
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        ray = scan(default_model, images, LAYERS, top=3, batch_size=4, progress=False,
+                   ray=RayTarget(workers=2, threads=1))
+        assert logger.level == logging.INFO   # quiet during the scan only
+    finally:
+        logger.setLevel(level)
     assert ray.images_scanned == local.images_scanned == len(images) - 1
     assert ray.skipped == local.skipped and len(local.skipped) == 1
     for name in local.topk.layers:
