@@ -99,6 +99,7 @@ class AtlasPlan:
     seconds: dict[str, float]
     bytes: dict[str, float]
     calibration_seconds: float = 0.0
+    stage_seconds: dict[str, float] = dataclasses.field(default_factory=dict)  # the total per stage
 
     @property
     def hours(self) -> float:
@@ -172,7 +173,8 @@ def calibrate(loaded: LoadedModel, layers: list[LayerInfo], settings: AtlasSetti
                 sizes.append(buffer.tell())
             feature_bytes = float(np.mean(sizes))
         if "deconv" not in settings.skip:
-            projection = _projection_rate(loaded, layer, rule, photos)
+            # with a scan the deconv stage checks crops against the scan's values, not a forward pass of its own
+            projection = _projection_rate(loaded, layer, rule, photos, check_crops=settings.scan_images is None)
         measured[layer.name] = LayerRate(step, fixed, projection, feature_bytes)
     return _interpolate(layers, positions, measured)
 
@@ -190,7 +192,8 @@ def _interpolate(layers: list[LayerInfo], positions: list[int], measured: dict[s
     return rates
 
 
-def _projection_rate(loaded: LoadedModel, layer: LayerInfo, rule, photos: dict[str, np.ndarray] | None) -> float:
+def _projection_rate(loaded: LoadedModel, layer: LayerInfo, rule, photos: dict[str, np.ndarray] | None,
+                     check_crops: bool = True) -> float:
     """Seconds per projected unit on ``layer`` that shares its image's forward pass with no other unit
     (see the module notes)."""
     size = loaded.preprocessing.input_size
@@ -203,7 +206,7 @@ def _projection_rate(loaded: LoadedModel, layer: LayerInfo, rule, photos: dict[s
     times = []
     for count in (1, len(units)):
         start = time.perf_counter()
-        project_units(loaded, x, layer, units[:count], method=rule, strict=False)
+        project_units(loaded, x, layer, units[:count], method=rule, strict=False, check_crops=check_crops)
         times.append(time.perf_counter() - start)
     # one unit: a forward and a backward pass; the further units of the same image: a backward each
     backward = max((times[1] - times[0]) / (len(units) - 1), 0.0)
@@ -216,6 +219,7 @@ def calibration_key(loaded: LoadedModel, layers: list[LayerInfo], settings: Atla
     photos, and this machine (a calibration from another machine or thread count says nothing here)."""
     measured = {k: v for k, v in settings.as_dict().items()
                 if k in ("feature_size", "recipe", "seed", "skip", "deconv_method", "strict", "precision")}
+    measured["scan"] = settings.scan_images is not None
     digest = [(name, str(rgb.shape), hashlib.sha1(np.ascontiguousarray(rgb).tobytes()).hexdigest())
               for name, rgb in (photos or {}).items()]
     machine = {"host": platform.node(), "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
@@ -246,17 +250,21 @@ def plan_atlas(layers: list[LayerInfo], settings: AtlasSettings, rates: dict[str
                calibration_seconds: float = 0.0) -> AtlasPlan:
     """The projected time and size of building ``layers`` with ``settings`` at the measured ``rates``."""
     channels, seconds, sizes = {}, {}, {}
+    stages = {"features": 0.0, "deconv": 0.0}
     examples = settings.top if settings.scan_images is not None else min(settings.top, photos)
     for layer in layers:
         rate = rates[layer.name]
         n = len(settings.channels(layer))
         chunks = math.ceil(n / FEATURE_CHUNK)
         channels[layer.name] = n
-        seconds[layer.name] = rate.step * settings.steps * n + rate.fixed * chunks + rate.projection * examples * n
+        features, deconv = rate.step * settings.steps * n + rate.fixed * chunks, rate.projection * examples * n
+        seconds[layer.name] = features + deconv
+        stages["features"] += features
+        stages["deconv"] += deconv
         shown = examples if "deconv" not in settings.skip else 0
         sizes[layer.name] = n * (rate.feature_bytes + BYTES_PER_EXAMPLE * shown + BYTES_PER_PHOTO * photos
                                  + BYTES_PER_PAGE)
-    return AtlasPlan(settings, list(layers), channels, seconds, sizes, calibration_seconds)
+    return AtlasPlan(settings, list(layers), channels, seconds, sizes, calibration_seconds, stages)
 
 
 def fit_budget(layers: list[LayerInfo], settings: AtlasSettings, rates: dict[str, LayerRate], photos: int,
