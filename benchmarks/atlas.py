@@ -8,11 +8,16 @@ recipe and whatever else a build uses by default) are what is projected, for the
    scan of ``--scan-images`` windows of the built-in sample set, over the 3 sample photos. Its
    files give the bytes: per channel (feature image, sprite share, heat-map row, projection row,
    channel page, records) and per layer (photo grids, overlays, layer page), and its stage
-   records give the seconds of the cheap stages (activations, scan, pages).
-2. **The atlas's calibration** (:func:`convscope.atlas.plan.calibrate`, the same one
+   records give the seconds of the cheap stages (scan, pages) and of the activations stage per
+   layer at its few channels.
+2. **The activations stage on every channel** of the calibration's layers (3 photos): with (1)
+   it splits that stage into a cost per layer (forward passes, grids, overlays) and a cost per
+   channel (heat maps), each scaled to the photos of the projection.
+3. **The atlas's calibration** (:func:`convscope.atlas.plan.calibrate`, the same one
    ``convscope atlas`` prints its projection from) on ``--samples`` layers spread over depth:
    seconds per feature-visualization step and channel, fixed seconds per chunk, seconds per
-   projection. Feature visualization and projections are ~95% of an atlas.
+   projection. Every stage is projected and printed in hours: features, deconv, activations,
+   scan, pages and the calibration itself (once; ``convscope atlas`` caches it).
 
 The projection: every channel of every default layer, with the default steps, top 9 from a
 scan of ``--full-scan`` images, ``--full-photos`` photos. Heat maps and per-layer photo files
@@ -42,6 +47,7 @@ import convscope
 from convscope.atlas import AtlasSettings, build_atlas
 from convscope.atlas import plan as atlas_plan
 from convscope.atlas.driver import atlas_layers
+from convscope.atlas.stages import ActivationsStage
 from convscope.images import sample_photos
 
 BLOCK = 4096
@@ -132,8 +138,25 @@ def main() -> None:
         files = measure_files(build.out, slugs)
         built_channels = sum(len(layer["visualised"]) for layer in manifest["layers"])
 
+        # The activations stage on every channel of the calibration's layers, against their
+        # per-layer cost in the measured build: the cost per channel (heat maps).
+        sampled = [layers[i] for i in atlas_plan._spread(len(layers), args.samples)]
+        whole = replace(settings, channels_per_layer=None, layers=",".join(layer.name for layer in sampled))
+        acts_out = out / "activations-whole"
+        build_atlas(loaded, photos, acts_out, whole, stages=[ActivationsStage()], progress=False)
+        acts_layer = {layer["slug"]: json.loads((build.out / "records/activations" / f"{layer['slug']}.json")
+                                                .read_text())["seconds"] for layer in manifest["layers"]}
+        acts_whole = {layer["slug"]: json.loads((acts_out / "records/activations" / f"{layer['slug']}.json")
+                                                .read_text())["seconds"]
+                      for layer in json.loads((acts_out / "atlas.json").read_text())["layers"]}
+        built_per_layer = {layer["slug"]: len(layer["visualised"]) for layer in manifest["layers"]}
+        extra = sum(layer.channels - built_per_layer[slug] for layer, slug in zip(sampled, acts_whole))
+        per_heat_channel = max(sum(acts_whole[slug] - acts_layer[slug] for slug in acts_whole), 0.0) / max(extra, 1)
+
         start = time.perf_counter()
-        rates = atlas_plan.calibrate(loaded, layers, defaults, photos, samples=args.samples)
+        # as for the projected atlas: with a scan (the deconv stage then checks crops against its values)
+        rates = atlas_plan.calibrate(loaded, layers, replace(defaults, scan_images="(full scan)"), photos,
+                                     samples=args.samples)
         calibration = time.perf_counter() - start
 
     stages = build.stages
@@ -148,14 +171,18 @@ def main() -> None:
     print(f"calibration ({args.samples} layers, {atlas_plan.CALIBRATION_STEPS} steps each): {calibration:.0f} s")
 
     # --- time
-    total = {"features + deconv": sum(plan.seconds.values())}
+    total = dict(plan.stage_seconds)                                # features, deconv: from the calibration
     pages = 1 + len(layers) + built_channels
     per_page = stages["pages"]["seconds"] / pages
-    acts = stages["activations"]["seconds"]
-    # the activations stage: grids per photo and layer, plus heat maps per channel and photo (both scale with photos)
-    total["activations"] = acts * full_photos / photos_n * (1 + channels / max(built_channels, 1)) / 2
+    # the activations stage: per layer (forward passes, grids, overlays) and per channel (heat maps), both per photo
+    print(f"activations stage: {sum(acts_layer.values()):.1f} s for {len(layers)} layers at {args.channels} "
+          f"channel(s), {per_heat_channel * 1000:.1f} ms per further channel (every channel of "
+          f"{len(sampled)} layers), {photos_n} photos")
+    total["activations"] = (sum(acts_layer.values()) + per_heat_channel * (channels - built_channels)) \
+        * full_photos / photos_n
     total["scan"] = args.full_scan * stages["scan"]["seconds"] / max(args.scan_images, 1)
     total["pages"] = (1 + len(layers) + channels) * per_page
+    total["calibration"] = calibration * atlas_plan.CALIBRATION_LAYERS / args.samples   # once: it is cached
     hours = sum(total.values()) / 3600
     print(f"\nwhole {args.model} atlas: {channels} channels, {len(layers)} layers, {defaults.steps} steps at "
           f"{defaults.feature_size} px (the atlas's defaults), {full_photos} photos, top {defaults.top} "
@@ -191,8 +218,9 @@ def main() -> None:
           + f", scan images {kinds['scan'][0] / max(files['scan_files'], 1) * min(args.full_scan, channels * defaults.top) / channels / 1024:.1f}")
     print(f"whole atlas: {full_bytes[0] / 2**30:.2f} GB, {apparent:.1f} KB per channel "
           f"({full_bytes[1] / 2**30:.2f} GB, {disk:.1f} KB per channel on disk in 4 KiB blocks)")
+    per_stage = ", ".join(f"{name} {seconds / 3600:.2f}" for name, seconds in total.items())
     _machine.footer(f"whole {args.model} atlas ({channels} channels, {defaults.steps} steps at {defaults.feature_size} px, "
-                    f"{args.full_scan}-image scan): {hours:.1f} wall hours projected on this machine, "
+                    f"{args.full_scan}-image scan): {hours:.1f} wall hours projected on this machine ({per_stage} h), "
                     f"{apparent:.0f} KB per channel ({disk:.0f} KB on disk)")
 
 

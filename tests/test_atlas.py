@@ -520,3 +520,56 @@ def test_scan_photos_are_not_reused_across_image_sets(default_model, one_photo, 
             with Image.open(out / example["source"]["full"]) as shown:
                 want = images.load(example["image_id"])
                 assert np.abs(np.asarray(shown).astype(int) - want.astype(int)).mean() < 4, example["source"]
+
+
+def test_heat_rows_for_all_channels_are_the_per_channel_pictures_packed():
+    from convscope.atlas.stages.activations import heat_image, heat_rows
+    from convscope.atlas.store import pack_row
+
+    rng = np.random.default_rng(0)
+    for shape in ((5, 9, 13), (5, 112, 168)):   # small maps, and maps shrunk to HEAT_SIDE
+        stack = [rng.normal(size=shape).astype(np.float32), rng.normal(size=(shape[0], shape[2], shape[1])).astype(np.float32)]
+        stack[1][3] = 0.25                         # a flat channel on one photo
+        low = np.minimum(stack[0].min(axis=(1, 2)), stack[1].min(axis=(1, 2)))
+        high = np.maximum(stack[0].max(axis=(1, 2)), stack[1].max(axis=(1, 2)))
+        low[2] = high[2] = 1.0                     # a channel with no range: all zero
+        channels = [0, 2, 3, 4]
+        rows, boxes = heat_rows(stack, channels, low, high, "jet")
+        for k, c in enumerate(channels):
+            row, expected = pack_row([heat_image(m[c], float(low[c]), float(high[c]), "jet") for m in stack])
+            assert boxes == expected and np.array_equal(rows[k], np.asarray(row))   # the very same computation
+
+
+def test_deconv_stage_checks_crops_against_the_scan_values(default_model, photos, monkeypatch, tmp_path):
+    """The stage skips the engine's whole-image check of each crop and checks the scan's values
+    instead: the same projections, and a crop that disagrees is still recomputed on the whole image."""
+    import convscope.methods.deconv.engine as deconv_engine
+    from convscope.atlas.context import BuildContext
+    from convscope.atlas.stages import DeconvStage
+    from convscope.methods.deconv import Unit, project_units, strongest_units
+    from convscope.rectifiers import GUIDED
+
+    layer = default_model.catalogue.get("blocks.2.0.bn2")
+    ctx = BuildContext(default_model, tmp_path, AtlasSettings(), [layer], [], progress=False)
+    cat = default_model.preprocessing.fit(photos["chelsea"])
+    pixels = [cat, np.ascontiguousarray(cat[:, ::-1])]
+    x = ctx.tensor(pixels)
+    units = [Unit(u.channel, u.row, u.col, b) for b in range(2)
+             for u in strongest_units(default_model, x[b:b + 1], layer, channels=range(4))]
+    checked = project_units(default_model, x, layer, units, method=GUIDED)      # the engine's own check
+    assert checked.strategy == "crop"
+    scales = np.full(len(units), float(np.abs(checked.values).max()), np.float32)
+    proj, _ = DeconvStage._project(ctx, layer, GUIDED, False, pixels, units, (checked.values, scales))
+    np.testing.assert_allclose(proj.maps, checked.maps, rtol=1e-5, atol=1e-6 * np.abs(checked.maps).max())
+
+    plan_of = deconv_engine._crop_plan
+
+    def shifted(layer, boxes, hw):                                  # crops off the stride grid: wrong values
+        plan = plan_of(layer, boxes, hw)
+        plan.offsets = [(t - 2 if t >= 2 else t + 2, left) for t, left in plan.offsets]
+        return plan
+    monkeypatch.setattr(deconv_engine, "_crop_plan", shifted)
+    with pytest.warns(UserWarning, match="disagreed between their receptive-field crop and the scan"):
+        wrong, _ = DeconvStage._project(ctx, layer, GUIDED, False, pixels, units, (checked.values, scales))
+    np.testing.assert_allclose(wrong.maps, checked.maps, rtol=1e-5, atol=1e-6 * np.abs(checked.maps).max())
+    np.testing.assert_allclose(wrong.values, checked.values, rtol=1e-5, atol=1e-6)

@@ -105,3 +105,40 @@ def test_skipped_stages_are_not_calibrated_and_cost_nothing(default_model, layer
     rates = atlas_plan.calibrate(default_model, layers[:1], settings)
     assert rates["bn1"] == LayerRate(0.0, 0.0, 0.0, 0.0)
     assert plan_atlas(layers[:1], settings, rates, photos=8).seconds == {"bn1": 0.0}
+
+
+def test_rates_between_sampled_layers_are_interpolated_by_position(layers):
+    shallow = LayerRate(step=0.01, fixed=0.2, projection=0.01, feature_bytes=4000.0)
+    deep = LayerRate(step=0.03, fixed=0.6, projection=0.05, feature_bytes=8000.0)
+    rates = atlas_plan._interpolate(layers, [0, 4], {"bn1": shallow, "bn2": deep})
+    assert rates["bn1"] == shallow and rates["bn2"] == deep
+    middle = rates["blocks.1.1.bn3"]                                   # position 2 of 0..4: halfway
+    assert middle.step == pytest.approx(0.02) and middle.projection == pytest.approx(0.03)
+    assert rates["blocks.0.0.bn2"].fixed == pytest.approx(0.3)         # a quarter of the way
+    one = atlas_plan._interpolate(layers, [4], {"bn2": deep})          # one sample: every layer takes its rates
+    assert set(one.values()) == {deep}
+
+
+def test_cli_caches_the_calibration_in_the_atlas_folder(tmp_path, capsys, monkeypatch):
+    calls = []
+    quick = LayerRate(step=1e-5, fixed=0.01, projection=0.001, feature_bytes=8000.0)
+
+    def fake_calibrate(loaded, layers, settings, photos):
+        calls.append(settings)
+        return {layer.name: quick for layer in layers}
+
+    def fake_build(loaded, images, folder, settings, **_):
+        raise SystemExit(0)
+    monkeypatch.setattr(atlas_plan, "calibrate", fake_calibrate)
+    monkeypatch.setattr(cli_atlas, "build_atlas", fake_build)
+    out = tmp_path / "atlas"
+    for _ in range(2):
+        with pytest.raises(SystemExit):
+            main(["atlas", "--layers", LAYERS, "--out", str(out)])
+    assert len(calls) == 1 and (out / atlas_plan.CALIBRATION_FILE).is_file()
+    printed = capsys.readouterr().out
+    assert printed.count("calibrating:") == 1 and "cached in --out" in printed
+    assert printed.count("projection:") == 2                            # printed before any work, both times
+    with pytest.raises(SystemExit):                                      # other settings: measured again
+        main(["atlas", "--layers", LAYERS, "--out", str(out), "--size", "64"])
+    assert len(calls) == 2

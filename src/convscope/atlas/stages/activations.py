@@ -13,9 +13,9 @@ from ... import render
 from ...layers import LayerInfo
 from ...methods.activations import ActivationResult
 from ..context import BuildContext, Stage
-from ..store import pack_row, sig_figures
+from ..store import sig_figures
 
-__all__ = ["ActivationsStage", "MAP_BUDGET_BYTES", "HEAT_SIDE"]
+__all__ = ["ActivationsStage", "MAP_BUDGET_BYTES", "HEAT_SIDE", "heat_image", "heat_rows"]
 
 # Feature maps held in memory at once by the activations stage (all photos of a group of layers).
 MAP_BUDGET_BYTES = 384 * 2**20
@@ -35,6 +35,40 @@ def heat_image(heat: np.ndarray, low: float, high: float, cmap: str) -> Image.Im
         ratio = HEAT_SIDE / max(gray.size)
         gray = gray.resize((max(1, round(gray.width * ratio)), max(1, round(gray.height * ratio))), Image.BILINEAR)
     return Image.fromarray(render.colorize(np.asarray(gray, dtype=np.float32) / 255.0, cmap))
+
+
+def heat_rows(stack: list[np.ndarray], channels: list[int], low: np.ndarray, high: np.ndarray, cmap: str,
+              pad: int = 1) -> tuple[np.ndarray, list[list[int]]]:
+    """Each channel's heat maps over all photos as one row, for all ``channels`` at once.
+
+    The same pictures as :func:`heat_image` per channel and photo laid out by
+    :func:`~convscope.atlas.store.pack_row` (edge-framed by ``pad``), computed per photo for all
+    channels together: one scaling, one colour lookup and one framing per photo and layer.
+    Returns ``rows (len(channels), H, W, 3)`` uint8 and each photo's box in a row.
+    """
+    index = np.asarray(channels, dtype=np.int64)
+    low, high = np.asarray(low, np.float64)[index], np.asarray(high, np.float64)[index]
+    span = np.where(high > low, high - low, 1.0).astype(np.float32)[:, None, None]
+    flat = (high <= low)[:, None, None]
+    lut = render.lut(cmap)
+    tiles = []
+    for maps in stack:
+        scaled = np.where(flat, np.float32(0.0), (maps[index] - low.astype(np.float32)[:, None, None]) / span)
+        gray = np.clip(scaled * np.float32(255.0) + np.float32(0.5), 0, 255).astype(np.uint8)
+        if max(gray.shape[1:]) > HEAT_SIDE:  # a few shallow layers: PIL's filter, as heat_image uses
+            ratio = HEAT_SIDE / max(gray.shape[1:])
+            size = (max(1, round(gray.shape[2] * ratio)), max(1, round(gray.shape[1] * ratio)))
+            gray = np.stack([np.asarray(Image.fromarray(g).resize(size, Image.BILINEAR)) for g in gray])
+        # colorize(gray / 255) looks up exactly the index gray
+        tiles.append(np.pad(lut[gray], ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="edge"))
+    height = max(t.shape[1] for t in tiles)
+    rows = np.zeros((len(index), height, sum(t.shape[2] for t in tiles), 3), np.uint8)
+    boxes, x = [], 0
+    for t in tiles:
+        rows[:, :t.shape[1], x:x + t.shape[2]] = t
+        boxes.append([pad, x + pad, t.shape[1] - pad, x + t.shape[2] - pad])
+        x += t.shape[2]
+    return rows, boxes
 
 
 def _grid_columns(channels: int, height: int, width: int) -> int:
@@ -101,7 +135,7 @@ class ActivationsStage(Stage):
         raw_low, scale_high = lows.min(axis=0), peaks.max(axis=0)
         scale_low = np.where(scale_high > 0, np.maximum(raw_low, 0.0), raw_low)
         photos: dict[str, dict] = {}
-        heats: dict[int, list[Image.Image]] = {c: [] for c in channels}
+        index = np.asarray(channels, dtype=np.int64)
         for i, (photo, maps) in enumerate(zip(ctx.photos, stack)):
             title = f"{layer.label} on {photo.name}"
             cols = _grid_columns(count, *maps.shape[1:])
@@ -113,22 +147,21 @@ class ActivationsStage(Stage):
                                        result.overlay(layer, top=min(6, count), cmap=cmap), fmt="webp"),
                 "channels": {},
             }
-            for c in channels:
-                heats[c].append(heat_image(maps[c], float(scale_low[c]), float(scale_high[c]), cmap))
-                position = np.unravel_index(int(maps[c].argmax()), maps[c].shape)
-                entry["channels"][str(c)] = {
-                    "peak": float(f"{peaks[i, c]:.4g}"),
-                    "argmax": [int(position[0]), int(position[1])],
-                }
+            width = maps.shape[2]
+            argmax = maps.reshape(count, -1)[index].argmax(axis=1) if len(index) else index
+            rows, cols = (argmax // width).tolist(), (argmax % width).tolist()
+            for k, c in enumerate(channels):
+                entry["channels"][str(c)] = {"peak": float(f"{peaks[i, c]:.4g}"), "argmax": [rows[k], cols[k]]}
             photos[photo.slug] = entry
             bar.update(1)
         strips = {}
-        for c in channels:
-            row, boxes = pack_row(heats.pop(c))
-            strips[str(c)] = ctx.picture(ctx.data_path(self.name, layer, f"c{c:04d}_heat.webp"), row, fmt="webp",
-                                         lossless=True, screen_width=10**6)
-            for photo, box in zip(ctx.photos, boxes):
-                photos[photo.slug]["channels"][str(c)]["cell"] = box
+        if channels:
+            heat, boxes = heat_rows(stack, channels, scale_low, scale_high, cmap)
+            for k, c in enumerate(channels):
+                strips[str(c)] = ctx.picture(ctx.data_path(self.name, layer, f"c{c:04d}_heat.webp"), heat[k],
+                                             fmt="webp", lossless=True, screen_width=10**6)
+                for photo, box in zip(ctx.photos, boxes):
+                    photos[photo.slug]["channels"][str(c)]["cell"] = box
         silent = np.flatnonzero((peaks <= 0).all(axis=0))
         return {
             "photos": photos,

@@ -4,6 +4,7 @@ visualised channel: the scan's, or the strongest unit on each photo when no scan
 from __future__ import annotations
 
 import time
+import warnings
 
 import numpy as np
 from PIL import Image
@@ -29,8 +30,11 @@ _SHOWN = {"deconvnet": "deconvnet projection (Zeiler & Fergus)", "guided": "guid
 _RULE_LABELS = {"deconvnet": "the deconvnet", "guided": "guided backprop"}
 
 
-# Distinct images per project_units call (they are batched inside; this bounds the memory).
-DECONV_IMAGES = 32
+# Distinct images and units per project_units call. The units of one image share its forward
+# pass there (the engine's "shared" strategy), so the more channels a call holds the fewer forward
+# passes; the units bound the memory of the whole-image maps (a 224x224 map is 0.6 MB).
+DECONV_IMAGES = 256
+DECONV_UNITS = 256
 # Projections are stored at the size the channel page shows them (longer side, px), a channel's
 # top-k in one WebP row (see store.pack_row); the patch beside each one is not a file: the page
 # crops it from the shared source image.
@@ -123,18 +127,37 @@ class DeconvStage(Stage):
         return note
 
     @staticmethod
-    def _project(ctx, layer, rule: Rule, redo: bool, pixels: list[np.ndarray], units):
-        """Projections with ``rule``; with ``redo``, all-zero ones redone with the deconvnet (``fallback``)."""
+    def _project(ctx, layer, rule: Rule, redo: bool, pixels: list[np.ndarray], units, expected=None):
+        """Projections with ``rule``; with ``redo``, all-zero ones redone with the deconvnet (``fallback``).
+
+        ``expected``: ``(values, scales)`` the units had when they were found (the scan's), each
+        with its channel's scale. A receptive-field crop's value is then checked against it
+        instead of against a whole-image forward pass of its own (``check_crops``), and a crop
+        that disagrees (a layer geometry convscope did not follow) is projected on the whole image.
+        """
         x = ctx.tensor(pixels)
         strict = ctx.settings.strict
-        proj = project_units(ctx.loaded, x, layer, units, method=rule, strict=strict, precision=ctx.precision(NUMBERS))
+        precision = ctx.precision(NUMBERS)
+        proj = project_units(ctx.loaded, x, layer, units, method=rule, strict=strict, precision=precision,
+                             check_crops=expected is None)
+        if expected is not None and len(units):
+            values, scales = expected
+            relative = 2e-3 if precision.exact else 3e-2
+            bad = ~(np.abs(proj.values - values) <= relative * (np.abs(values) + 1e-2 * scales) + 1e-6)
+            if bad.any():
+                warnings.warn(f"{int(bad.sum())} of {len(units)} units of {layer.label} disagreed between their "
+                              "receptive-field crop and the scan; recomputed on the whole image", stacklevel=2)
+                again = project_units(ctx.loaded, x, layer, [units[i] for i in np.flatnonzero(bad)], method=rule,
+                                      strict=strict, precision=precision, strategy="shared")
+                proj.maps[bad] = again.maps
+                proj.values[bad] = again.values
         fallback = np.zeros(len(units), dtype=bool)
         if redo and rule is not DECONVNET and len(units):
             fallback = np.abs(proj.maps).reshape(len(units), -1).max(axis=1) == 0
             if fallback.any():
                 zeros = [units[i] for i in np.flatnonzero(fallback)]
                 again = project_units(ctx.loaded, x, layer, zeros, method=DECONVNET, strict=strict,
-                                      precision=ctx.precision(NUMBERS))
+                                      precision=precision, check_crops=expected is None)
                 proj.maps[fallback] = again.maps
         return proj, fallback
 
@@ -163,13 +186,15 @@ class DeconvStage(Stage):
         channels = sorted(per_channel, key=int)
         # Chunks of channels whose examples come from at most DECONV_IMAGES distinct images.
         chunks, current, ids = [], [], set()
+        units = 0
         for c in channels:
             mine = {e["image_id"] for e in per_channel[c]}
-            if current and len(ids | mine) > DECONV_IMAGES:
+            if current and (len(ids | mine) > DECONV_IMAGES or units + len(per_channel[c]) > DECONV_UNITS):
                 chunks.append(current)
-                current, ids = [], set()
+                current, ids, units = [], set(), 0
             current.append(c)
             ids |= mine
+            units += len(per_channel[c])
         if current:
             chunks.append(current)
         drift = 0.0
@@ -179,7 +204,10 @@ class DeconvStage(Stage):
             pixels = [images.load(image_id) for image_id in order]
             units = [Unit(int(c), e["row"], e["col"], slot[e["image_id"]]) for c in chunk for e in per_channel[c]]
             if units:
-                proj, fallback = self._project(ctx, layer, rule, redo, pixels, units)
+                # The scan's values stand in for the engine's own whole-image check of each crop.
+                expected = np.array([e["value"] for c in chunk for e in per_channel[c]], np.float32)
+                scale = np.array([abs(per_channel[c][0]["value"]) for c in chunk for _ in per_channel[c]], np.float32)
+                proj, fallback = self._project(ctx, layer, rule, redo, pixels, units, (expected, scale))
                 at = 0
                 for c in chunk:
                     for e in per_channel[c]:
