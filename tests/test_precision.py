@@ -148,8 +148,12 @@ def test_deconv_auto_is_exact_and_bf16_is_close(default_model):
 
 
 def test_fast_recipe_schedule():
+    from convscope.atlas.context import ATLAS_RECIPE, AtlasSettings
+
     fast = make_recipe("fast")
-    assert fast.steps == make_recipe("lucid").steps * 3 // 4
+    assert fast.steps == 80 and fast.steps < make_recipe("lucid").steps / 3
+    assert AtlasSettings().steps == make_recipe(ATLAS_RECIPE).steps  # the atlas's default follows the recipe
+    assert fast.pad == 5 and make_recipe("lucid").pad == 12      # the border: 128 -> 128 and 142 pixels
     warm = round(fast.warmup * fast.steps)
     assert fast.lr_at(0) == pytest.approx(fast.lr / warm)
     assert fast.lr_at(warm) == pytest.approx(fast.lr)
@@ -158,7 +162,8 @@ def test_fast_recipe_schedule():
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
     assert make_recipe("lucid").lr_at(100) == make_recipe("lucid").lr
     longer = make_recipe("fast", steps=400)  # the warm-up is a fraction of the steps
-    assert longer.lr_at(39) == pytest.approx(longer.lr) and longer.lr_at(38) < longer.lr
+    end = round(longer.warmup * 400) - 1
+    assert longer.lr_at(end) == pytest.approx(longer.lr) and longer.lr_at(end - 1) < longer.lr
 
 
 def test_cli_says_which_precision(tmp_path, capsys):
