@@ -36,12 +36,12 @@ def test_the_default_is_every_channel_and_the_plan_counts_them(layers):
 
 def test_a_budget_keeps_every_layer_with_the_widest_cap_that_fits(layers):
     rates = {layer.name: SLOW for layer in layers}
-    settings = AtlasSettings()
+    settings = AtlasSettings(steps=192)  # about 0.9 h for every channel: half an hour must cut bn2
     plan = fit_budget(layers, settings, rates, photos=8, hours=0.5)
     cap = plan.settings.channels_per_layer
     assert plan.hours <= 0.5 and 24 <= cap < 1280
     assert plan.channels == {layer.name: min(layer.channels, cap) for layer in layers}  # narrow layers whole
-    wider = plan_atlas(layers, AtlasSettings(channels_per_layer=cap + 1), rates, 8)
+    wider = plan_atlas(layers, AtlasSettings(steps=192, channels_per_layer=cap + 1), rates, 8)
     assert wider.hours > 0.5                                                            # the widest cap that fits
     whole = fit_budget(layers, settings, rates, photos=8, hours=100)
     assert whole.settings == settings and whole.total_channels == sum(layer.channels for layer in layers)
@@ -73,7 +73,7 @@ def test_calibration_measures_this_machine():
 
 
 def test_cli_asks_for_yes_above_an_hour_and_fits_a_budget(tmp_path, capsys, monkeypatch):
-    slower = LayerRate(step=0.02, fixed=0.5, projection=0.05, feature_bytes=8000.0)   # about 1.7 h in all
+    slower = LayerRate(step=0.05, fixed=0.5, projection=0.05, feature_bytes=8000.0)   # about 1.8 h in all
     monkeypatch.setattr(atlas_plan, "calibrate", lambda loaded, layers, settings, photos: {
         layer.name: slower for layer in layers})
     out = tmp_path / "atlas"

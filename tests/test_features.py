@@ -279,3 +279,17 @@ def test_cli_class_objective(tmp_path):
 
 def test_public_api_is_exported():
     assert {"visualize_features", "visualize_classes", "visualize", "FeatureResult"} <= set(convscope.__all__)
+
+
+@pytest.mark.parametrize("name, grow", [("lucid", 14), ("fast", 0)])
+def test_the_recipe_border_sets_the_size_the_model_sees(photos, name, grow):
+    """The transforms' gray border: lucid's 12 pixels make a 24-px image 38 px; fast's 5 keep it 24."""
+    model = _Scaled(1.0)
+    seen = []
+    hook = model.conv.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape[-2:])))
+    try:
+        visualize_features(model, "relu", [0], recipe=name, steps=6, size=24, photos=photos)
+    finally:
+        hook.remove()
+    # the optimization steps are the most frequent forward passes (the photos and scoring run once)
+    assert max(set(seen), key=seen.count) == (24 + grow, 24 + grow)

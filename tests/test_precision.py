@@ -29,11 +29,16 @@ def _small_conv() -> nn.Module:
 
 
 @pytest.mark.parametrize("native, name", [(True, "bf16"), (False, "fp32")])
-def test_auto_for_pictures_is_bf16_only_where_native(monkeypatch, native, name):
+@pytest.mark.parametrize("nhwc", [True, False])
+def test_auto_for_pictures_is_bf16_only_where_native(monkeypatch, native, name, nhwc):
     monkeypatch.setattr(precision_mod, "native_bf16", lambda device="cpu": native)
+    monkeypatch.setattr(precision_mod, "channels_last_pays", lambda device="cpu": nhwc)
     chosen = resolve_precision("auto", "cpu", purpose=PICTURE, module=_small_conv())
-    assert chosen.name == name and chosen.channels_last and chosen.requested == "auto"
+    assert chosen.name == name and chosen.channels_last == nhwc and chosen.requested == "auto"
     assert ("native bf16" in chosen.reason) and (("no native" in chosen.reason) != native)
+    assert ("channels-last for the convolutions" in chosen.reason) == nhwc
+    # an explicit fp32 for pictures takes the same layout; for numbers the exact default one
+    assert resolve_precision("fp32", "cpu", purpose=PICTURE, module=_small_conv()).channels_last == nhwc
     # a model without 2-D convolutions gains nothing from channels-last
     assert not resolve_precision("auto", "cpu", purpose=PICTURE, module=nn.Linear(4, 4)).channels_last
 
@@ -58,6 +63,16 @@ def test_the_machine_is_described_honestly():
     if not flags:
         pytest.skip("no /proc/cpuinfo flags here")
     assert precision_mod.native_bf16("cpu") == bool({"avx512_bf16", "amx_bf16"} & flags)
+
+
+@pytest.mark.parametrize("capability, pays", [("AVX2", False), ("DEFAULT", False), ("AVX512", True)])
+def test_channels_last_pays_on_avx512_cpus_not_avx2(monkeypatch, capability, pays):
+    monkeypatch.setattr(precision_mod, "native_bf16", lambda device="cpu": False)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    assert precision_mod.channels_last_pays("cpu") == pays
+    assert precision_mod.channels_last_pays("meta") is False
+    chosen = resolve_precision("auto", "cpu", purpose=PICTURE, module=_small_conv())
+    assert chosen.channels_last == pays and ("default layout" in chosen.reason) != pays
 
 
 def test_channels_last_leaves_the_model_as_it_was():
@@ -133,8 +148,12 @@ def test_deconv_auto_is_exact_and_bf16_is_close(default_model):
 
 
 def test_fast_recipe_schedule():
+    from convscope.atlas.context import ATLAS_RECIPE, AtlasSettings
+
     fast = make_recipe("fast")
-    assert fast.steps == make_recipe("lucid").steps * 3 // 4
+    assert fast.steps == 80 and fast.steps < make_recipe("lucid").steps / 3
+    assert AtlasSettings().steps == make_recipe(ATLAS_RECIPE).steps  # the atlas's default follows the recipe
+    assert fast.pad == 5 and make_recipe("lucid").pad == 12      # the border: 128 -> 128 and 142 pixels
     warm = round(fast.warmup * fast.steps)
     assert fast.lr_at(0) == pytest.approx(fast.lr / warm)
     assert fast.lr_at(warm) == pytest.approx(fast.lr)
@@ -143,7 +162,8 @@ def test_fast_recipe_schedule():
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
     assert make_recipe("lucid").lr_at(100) == make_recipe("lucid").lr
     longer = make_recipe("fast", steps=400)  # the warm-up is a fraction of the steps
-    assert longer.lr_at(39) == pytest.approx(longer.lr) and longer.lr_at(38) < longer.lr
+    end = round(longer.warmup * 400) - 1
+    assert longer.lr_at(end) == pytest.approx(longer.lr) and longer.lr_at(end - 1) < longer.lr
 
 
 def test_cli_says_which_precision(tmp_path, capsys):
@@ -151,7 +171,8 @@ def test_cli_says_which_precision(tmp_path, capsys):
     assert main(["features", "--layer", "blocks.1.0.bn1", "--channels", "0-1", "--steps", "2", "--size", "32",
                  "--precision", "fp32", "--recipe", "fast", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "precision: fp32, channels-last" in printed
+    layout = ", channels-last" if precision_mod.channels_last_pays("cpu") else ""
+    assert f"precision: fp32{layout}" in printed and (layout or "channels-last" not in printed)
     index = json.loads((out / "features.json").read_text())
     assert index["precision"]["name"] == "fp32" and index["recipe"]["name"] == "fast"
     code = main(["features", "--layer", "blocks.1.0.bn1", "--precision", "fp64", "--out", str(tmp_path / "g")])

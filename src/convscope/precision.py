@@ -10,9 +10,11 @@ Two purposes resolve ``"auto"`` differently:
   autocast on CUDA devices that support it and on CPUs with native bf16 instructions
   (AVX-512 BF16 or AMX); plain float32 elsewhere, because a CPU without them emulates bf16 and
   runs it several times *slower* (about 7x slower per step on an AVX2 EPYC: the step-time
-  table of ``benchmarks/features.py``). Channels-last is used wherever the model has a
-  2-D convolution: oneDNN and cuDNN run convolutions faster on NHWC (1.08-1.29x per step for
-  the default model at batch 8 on that AVX2 EPYC, 1.6x on an AVX-512 one; noisy at batch 1-2).
+  table of ``benchmarks/features.py``). Channels-last is used where the model has a 2-D
+  convolution *and* the device runs NHWC convolutions faster (:func:`channels_last_pays`):
+  CUDA (cuDNN) and CPUs with AVX-512 (oneDNN's NHWC kernels: 44 ms against 69 ms per step of
+  the default model at batch 8 on an AVX-512 EPYC), not AVX2 CPUs, where the same step in
+  NHWC measured 0.94x the speed of the default layout at 128 px.
 * :data:`NUMBERS`, where users compare values (activations, attributions, scan values): ``"auto"``
   is plain float32 in the default layout, exactly as without this option; bf16 or fp16 only on
   request (and then channels-last too, as the values are no longer exact anyway).
@@ -24,7 +26,7 @@ parameters and their memory format stay untouched.
 Example:
     >>> p = resolve_precision("auto", torch.device("cpu"), purpose=PICTURE)
     >>> p.describe()
-    'fp32, channels-last (auto: this CPU has no native bf16, ...)'
+    'fp32 (auto: this CPU has no native bf16, which would be emulated; ...)'
     >>> with p.autocast():
     ...     out = model(p.input(x))
 """
@@ -39,7 +41,8 @@ import torch
 
 from .errors import ConvscopeError
 
-__all__ = ["Precision", "PRECISIONS", "PICTURE", "NUMBERS", "FP32", "resolve_precision", "native_bf16"]
+__all__ = ["Precision", "PRECISIONS", "PICTURE", "NUMBERS", "FP32", "resolve_precision", "native_bf16",
+           "channels_last_pays"]
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 PICTURE = "picture"
@@ -130,6 +133,25 @@ def native_bf16(device: torch.device | str = "cpu") -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
 
 
+def channels_last_pays(device: torch.device | str = "cpu") -> bool:
+    """Do 2-D convolutions on ``device`` run faster with NHWC (channels-last) inputs?
+
+    Yes on CUDA, and on CPUs with AVX-512 (oneDNN's NHWC kernels measured 1.6x the default
+    layout for the default model); no on AVX2 and older CPUs, where the NHWC step measured
+    0.94x (slower), nor on other CPUs, which were not measured.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return True
+    if device.type != "cpu":
+        return False
+    try:
+        capability = torch.backends.cpu.get_cpu_capability()
+    except Exception:  # a build without the query: the default layout is the safe choice
+        return False
+    return capability.startswith("AVX512") or native_bf16(device)
+
+
 def _has_conv2d(module: torch.nn.Module | None) -> bool:
     if module is None:
         return True
@@ -166,9 +188,12 @@ def resolve_precision(request: str | Precision | None, device: torch.device | st
         where = "this GPU" if kind == "cuda" else "this CPU"
         name = "bf16" if native else "fp32"
         reason = f"{where} has native bf16" if native else f"{where} has no native bf16, which would be emulated"
-        if convs:
+        channels_last = convs and channels_last_pays(device)
+        if channels_last:
             reason += "; channels-last for the convolutions"
-        return Precision(name, convs, kind, "auto", reason)
+        elif convs:
+            reason += f"; the default layout (channels-last is slower on {where})"
+        return Precision(name, channels_last, kind, "auto", reason)
     # an explicit fp32 keeps the values exact for numbers, and takes the faster layout for pictures
-    channels_last = convs and (request != "fp32" or purpose == PICTURE)
+    channels_last = convs and (request != "fp32" or (purpose == PICTURE and channels_last_pays(device)))
     return Precision(request, channels_last, kind, request, "")

@@ -66,11 +66,11 @@ def register(subparsers) -> None:
     p.add_argument("--yes", action="store_true",
                    help=f"build even when the projected time is over {atlas_plan.CONFIRM_HOURS:g} h")
     p.add_argument("--steps", type=positive_int, default=None,
-                   help="feature-visualization steps (default: the recipe's, 192 for fast, 256 for lucid)")
+                   help="feature-visualization steps (default: the recipe's, 80 for fast, 256 for lucid)")
     p.add_argument("--size", type=positive_int, default=128, metavar="PX", help="feature-visualization image size (default 128)")
     p.add_argument("--recipe", default=None, choices=("lucid", "fast", "post"),
-                   help="feature-visualization recipe: fast (default: about lucid's objective in 3/4 of the "
-                        "steps), lucid or post")
+                   help="feature-visualization recipe: fast (default: lucent's objective in 80 "
+                        "steps instead of 256), lucid or post")
     add_precision_arg(p, picture=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--top", type=positive_int, default=9, help="examples per channel from the scan and deconvnet (default 9)")

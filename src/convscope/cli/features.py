@@ -52,10 +52,10 @@ def register(subparsers) -> None:
                    help="channel (mean of the channel, default), neuron (its centre unit), layer (DeepDream L2 of "
                         "the whole layer) or class:N[,M] (a class logit; no --layer)")
     p.add_argument("--recipe", default="lucid", choices=("lucid", "fast", "post"),
-                   help="lucid: FFT + decorrelated colour + transforms + Adam (default); fast: lucid in 3/4 of the "
-                        "steps (warm-up + cosine decay of a higher learning rate); "
+                   help="lucid: FFT + decorrelated colour + transforms + Adam (default); fast: lucid in 80 "
+                        "steps (warm-up + cosine decay of a higher learning rate, a smaller border); "
                         "post: the blog post's plain gradient ascent from gray noise")
-    p.add_argument("--steps", type=positive_int, default=None, help="default 256 (lucid), 192 (fast) or 40 (post)")
+    p.add_argument("--steps", type=positive_int, default=None, help="default 256 (lucid), 80 (fast) or 40 (post)")
     p.add_argument("--size", default=None, help="N or HxW; default 128 (lucid) or 150 (post)")
     p.add_argument("--seed", type=int, default=0, help="the same seed gives the same images (default 0)")
     p.add_argument("--lr", type=positive_float, default=None, help="learning rate (default 0.05 lucid, 1/255 post)")
