@@ -11,6 +11,7 @@ from PIL import Image
 
 from ...layers import LayerInfo
 from ...methods.features import visualize_features
+from ...methods.features.engine import make_recipe
 from ...models import LoadedModel
 from ...precision import PICTURE, Precision
 from ..context import ATLAS_RECIPE, BuildContext, Stage
@@ -71,8 +72,9 @@ class FeaturesStage(Stage):
 
     def settings(self, ctx, layer):
         s = ctx.settings
-        # the recipe by name: None has meant "lucid" before it meant "fast"
-        recipe = s.recipe if s.recipe is not None else ATLAS_RECIPE
+        # the recipe by its values, not its name: a named recipe is re-tuned between releases
+        recipe = make_recipe(s.recipe if s.recipe is not None else ATLAS_RECIPE, steps=s.steps,
+                             size=s.feature_size).as_dict()
         return {"steps": s.steps, "size": s.feature_size, "recipe": recipe, "seed": s.seed,
                 "photos": ctx.photos_key, **ctx.precision_key(ctx.precision(PICTURE))}
 
