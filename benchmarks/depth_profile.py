@@ -44,17 +44,29 @@ def main() -> None:
     start = time.perf_counter()
     result = convscope.profile_model(loaded, layers, **options)
     seconds = time.perf_counter() - start
-    print(f"layers: {len(result.layers)}; parts (s): {result.seconds}")
+    print(f"layers: {len(result.layers)}; seconds per part:")
+    for part, spent in result.seconds.items():
+        print(f"  {part:<10} {spent:7.1f} s")
     for name, info in result.methods().items():
         median = info["median_spearman"]
-        print(f"  {name:<10} median Spearman {'n/a' if median is None else f'{median:.2f}'}: {info['verdict']}")
+        if median is None:
+            print(f"  {name:<10} n/a: {info['verdict']}")
+        else:
+            print(f"  {name:<10} median Spearman {median:.2f} (edge map {info['edge_spearman']}, chance "
+                  f"{info['chance_spearman']}): {info['verdict'].split(':')[0]}")
+    if result.far is not None:
+        for task in (result.far, result.near):
+            gain = task.trained.mean(axis=1) - task.random.mean(axis=1)
+            print(f"  {task.task}: trained - random init, mean over folds, shallow to deep: "
+                  f"{' '.join(f'{g:+.2f}' for g in gain)}")
     dead = sum(len(result.activity[layer.name].dead) for layer in result.layers)
     silent = sum(len(result.activity[layer.name].silent) for layer in result.layers)
     print(f"  silent channels {silent}, dead {dead}")
     if args.out:
         index = result.save(args.out)
         print(f"wrote {', '.join(index['files'].values())} to {args.out}")
-    _machine.footer(f"profile of {len(result.layers)} layers in {seconds:.1f} s "
+    parts = ", ".join(f"{part} {spent:.0f}" for part, spent in result.seconds.items())
+    _machine.footer(f"profile of {len(result.layers)} layers in {seconds:.1f} s ({parts}) "
                     f"({'quick' if args.quick else 'full'}; target <= 180 s on an idle 2-core machine)")
 
 

@@ -21,9 +21,12 @@ model, and checks how far each projection method can be trusted:
   units on the sample photos are projected on the trained model and on the model with every
   weight they depend on randomized, and the two maps (|v| inside the receptive field) are
   compared by Spearman rank correlation. The cascade itself (top block randomized first, then
-  down to the stem) is traced at the deepest layer. A method whose median correlation stays at or
-  above :data:`INSENSITIVE_RHO` is flagged "insensitive to the weights": its maps show the image
-  more than the model. The deconvnet is not measured on a model without max-pooling: there its
+  down to the stem) is traced at the deepest layer. Two reference points on the same units
+  calibrate the number: the trained map against a plain edge detector's map of the photo (an
+  image-only map), and against the same unit's map on another photo (chance: the receptive
+  field's footprint alone). A method whose randomized maps stay at least as close to the trained
+  maps as the edge map is flagged "insensitive to the weights" (:func:`insensitive`): its maps
+  show the image more than the model. The deconvnet is not measured on a model without max-pooling: there its
   projection ignores the image (see :func:`~convscope.methods.deconv.choice.projection_method`).
 
 Randomized models are deep copies; the user's model is never changed.
@@ -55,9 +58,9 @@ from ..deconv.choice import has_max_pooling
 from ..features import DEAD_FRACTION, DEAD_THRESHOLD
 from ..probe import digits, orientation, random_init_like
 from . import engine
-from .result import INSENSITIVE_RHO, ProfileResult
+from .result import ProfileResult, insensitive
 
-__all__ = ["profile_model", "ProfileResult", "INSENSITIVE_RHO", "DEFAULTS"]
+__all__ = ["profile_model", "ProfileResult", "insensitive", "DEFAULTS"]
 
 # Default settings, sized so the whole profile of the default model fits in a few minutes on two cores.
 DEFAULTS = {
@@ -160,10 +163,9 @@ def profile_model(
         done("activity", start)
 
         start = time.perf_counter()
-        for layer in chosen:
-            act = acts[layer.name]
-            act.dead = engine.dead_channels(loaded, layer, act.silent, photos, steps=dead_steps, size=dead_size,
-                                            seed=seed)
+        for name, dead in engine.dead_channels(loaded, chosen, acts, steps=dead_steps, size=dead_size,
+                                               seed=seed).items():
+            acts[name].dead = dead
         done("dead", start)
 
         # A model that is itself random init with this seed would be its own baseline.
@@ -205,7 +207,9 @@ def _trust(loaded: LoadedModel, random_model: LoadedModel, layers: list[LayerInf
     size = tuple(loaded.preprocessing.input_size)
     pre = loaded.preprocessing
     # Photos at the model's input size, so one batch holds them all (the same pixels for every model).
-    x = pre.to_tensor([pre.fit(photo, size) for photo in photos.values()], loaded.device)
+    pixels = [pre.fit(photo, size) for photo in photos.values()]
+    x = pre.to_tensor(pixels, loaded.device)
+    edges = engine.edge_maps(pixels)
     outputs = capture(loaded.module, x, layers)
     baseline = capture(random_model.module, x, [random_model.catalogue.get(layer.name) for layer in layers])
     # Units that fire in both models: a unit at zero in the randomized model has no map to compare.
@@ -226,16 +230,24 @@ def _trust(loaded: LoadedModel, random_model: LoadedModel, layers: list[LayerInf
             for rule in rules:
                 scores[rule.name].reasons[layer.name] = "no unit fires on the photos"
             continue
+        chosen = units[layer.name]
+        # The same units on another photo ride along in the trained model's pass (one more backward
+        # each): the chance level.
+        others = engine.on_other_photos(chosen, len(x)) if len(x) > 1 else []
         for rule in rules:
             try:
-                reference[rule.name, layer.name] = engine.project_maps(loaded, x, layer, units[layer.name], rule)
+                maps, boxes = engine.project_maps(loaded, x, layer, chosen + others, rule)
             except ConvscopeError as err:
                 scores[rule.name].reasons[layer.name] = str(err)
                 continue
-            other = engine.project_maps(random_model, x, random_model.catalogue.get(layer.name), units[layer.name],
-                                        rule)
-            scores[rule.name].layers[layer.name] = engine.projection_similarity(reference[rule.name, layer.name],
-                                                                                other)
+            ref = reference[rule.name, layer.name] = maps[:len(chosen)]
+            other, _ = engine.project_maps(random_model, x, random_model.catalogue.get(layer.name), chosen, rule)
+            score = scores[rule.name]
+            score.layers[layer.name] = engine.projection_similarity(ref, other)
+            score.edge[layer.name] = engine.projection_similarity(ref, engine.edges_shown(edges, chosen,
+                                                                                           boxes[:len(chosen)]))
+            if others:
+                score.chance[layer.name] = engine.projection_similarity(ref, maps[len(chosen):])
     groups = engine.cascade_groups(loaded)
     deepest = layers[-1]
     measured = [rule for rule in rules if (rule.name, deepest.name) in reference]
@@ -247,7 +259,7 @@ def _trust(loaded: LoadedModel, random_model: LoadedModel, layers: list[LayerInf
             step = engine.randomized(loaded, random_model, done, f"randomized down to {label}")
             row = step.catalogue.get(deepest.name)
             for rule in measured:
-                maps = engine.project_maps(step, x, row, units[deepest.name], rule)
+                maps, _ = engine.project_maps(step, x, row, units[deepest.name], rule)
                 rows[rule.name].append(engine.projection_similarity(reference[rule.name, deepest.name], maps))
             del step
         for rule in measured:
