@@ -21,12 +21,14 @@ model, and checks how far each projection method can be trusted:
   units on the sample photos are projected on the trained model and on the model with every
   weight they depend on randomized, and the two maps (|v| inside the receptive field) are
   compared by Spearman rank correlation. The cascade itself (top block randomized first, then
-  down to the stem) is traced at the deepest layer. Two reference points on the same units
-  calibrate the number: the trained map against a plain edge detector's map of the photo (an
-  image-only map), and against the same unit's map on another photo (chance: the receptive
-  field's footprint alone). A method whose randomized maps stay at least as close to the trained
-  maps as the edge map is flagged "insensitive to the weights" (:func:`insensitive`): its maps
-  show the image more than the model. The deconvnet is not measured on a model without max-pooling: there its
+  down to the stem) is traced at the deepest layer. Inside a receptive field much of that
+  correlation is the field's footprint, which any photo shares, so two reference points on the
+  same units calibrate it: the randomized model's map of the same unit on *another* photo
+  (chance: footprint without the photo), and a plain edge detector's map of the photo (an
+  image-only map). A method is flagged "insensitive to the weights" (:func:`insensitive`) when
+  its randomized maps are closer to the trained maps on the same photo than on another photo
+  (one-sided Wilcoxon signed-rank test over the units): what survives randomization is the photo.
+  The deconvnet is not measured on a model without max-pooling: there its
   projection ignores the image (see :func:`~convscope.methods.deconv.choice.projection_method`).
 
 Randomized models are deep copies; the user's model is never changed.
@@ -231,21 +233,21 @@ def _trust(loaded: LoadedModel, random_model: LoadedModel, layers: list[LayerInf
                 scores[rule.name].reasons[layer.name] = "no unit fires on the photos"
             continue
         chosen = units[layer.name]
-        # The same units on another photo ride along in the trained model's pass (one more backward
-        # each): the chance level.
+        # The same units on another photo ride along in the randomized model's pass (one more
+        # backward each): how close its maps come to the trained ones without sharing the photo.
         others = engine.on_other_photos(chosen, len(x)) if len(x) > 1 else []
         for rule in rules:
             try:
-                maps, boxes = engine.project_maps(loaded, x, layer, chosen + others, rule)
+                ref, boxes = engine.project_maps(loaded, x, layer, chosen, rule)
             except ConvscopeError as err:
                 scores[rule.name].reasons[layer.name] = str(err)
                 continue
-            ref = reference[rule.name, layer.name] = maps[:len(chosen)]
-            other, _ = engine.project_maps(random_model, x, random_model.catalogue.get(layer.name), chosen, rule)
+            reference[rule.name, layer.name] = ref
+            maps, _ = engine.project_maps(random_model, x, random_model.catalogue.get(layer.name), chosen + others,
+                                          rule)
             score = scores[rule.name]
-            score.layers[layer.name] = engine.projection_similarity(ref, other)
-            score.edge[layer.name] = engine.projection_similarity(ref, engine.edges_shown(edges, chosen,
-                                                                                           boxes[:len(chosen)]))
+            score.layers[layer.name] = engine.projection_similarity(ref, maps[:len(chosen)])
+            score.edge[layer.name] = engine.projection_similarity(ref, engine.edges_shown(edges, chosen, boxes))
             if others:
                 score.chance[layer.name] = engine.projection_similarity(ref, maps[len(chosen):])
     groups = engine.cascade_groups(loaded)

@@ -335,8 +335,9 @@ class TrustScores:
         rule: the method.
         layers: ``{layer name: (units,) correlations}`` with every weight the units depend on
             randomized; a layer missing from it has ``reasons[layer]`` instead.
-        chance: ``{layer name: (units,)}`` the trained map against the same unit's trained map on
-            another photo: what two maps share through the receptive field's footprint alone.
+        chance: ``{layer name: (units,)}`` the trained map against the randomized model's map of
+            the same unit on another photo: what the two share without the photo (the receptive
+            field's footprint).
         edge: ``{layer name: (units,)}`` the trained map against a plain edge detector's map of
             the photo (:func:`edge_maps`): how close an image-only map, with no model at all, comes.
         cascade: ``(steps, units)`` correlations at the cascade's deepest layer, one row per step

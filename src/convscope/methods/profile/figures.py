@@ -99,7 +99,8 @@ def profile_figure(result: ProfileResult) -> Image.Image:
         ax = axes[at]
         for scores in result.trust:
             colour = _COLOURS.get(scores.rule.name)
-            for of, style, label in (("median_spearman", "-", "{title}"), ("edge_spearman", ":", "{title}: edge map")):
+            for of, style, label in (("median_spearman", "-", "{title}"),
+                                     ("chance_spearman", ":", "{title}: another photo (chance)")):
                 medians = [r["trust"][scores.rule.name].get(of) for r in rows]
                 at_x = [i for i, m in enumerate(medians) if m is not None]
                 ax.plot(at_x, [medians[i] for i in at_x], marker="o" if style == "-" else None, markersize=3,
@@ -108,7 +109,7 @@ def profile_figure(result: ProfileResult) -> Image.Image:
         ax.set_ylabel("Spearman ρ, trained vs randomized")
         missing = "; ".join(f"{k}: not applicable" for k in result.not_measured)
         ax.set_title("projection trust (every weight below the layer randomized);\n"
-                     "insensitive where the solid line reaches the dotted one (an edge detector's map)"
+                     "insensitive where the solid line stays above its dotted chance line"
                      + (f"\n{missing}" if missing else ""), fontsize=8)
         ax.legend(fontsize=6)
         _ticks(ax, result)

@@ -16,17 +16,36 @@ from ...layers import LayerInfo
 from . import figures
 from .engine import LayerActivity, ProbeScores, TrustScores
 
-__all__ = ["ProfileResult", "insensitive"]
+__all__ = ["ProfileResult", "insensitive", "TRUST_ALPHA"]
 
 
-def insensitive(randomized: float | None, edge: float | None) -> bool | None:
-    """Adebayo et al.'s sanity check, calibrated on the same units: a method is insensitive to the
-    weights when its maps on the randomized model stay at least as close to the trained maps
-    (median Spearman ``randomized``) as a plain edge detector's map of the photo does (``edge``,
-    a map that knows the image and no model at all). None when either was not measured."""
-    if randomized is None or edge is None:
-        return None
-    return randomized >= edge
+# The one-sided test's level, and the fewest unit pairs it is run on.
+TRUST_ALPHA = 0.05
+TRUST_MIN_UNITS = 6
+
+
+def insensitive(same: np.ndarray | None, elsewhere: np.ndarray | None) -> tuple[bool | None, float | None]:
+    """Adebayo et al.'s sanity check, calibrated on the same units: ``(flag, p)``.
+
+    ``same[i]``: Spearman between unit i's map on the trained model and on the randomized model,
+    same photo; ``elsewhere[i]``: the same against the randomized model's map of the unit on another
+    photo (what footprint alone gives). A method is insensitive to the weights when its randomized
+    maps are reliably closer to the trained maps on the same photo: a one-sided Wilcoxon
+    signed-rank test of ``same - elsewhere > 0`` at :data:`TRUST_ALPHA`. ``(None, None)`` with
+    fewer than :data:`TRUST_MIN_UNITS` measured pairs.
+    """
+    if same is None or elsewhere is None:
+        return None, None
+    keep = np.isfinite(same) & np.isfinite(elsewhere)
+    diff = np.asarray(same)[keep] - np.asarray(elsewhere)[keep]
+    if diff.size < TRUST_MIN_UNITS:
+        return None, None
+    if not np.any(diff):
+        return False, 1.0
+    from scipy.stats import wilcoxon
+
+    p = float(wilcoxon(diff, alternative="greater").pvalue)
+    return p < TRUST_ALPHA, p
 
 
 def _round(x, digits: int = 4):
@@ -105,27 +124,29 @@ class ProfileResult:
         for scores in self.trust:
             name = scores.rule.name
             median, chance, edge = (self.trust_median(name, of=of) for of in ("layers", "chance", "edge"))
-            flag = insensitive(median, edge)
+            pairs = [(scores.layers[k], scores.chance[k]) for k in scores.layers if k in scores.chance]
+            flag, p = insensitive(np.concatenate([a for a, _ in pairs]) if pairs else None,
+                                  np.concatenate([b for _, b in pairs]) if pairs else None)
             cascade = None
             if scores.cascade is not None:
                 cascade = [_round(np.nanmedian(row)) if np.isfinite(row).any() else None for row in scores.cascade]
             if flag is None:
-                verdict = "not measured"
+                verdict = f"not measured (fewer than {TRUST_MIN_UNITS} units with a map)"
             elif flag:
-                verdict = ("insensitive to the weights: its maps on the randomized model stay as close to the trained "
-                           "maps as an edge detector's map of the photo, so they show the image more than what the "
+                verdict = ("insensitive to the weights: its maps on the randomized model stay closer to the trained "
+                           "maps on the same photo than on another photo, so they show the image more than what the "
                            "model learned")
             else:
-                verdict = ("sensitive to the weights: its maps on the randomized model are further from the trained "
-                           "maps than an edge detector's map of the photo")
+                verdict = ("sensitive to the weights: once randomized, its maps are no closer to the trained maps on "
+                           "the same photo than on another photo")
             out[name] = {
                 "title": scores.rule.title, "median_spearman": _round(median), "chance_spearman": _round(chance),
-                "edge_spearman": _round(edge), "insensitive": flag, "verdict": verdict,
+                "edge_spearman": _round(edge), "insensitive": flag, "p_value": _round(p), "verdict": verdict,
                 "cascade": cascade, "layers_measured": len(scores.layers), "not_measured": dict(scores.reasons),
             }
         for name, why in self.not_measured.items():
             out[name] = {"title": name, "median_spearman": None, "chance_spearman": None, "edge_spearman": None,
-                         "insensitive": None, "verdict": why, "cascade": None, "layers_measured": 0,
+                         "insensitive": None, "p_value": None, "verdict": why, "cascade": None, "layers_measured": 0,
                          "not_measured": {}}
         return out
 
@@ -227,7 +248,9 @@ class ProfileResult:
                      "trained model and on the randomized model (|v| inside the receptive field); near 1 = the map "
                      "does not depend on the weights; – = not measured at this layer. References on the same units: "
                      "edge map = the trained map against a Sobel edge map of the photo (an image-only map); chance = "
-                     "against the same unit's map on another photo (the receptive field's footprint alone).")
+                     "against the randomized model's map of the same unit on another photo (the receptive field's "
+                     "footprint without the photo). Insensitive: same photo reliably above chance (one-sided "
+                     f"Wilcoxon signed-rank over the units, p < {TRUST_ALPHA}).")
         return "\n".join(lines)
 
     def csv(self) -> str:
@@ -270,7 +293,7 @@ class ProfileResult:
         return {"model": self.model, "model_title": self.model_title, "seed": self.seed,
                 "photos": self.photos, "scan_set": self.scan_set, "scan_images": self.scan_images,
                 "settings": self.settings, "probes": probes, "methods": self.methods(),
-                "trust_reference": "edge map (Sobel) of the photo, same units", "cascade_layer": self.layers[-1].name if self.trust else None,
+                "trust_test": f"one-sided Wilcoxon signed-rank, randomized maps same photo vs another photo, p < {TRUST_ALPHA}", "cascade_layer": self.layers[-1].name if self.trust else None,
                 "cascade_steps": self.cascade_steps, "seconds": self.seconds, "layers": self.rows()}
 
     def save(self, folder: str | os.PathLike) -> dict:
