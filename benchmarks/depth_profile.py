@@ -2,7 +2,7 @@
 
 Runs :func:`convscope.profile_model` on EfficientNet-Lite0 (real weights): every feature layer,
 the sample photos and 96 sample windows, the dead test, both transfer probes against random
-init, and projection trust at 8 layers with the cascade; prints the time of each part, the
+init, and projection trust at 6 layers with the cascade; prints the time of each part, the
 per-method verdicts and the total. Also writes ``profile.png`` (the README's picture) with
 ``--out``.
 

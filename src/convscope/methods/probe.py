@@ -76,7 +76,10 @@ def digits(per_class: int = 30, seed: int = 0) -> ProbeDataset:
     """A far task: scikit-learn's ``load_digits`` (8x8 handwritten digits, 10 classes), upsampled
     by the probe like any image; ``per_class`` digits of each class, drawn with ``seed`` (offline).
 
-    Far from photographs, and with few examples per class it does not saturate.
+    Far from photographs, and with few examples per class it does not saturate. It is linearly
+    easy, though: the ridge probe on the raw 8x8 pixels reaches 0.90 (30 per class, 5 folds, seed
+    0), so any features that keep the pixels, random filters included, do about as well; it
+    measures what a layer keeps more than what it learned.
     """
     from sklearn.datasets import load_digits
 

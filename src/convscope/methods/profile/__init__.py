@@ -10,7 +10,8 @@ model, and checks how far each projection method can be trusted:
   dead limit), and the share of **dead** channels, over every channel of the layer. Dead uses
   feature visualization's definition (:data:`~convscope.methods.features.DEAD_FRACTION`: relative
   to the layer's scale on the photos): a silent channel that a short batched optimization
-  (all of a layer's silent channels in one batch) cannot raise above the limit either.
+  (every layer's silent channels in one batch, the forward stopped at the deepest of them) cannot
+  raise above the limit either.
 * **Transfer probes** on two tasks that ship offline and do not saturate, each against the same
   architecture at random initialisation, mean ± std over stratified folds: a far task,
   scikit-learn's 8x8 digits (:func:`~convscope.methods.probe.digits`), and a near task of natural
@@ -67,15 +68,19 @@ __all__ = ["profile_model", "ProfileResult", "insensitive", "DEFAULTS"]
 # Default settings, sized so the whole profile of the default model fits in a few minutes on two cores.
 DEFAULTS = {
     "scan_limit": 96,          # scan-set images read for the activity columns
-    "dead_steps": 16,          # steps of the short optimization of silent channels (all redirected-ReLU steps)
-    "dead_size": 32,           # its image size
+    # The short optimization of silent channels (all its steps with the redirected ReLU gradient).
+    # 64 px gives a stride-32 layer a 2x2 map; at 32 px (a 1x1 map, padding-dominated) the verdict
+    # called twice as many of blocks.5.2.bn2's silent channels dead as at 64 px (31 vs 12 of 41);
+    # 8 steps at 64 px: 14, in a third of 16 steps' time (benchmarks/depth_profile.py --validate).
+    "dead_steps": 8,
+    "dead_size": 64,
     "far_per_class": 30,       # digits per class (10 classes)
     "far_size": 64,            # digits upsampled to this
     "near_per_photo": 24,      # orientation patches per photo (10 photos)
     "near_size": 96,
     "folds": 5,
     "trust_units": 1,          # strongest units per photo for the projection-trust columns
-    "trust_layers": 8,         # layers spread over the depth that get them (None: every layer)
+    "trust_layers": 6,         # layers spread over the depth that get them (None: every layer)
 }
 
 
