@@ -258,7 +258,9 @@ def _trust(loaded: LoadedModel, random_model: LoadedModel, layers: list[LayerInf
     groups = engine.cascade_groups(loaded)
     deepest = layers[-1]
     measured = [rule for rule in rules if (rule.name, deepest.name) in reference]
-    if measured:
+    # No blocks when the weights are not held by the modules the catalogue names (a Keras model's
+    # variables live in its layers): then there is no cascade, only the full randomization.
+    if measured and groups:
         done: list[str] = []
         rows = {rule.name: [] for rule in measured}
         for label, modules in groups:
