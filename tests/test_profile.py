@@ -67,8 +67,9 @@ def test_cheap_dead_test_equals_the_full_one():
 @pytest.mark.slow
 def test_cheap_dead_test_equals_the_full_one_on_the_default_models_stem(default_model):
     """~50 s on a busy 2-core machine. Real weights: the stem's channels that are silent on the
-    photos, and two that fire, under the cheap test at its defaults (in one batch with another layer's silent channels) and under feature
-    visualization's full recipe (256 steps at 128 px): the same verdict channel by channel."""
+    photos, and two that fire, under the cheap test at its defaults (in one batch with another
+    layer's silent channels) and under feature visualization's full recipe (256 steps at 128 px):
+    the same verdict channel by channel."""
     photos = _photos()
     layers = [default_model.catalogue.get(name) for name in ("bn1", "blocks.0.0.bn1")]
     acts, _ = engine.activity(default_model, layers, photos, None)
