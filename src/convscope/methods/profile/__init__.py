@@ -72,6 +72,8 @@ DEFAULTS = {
     # 64 px gives a stride-32 layer a 2x2 map; at 32 px (a 1x1 map, padding-dominated) the verdict
     # called twice as many of blocks.5.2.bn2's silent channels dead as at 64 px (31 vs 12 of 41);
     # 8 steps at 64 px: 14, in a third of 16 steps' time (benchmarks/depth_profile.py --validate).
+    # Against the full recipe (256 steps at 128 px): equal on the stem (4 of 4 silent), one too many
+    # at blocks.3.1.bn2 (6 vs 5 of 6): a cheap "dead" is an upper bound.
     "dead_steps": 8,
     "dead_size": 64,
     "far_per_class": 30,       # digits per class (10 classes)
