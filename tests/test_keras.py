@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -305,3 +307,16 @@ def test_keras_on_another_backend_is_refused(monkeypatch):
     monkeypatch.setattr(keras.backend, "backend", lambda: "tensorflow")
     with pytest.raises(ConvscopeError, match="'tensorflow' backend.*KERAS_BACKEND=torch"):
         convscope.load_model("keras:VGG16", random=True, device="cpu")
+
+
+def test_profile_of_a_saved_keras_model_measures_the_deconvnet(saved_model, tmp_path, capsys):
+    """The depth profile on a Keras model: its layers by Keras name, its random-init baseline from
+    Keras's own initialisers, the deconvnet measured (max-pooling)."""
+    out = tmp_path / "profile"
+    assert main(["profile", "--model", str(saved_model), "--device", "cpu", "--layers", "conv_a,shared@1",
+                 "--limit", "4", "--dead-steps", "2", "--folds", "2", "--out", str(out)]) == 0
+    index = json.loads((out / "profile.json").read_text())
+    assert [row["layer"] for row in index["layers"]] == ["conv_a", "shared@1"]
+    assert set(index["methods"]) == {"deconvnet", "guided", "gradient"}
+    assert all(index["methods"][m]["layers_measured"] == 2 for m in ("deconvnet", "guided", "gradient"))
+    assert "conv_a" in capsys.readouterr().out

@@ -15,7 +15,7 @@ from convscope.hooks import capture
 from convscope.images import sample_photos
 from convscope.methods.deconv import AUTO, choose_projection
 from convscope.methods.probe import RIDGE, cross_validate, digits, orientation
-from convscope.methods.profile import engine, profile_model
+from convscope.methods.profile import DEFAULTS, engine, profile_model
 from convscope.rectifiers import GUIDED
 
 from .conftest import model_state
@@ -55,12 +55,34 @@ def test_cheap_dead_test_equals_the_full_one():
     acts, _ = engine.activity(loaded, [layer], photos, None)
     act = acts[layer.name]
     assert act.silent == [1, 2]                      # both silent on every photo
-    cheap = engine.dead_channels(loaded, layer, act.silent, photos, steps=16, size=32, seed=0)  # the defaults
+    cheap = engine.dead_channels(loaded, [layer], acts, steps=DEFAULTS["dead_steps"], size=DEFAULTS["dead_size"],
+                                 seed=0)[layer.name]
     full = convscope.visualize_features(loaded, layer, photos=photos, size=64)  # every channel, the full 256 steps
     # Both verdicts agree channel by channel: the firing channels 0 and 3 are never dead; the zero
     # channel is; the blue detector, zero on every photo, is not lifted by either optimization.
     assert cheap == full.dead_channels == [1, 2]
     assert full.dead_limit == pytest.approx(act.limit)
+
+
+@pytest.mark.slow
+def test_cheap_dead_test_equals_the_full_one_on_the_default_models_stem(default_model):
+    """~50 s on a busy 2-core machine. Real weights: the stem's channels that are silent on the
+    photos, and two that fire, under the cheap test at its defaults (in one batch with another
+    layer's silent channels) and under feature visualization's full recipe (256 steps at 128 px):
+    the same verdict channel by channel."""
+    photos = _photos()
+    layers = [default_model.catalogue.get(name) for name in ("bn1", "blocks.0.0.bn1")]
+    acts, _ = engine.activity(default_model, layers, photos, None)
+    stem = acts["bn1"]
+    assert stem.silent                                  # the stem has channels silent on every photo
+    cheap = engine.dead_channels(default_model, layers, acts, steps=DEFAULTS["dead_steps"], size=DEFAULTS["dead_size"],
+                                 seed=0)
+    firing = [int(c) for c in np.argsort(-stem.magnitude)[:2]]
+    full = convscope.visualize_features(default_model, layers[0], stem.silent + firing, photos=photos,
+                                        max_batch=len(stem.silent) + 2)
+    assert full.dead_limit == pytest.approx(stem.limit)
+    assert cheap["bn1"] == full.dead_channels
+    assert not set(firing) & set(cheap["bn1"])
 
 
 def test_profile_rows_and_files_on_a_small_net(tmp_path):
@@ -146,8 +168,8 @@ def test_gradient_decorrelates_under_randomization_more_than_guided(default_mode
         units = engine.strongest_unsaturated(outputs[layer.name], 2)
         rows = random_model.catalogue.get(layer.name)
         for rule, into in ((GUIDED, guided), (convscope.rectifiers.GRADIENT, gradient)):
-            ref = engine.project_maps(default_model, x, layer, units, rule)
-            other = engine.project_maps(random_model, x, rows, units, rule)
+            ref, _ = engine.project_maps(default_model, x, layer, units, rule)
+            other, _ = engine.project_maps(random_model, x, rows, units, rule)
             into.extend(engine.projection_similarity(ref, other))
     # measured 0.60 vs 0.75 (3 layers, 6 units each): inside a receptive field both |maps| keep the
     # field's centre-weighted footprint, so neither falls to 0 as the logit maps of the paper do
@@ -198,3 +220,17 @@ def test_profile_runs_on_vgg19_random_with_the_deconvnet_measured(vgg19):
     assert res.cascade_steps == ["head", "stride 16", "stride 8", "stride 4", "stride 2", "stride 1 (stem)"]
     assert [row["rf"] for row in res.rows()] == [3, 24, 156]
     assert "RANDOM INIT" in res.table()
+
+
+def test_trust_verdict_is_calibrated_by_the_same_units_on_another_photo():
+    from convscope.methods.profile import insensitive
+
+    rng = np.random.default_rng(0)
+    footprint = 0.8 + 0.05 * rng.standard_normal(24)       # what any photo's map shares inside the field
+    # maps that keep the photo after randomization: reliably above the other photo's level
+    flag, p = insensitive(footprint + 0.1, footprint)
+    assert flag is True and p < 0.05
+    # maps that lost the photo: as close as another photo's map, however high the correlation itself
+    flag, p = insensitive(footprint + 0.02 * rng.standard_normal(24), footprint)
+    assert flag is False and p > 0.05
+    assert insensitive(footprint[:3], footprint[:3] - 1) == (None, None)      # too few units to say

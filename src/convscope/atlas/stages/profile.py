@@ -36,7 +36,7 @@ def build_profile(ctx: BuildContext) -> dict:
     data = {"plot": ctx.picture("data/profile/profile.png", result.plot()), "table": result.table(),
             "methods": index["methods"], "layers": index["layers"], "probes": index["probes"],
             "cascade_layer": index["cascade_layer"], "cascade_steps": index["cascade_steps"],
-            "insensitive_rho": index["insensitive_rho"], "scan_images": index["scan_images"],
+            "trust_test": index["trust_test"], "scan_images": index["scan_images"],
             "settings": index["settings"]}
     record = {"stage": "profile", "key": key, **data, "files": record_files(data)}
     write_record(path, record)

@@ -10,7 +10,8 @@ model, and checks how far each projection method can be trusted:
   dead limit), and the share of **dead** channels, over every channel of the layer. Dead uses
   feature visualization's definition (:data:`~convscope.methods.features.DEAD_FRACTION`: relative
   to the layer's scale on the photos): a silent channel that a short batched optimization
-  (all of a layer's silent channels in one batch) cannot raise above the limit either.
+  (every layer's silent channels in one batch, the forward stopped at the deepest of them) cannot
+  raise above the limit either.
 * **Transfer probes** on two tasks that ship offline and do not saturate, each against the same
   architecture at random initialisation, mean ± std over stratified folds: a far task,
   scikit-learn's 8x8 digits (:func:`~convscope.methods.probe.digits`), and a near task of natural
@@ -21,9 +22,14 @@ model, and checks how far each projection method can be trusted:
   units on the sample photos are projected on the trained model and on the model with every
   weight they depend on randomized, and the two maps (|v| inside the receptive field) are
   compared by Spearman rank correlation. The cascade itself (top block randomized first, then
-  down to the stem) is traced at the deepest layer. A method whose median correlation stays at or
-  above :data:`INSENSITIVE_RHO` is flagged "insensitive to the weights": its maps show the image
-  more than the model. The deconvnet is not measured on a model without max-pooling: there its
+  down to the stem) is traced at the deepest layer. Inside a receptive field much of that
+  correlation is the field's footprint, which any photo shares, so two reference points on the
+  same units calibrate it: the randomized model's map of the same unit on *another* photo
+  (chance: footprint without the photo), and a plain edge detector's map of the photo (an
+  image-only map). A method is flagged "insensitive to the weights" (:func:`insensitive`) when
+  its randomized maps are closer to the trained maps on the same photo than on another photo
+  (one-sided Wilcoxon signed-rank test over the units): what survives randomization is the photo.
+  The deconvnet is not measured on a model without max-pooling: there its
   projection ignores the image (see :func:`~convscope.methods.deconv.choice.projection_method`).
 
 Randomized models are deep copies; the user's model is never changed.
@@ -55,22 +61,28 @@ from ..deconv.choice import has_max_pooling
 from ..features import DEAD_FRACTION, DEAD_THRESHOLD
 from ..probe import digits, orientation, random_init_like
 from . import engine
-from .result import INSENSITIVE_RHO, ProfileResult
+from .result import ProfileResult, insensitive
 
-__all__ = ["profile_model", "ProfileResult", "INSENSITIVE_RHO", "DEFAULTS"]
+__all__ = ["profile_model", "ProfileResult", "insensitive", "DEFAULTS"]
 
 # Default settings, sized so the whole profile of the default model fits in a few minutes on two cores.
 DEFAULTS = {
     "scan_limit": 96,          # scan-set images read for the activity columns
-    "dead_steps": 16,          # steps of the short optimization of silent channels (all redirected-ReLU steps)
-    "dead_size": 32,           # its image size
+    # The short optimization of silent channels (all its steps with the redirected ReLU gradient).
+    # 64 px gives a stride-32 layer a 2x2 map; at 32 px (a 1x1 map, padding-dominated) the verdict
+    # called twice as many of blocks.5.2.bn2's silent channels dead as at 64 px (31 vs 12 of 41);
+    # 8 steps at 64 px: 14, in a third of 16 steps' time (benchmarks/depth_profile.py --validate).
+    # Against the full recipe (256 steps at 128 px): equal on the stem (4 of 4 silent), one too many
+    # at blocks.3.1.bn2 (6 vs 5 of 6): a cheap "dead" is an upper bound.
+    "dead_steps": 8,
+    "dead_size": 64,
     "far_per_class": 30,       # digits per class (10 classes)
     "far_size": 64,            # digits upsampled to this
     "near_per_photo": 24,      # orientation patches per photo (10 photos)
     "near_size": 96,
     "folds": 5,
     "trust_units": 1,          # strongest units per photo for the projection-trust columns
-    "trust_layers": 8,         # layers spread over the depth that get them (None: every layer)
+    "trust_layers": 6,         # layers spread over the depth that get them (None: every layer)
 }
 
 
@@ -160,10 +172,9 @@ def profile_model(
         done("activity", start)
 
         start = time.perf_counter()
-        for layer in chosen:
-            act = acts[layer.name]
-            act.dead = engine.dead_channels(loaded, layer, act.silent, photos, steps=dead_steps, size=dead_size,
-                                            seed=seed)
+        for name, dead in engine.dead_channels(loaded, chosen, acts, steps=dead_steps, size=dead_size,
+                                               seed=seed).items():
+            acts[name].dead = dead
         done("dead", start)
 
         # A model that is itself random init with this seed would be its own baseline.
@@ -205,7 +216,9 @@ def _trust(loaded: LoadedModel, random_model: LoadedModel, layers: list[LayerInf
     size = tuple(loaded.preprocessing.input_size)
     pre = loaded.preprocessing
     # Photos at the model's input size, so one batch holds them all (the same pixels for every model).
-    x = pre.to_tensor([pre.fit(photo, size) for photo in photos.values()], loaded.device)
+    pixels = [pre.fit(photo, size) for photo in photos.values()]
+    x = pre.to_tensor(pixels, loaded.device)
+    edges = engine.edge_maps(pixels)
     outputs = capture(loaded.module, x, layers)
     baseline = capture(random_model.module, x, [random_model.catalogue.get(layer.name) for layer in layers])
     # Units that fire in both models: a unit at zero in the randomized model has no map to compare.
@@ -226,20 +239,30 @@ def _trust(loaded: LoadedModel, random_model: LoadedModel, layers: list[LayerInf
             for rule in rules:
                 scores[rule.name].reasons[layer.name] = "no unit fires on the photos"
             continue
+        chosen = units[layer.name]
+        # The same units on another photo ride along in the randomized model's pass (one more
+        # backward each): how close its maps come to the trained ones without sharing the photo.
+        others = engine.on_other_photos(chosen, len(x)) if len(x) > 1 else []
         for rule in rules:
             try:
-                reference[rule.name, layer.name] = engine.project_maps(loaded, x, layer, units[layer.name], rule)
+                ref, boxes = engine.project_maps(loaded, x, layer, chosen, rule)
             except ConvscopeError as err:
                 scores[rule.name].reasons[layer.name] = str(err)
                 continue
-            other = engine.project_maps(random_model, x, random_model.catalogue.get(layer.name), units[layer.name],
-                                        rule)
-            scores[rule.name].layers[layer.name] = engine.projection_similarity(reference[rule.name, layer.name],
-                                                                                other)
+            reference[rule.name, layer.name] = ref
+            maps, _ = engine.project_maps(random_model, x, random_model.catalogue.get(layer.name), chosen + others,
+                                          rule)
+            score = scores[rule.name]
+            score.layers[layer.name] = engine.projection_similarity(ref, maps[:len(chosen)])
+            score.edge[layer.name] = engine.projection_similarity(ref, engine.edges_shown(edges, chosen, boxes))
+            if others:
+                score.chance[layer.name] = engine.projection_similarity(ref, maps[len(chosen):])
     groups = engine.cascade_groups(loaded)
     deepest = layers[-1]
     measured = [rule for rule in rules if (rule.name, deepest.name) in reference]
-    if measured:
+    # No blocks when the weights are not held by the modules the catalogue names (a Keras model's
+    # variables live in its layers): then there is no cascade, only the full randomization.
+    if measured and groups:
         done: list[str] = []
         rows = {rule.name: [] for rule in measured}
         for label, modules in groups:
@@ -247,7 +270,7 @@ def _trust(loaded: LoadedModel, random_model: LoadedModel, layers: list[LayerInf
             step = engine.randomized(loaded, random_model, done, f"randomized down to {label}")
             row = step.catalogue.get(deepest.name)
             for rule in measured:
-                maps = engine.project_maps(step, x, row, units[deepest.name], rule)
+                maps, _ = engine.project_maps(step, x, row, units[deepest.name], rule)
                 rows[rule.name].append(engine.projection_similarity(reference[rule.name, deepest.name], maps))
             del step
         for rule in measured:

@@ -18,13 +18,17 @@ from ...errors import ConvscopeError
 from ...hooks import capture
 from ...layers import LayerInfo
 from ...models import LoadedModel
+from ...precision import PICTURE, resolve_precision
 from ...rectifiers import Rule
 from ..deconv import Unit, project_units
-from ..features import DEAD_FRACTION, DEAD_THRESHOLD, dead_limit, layer_scale, visualize_features
+from ..features import DEAD_FRACTION, DEAD_THRESHOLD, dead_limit, layer_scale
+from ..features import objectives as obj
+from ..features.engine import make_recipe, optimize
 from ..probe import RIDGE, Classifier, ProbeDataset, cross_validate, pooled_features
 
 __all__ = ["LayerActivity", "activity", "dead_channels", "ProbeScores", "transfer", "cascade_groups",
-           "randomized", "strongest_unsaturated", "projection_similarity", "TrustScores"]
+           "randomized", "strongest_unsaturated", "projection_similarity", "TrustScores", "edge_maps",
+           "on_other_photos", "project_maps", "edges_shown"]
 
 
 # ------------------------------------------------------------------------------------------ activity
@@ -121,20 +125,63 @@ def activity(loaded: LoadedModel, layers: Sequence[LayerInfo], photos: dict[str,
     return result, seen
 
 
-def dead_channels(loaded: LoadedModel, layer: LayerInfo, silent: Sequence[int], photos: dict[str, np.ndarray], *,
-                  steps: int, size: int, seed: int, fraction: float = DEAD_FRACTION,
-                  threshold: float = DEAD_THRESHOLD) -> list[int]:
-    """Of the ``silent`` channels, those a short feature visualization cannot raise above the limit.
+# A channel's optimization key: its layer's position in the catalogue and its index, so its seeds
+# (and so its verdict) do not depend on which other channels share the batch.
+_KEY_SHIFT = 1 << 16
 
-    All silent channels are optimized in one batch by :func:`~convscope.methods.features.visualize_features`
-    (``steps`` at ``size`` px), whose own dead verdict (same photos, same relative limit) decides.
+
+def _silent_objective(rows: dict[int, LayerInfo], keys: Sequence[int]) -> obj.Objective:
+    """Element ``i`` scores the mean of its own channel (key ``keys[i]``) in its own layer: the
+    feature-visualization channel objective, for channels of several layers in one batch."""
+    keys = [int(k) for k in keys]
+    positions = [k // _KEY_SHIFT for k in keys]
+    used = list(dict.fromkeys(positions))
+
+    def value(acts):
+        total = None
+        for position in used:
+            name = rows[position].name
+            members = torch.as_tensor([i for i, p in enumerate(positions) if p == position])
+            chans = torch.as_tensor([keys[i] % _KEY_SHIFT for i in members.tolist()])
+            t = acts[name]
+            means = t[members.to(t.device), chans.to(t.device)].flatten(1).mean(1)
+            part = torch.zeros(len(keys), dtype=means.dtype, device=means.device).index_copy(
+                0, members.to(means.device), means)
+            total = part if total is None else total + part
+        return total
+
+    # Every layer is named, whichever the chunk reads: the optimizer records the layers that its
+    # first element's objective names.
+    return obj.Objective(value, [row.name for row in rows.values()], f"silent channels of {len(used)} layers")
+
+
+def dead_channels(loaded: LoadedModel, layers: Sequence[LayerInfo], activity: dict[str, LayerActivity], *,
+                  steps: int, size: int, seed: int, recipe: str = "lucid") -> dict[str, list[int]]:
+    """Of each layer's silent channels, those a short feature visualization cannot raise above the limit.
+
+    Every silent channel of every layer is optimized in **one** batch (feature visualization's
+    ``recipe`` for ``steps`` at ``size`` px, each image scored by its own channel's mean; the
+    forward stops at the deepest layer that holds one), and a channel is dead when its objective
+    on the final image stays at or under its layer's limit (``activity[name].limit``), as in
+    :func:`~convscope.methods.features.visualize_features`'s verdict.
+
+    Returns ``{layer name: dead channels}`` (every layer, empty lists included).
     """
-    if not silent:
-        return []
-    result = visualize_features(loaded, layer, list(silent), steps=steps, size=size, seed=seed, photos=photos,
-                                dead_fraction=fraction, dead_threshold=threshold, max_batch=len(silent),
-                                memory_budget=1 << 40)
-    return [int(c) for c in result.dead_channels]
+    positions = {layer.name: int(layer.index) for layer in layers}
+    rows = {positions[layer.name]: layer for layer in layers if activity[layer.name].silent}
+    keys = [positions[layer.name] * _KEY_SHIFT + c for layer in layers for c in activity[layer.name].silent]
+    dead: dict[str, list[int]] = {layer.name: [] for layer in layers}
+    if not keys:
+        return dead
+    precision = resolve_precision("auto", loaded.device, purpose=PICTURE, module=loaded.module)
+    run = optimize(loaded, lambda chunk: _silent_objective(rows, chunk), keys,
+                   recipe=make_recipe(recipe, steps=steps, size=size), seed=seed, max_batch=len(keys),
+                   memory_budget=1 << 40, precision=precision)
+    for key, final in zip(keys, run.final):
+        layer = rows[key // _KEY_SHIFT]
+        if float(final) <= activity[layer.name].limit:
+            dead[layer.name].append(key % _KEY_SHIFT)
+    return dead
 
 
 # ------------------------------------------------------------------------------------------ probes
@@ -261,14 +308,38 @@ def projection_similarity(reference: list[np.ndarray], other: list[np.ndarray]) 
     return values
 
 
+def edge_maps(pixels: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """An image-only saliency map of each photo ``(H, W, 3)`` uint8: a plain edge detector, the
+    Sobel gradient magnitude of its gray values, as ``(H, W, 1)`` (shaped like a projection)."""
+    from scipy import ndimage
+
+    maps = []
+    for image in pixels:
+        gray = np.asarray(image, dtype=np.float64).mean(axis=-1)
+        maps.append(np.hypot(ndimage.sobel(gray, 0), ndimage.sobel(gray, 1))[..., None])
+    return maps
+
+
+def on_other_photos(units: Sequence[Unit], photos: int) -> list[Unit]:
+    """Each unit's channel and position on the next photo: its map there shares the unit's
+    receptive-field footprint and nothing of its photo (the chance level of the comparison)."""
+    return [Unit(u.channel, u.row, u.col, (u.image_index + 1) % photos) for u in units]
+
+
 @dataclass
 class TrustScores:
-    """Spearman correlations of one method's maps, trained vs randomized, per unit.
+    """Spearman correlations of one method's maps, trained vs randomized, per unit, and two
+    reference points measured on the same units.
 
     Attributes:
         rule: the method.
         layers: ``{layer name: (units,) correlations}`` with every weight the units depend on
             randomized; a layer missing from it has ``reasons[layer]`` instead.
+        chance: ``{layer name: (units,)}`` the trained map against the randomized model's map of
+            the same unit on another photo: what the two share without the photo (the receptive
+            field's footprint).
+        edge: ``{layer name: (units,)}`` the trained map against a plain edge detector's map of
+            the photo (:func:`edge_maps`): how close an image-only map, with no model at all, comes.
         cascade: ``(steps, units)`` correlations at the cascade's deepest layer, one row per step
             (top block randomized first, then down to the stem); None when not measured.
         reasons: why the method was not measured at a layer (the rule does not hold there).
@@ -276,12 +347,21 @@ class TrustScores:
 
     rule: Rule
     layers: dict[str, np.ndarray] = field(default_factory=dict)
+    chance: dict[str, np.ndarray] = field(default_factory=dict)
+    edge: dict[str, np.ndarray] = field(default_factory=dict)
     cascade: np.ndarray | None = None
     reasons: dict[str, str] = field(default_factory=dict)
 
 
 def project_maps(loaded: LoadedModel, x: torch.Tensor, layer: LayerInfo, units: list[Unit],
-                 rule: Rule) -> list[np.ndarray]:
-    """The maps of ``units`` under ``rule`` (strict: a rule that does not hold raises), as compared."""
+                 rule: Rule) -> tuple[list[np.ndarray], list[tuple[int, int, int, int]]]:
+    """The maps of ``units`` under ``rule`` (strict: a rule that does not hold raises), as compared,
+    and their receptive-field boxes."""
     proj = project_units(loaded, x, layer, units, method=rule, strict=True)
-    return _shown(proj.maps, proj.boxes)
+    return _shown(proj.maps, proj.boxes), list(proj.boxes)
+
+
+def edges_shown(edges: Sequence[np.ndarray], units: Sequence[Unit],
+                boxes: Sequence[tuple[int, int, int, int]]) -> list[np.ndarray]:
+    """The edge map of each unit's photo (:func:`edge_maps`), cut and flattened as its projection is."""
+    return _shown([edges[u.image_index] for u in units], boxes)

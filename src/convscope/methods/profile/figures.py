@@ -98,17 +98,18 @@ def profile_figure(result: ProfileResult) -> Image.Image:
     if result.trust:
         ax = axes[at]
         for scores in result.trust:
-            medians = [r["trust"][scores.rule.name]["median_spearman"] for r in rows]
-            at_x = [i for i, m in enumerate(medians) if m is not None]
-            ax.plot(at_x, [medians[i] for i in at_x], marker="o", markersize=3,
-                    color=_COLOURS.get(scores.rule.name), label=scores.rule.title)
-        from .result import INSENSITIVE_RHO
-
-        ax.axhline(INSENSITIVE_RHO, color="red", linestyle=":", linewidth=1, label=f"insensitive ≥ {INSENSITIVE_RHO}")
+            colour = _COLOURS.get(scores.rule.name)
+            for of, style, label in (("median_spearman", "-", "{title}"),
+                                     ("chance_spearman", ":", "{title}: another photo (chance)")):
+                medians = [r["trust"][scores.rule.name].get(of) for r in rows]
+                at_x = [i for i, m in enumerate(medians) if m is not None]
+                ax.plot(at_x, [medians[i] for i in at_x], marker="o" if style == "-" else None, markersize=3,
+                        linestyle=style, color=colour, label=label.format(title=scores.rule.title))
         ax.set_ylim(-0.3, 1.02)
         ax.set_ylabel("Spearman ρ, trained vs randomized")
         missing = "; ".join(f"{k}: not applicable" for k in result.not_measured)
-        ax.set_title("projection trust (every weight below the layer randomized)"
+        ax.set_title("projection trust (every weight below the layer randomized);\n"
+                     "insensitive where the solid line stays above its dotted chance line"
                      + (f"\n{missing}" if missing else ""), fontsize=8)
         ax.legend(fontsize=6)
         _ticks(ax, result)

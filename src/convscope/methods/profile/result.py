@@ -16,13 +16,36 @@ from ...layers import LayerInfo
 from . import figures
 from .engine import LayerActivity, ProbeScores, TrustScores
 
-__all__ = ["ProfileResult", "INSENSITIVE_RHO"]
+__all__ = ["ProfileResult", "insensitive", "TRUST_ALPHA"]
 
-# A method whose maps keep a median Spearman correlation of at least this with the trained model's
-# after every weight they depend on is randomized is "insensitive to the weights". Adebayo et al.
-# read the same from their figures: guided backprop stays visually and in rank close to the
-# trained maps, the gradient falls towards 0.
-INSENSITIVE_RHO = 0.5
+
+# The one-sided test's level, and the fewest unit pairs it is run on.
+TRUST_ALPHA = 0.05
+TRUST_MIN_UNITS = 6
+
+
+def insensitive(same: np.ndarray | None, elsewhere: np.ndarray | None) -> tuple[bool | None, float | None]:
+    """Adebayo et al.'s sanity check, calibrated on the same units: ``(flag, p)``.
+
+    ``same[i]``: Spearman between unit i's map on the trained model and on the randomized model,
+    same photo; ``elsewhere[i]``: the same against the randomized model's map of the unit on another
+    photo (what footprint alone gives). A method is insensitive to the weights when its randomized
+    maps are reliably closer to the trained maps on the same photo: a one-sided Wilcoxon
+    signed-rank test of ``same - elsewhere > 0`` at :data:`TRUST_ALPHA`. ``(None, None)`` with
+    fewer than :data:`TRUST_MIN_UNITS` measured pairs.
+    """
+    if same is None or elsewhere is None:
+        return None, None
+    keep = np.isfinite(same) & np.isfinite(elsewhere)
+    diff = np.asarray(same)[keep] - np.asarray(elsewhere)[keep]
+    if diff.size < TRUST_MIN_UNITS:
+        return None, None
+    if not np.any(diff):
+        return False, 1.0
+    from scipy.stats import wilcoxon
+
+    p = float(wilcoxon(diff, alternative="greater").pvalue)
+    return p < TRUST_ALPHA, p
 
 
 def _round(x, digits: int = 4):
@@ -30,6 +53,10 @@ def _round(x, digits: int = 4):
         return None
     x = float(x)
     return None if np.isnan(x) else round(x, digits)
+
+
+def _text(x) -> str:
+    return "n/a" if x is None else f"{x:.2f}"
 
 
 def _stats(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -74,12 +101,15 @@ class ProfileResult:
 
     # ------------------------------------------------------------------ numbers
 
-    def trust_median(self, method: str, layer: str | None = None) -> float | None:
-        """The median Spearman correlation of ``method`` over all units (of one layer, or of all layers)."""
+    def trust_median(self, method: str, layer: str | None = None, of: str = "layers") -> float | None:
+        """The median Spearman correlation of ``method`` over all units (of one layer, or of all
+        layers): trained vs randomized (``of="layers"``), or a reference point: ``"chance"`` (the
+        same unit on another photo) or ``"edge"`` (an edge detector's map of the photo)."""
         scores = next((t for t in self.trust if t.rule.name == method), None)
         if scores is None:
             return None
-        values = [scores.layers[layer]] if layer is not None else list(scores.layers.values())
+        table = getattr(scores, of)
+        values = [table.get(layer)] if layer is not None else list(table.values())
         values = [v for v in values if v is not None]
         if not values:
             return None
@@ -88,24 +118,36 @@ class ProfileResult:
         return float(np.median(flat)) if flat.size else None
 
     def methods(self) -> dict[str, dict]:
-        """Per method: the median correlation over all layers, the cascade's medians, and the verdict."""
+        """Per method: the median correlations (randomized, and the chance and edge-map references),
+        the cascade's medians, and the verdict (:func:`insensitive`)."""
         out = {}
         for scores in self.trust:
-            median = self.trust_median(scores.rule.name)
-            insensitive = median is not None and median >= INSENSITIVE_RHO
+            name = scores.rule.name
+            median, chance, edge = (self.trust_median(name, of=of) for of in ("layers", "chance", "edge"))
+            pairs = [(scores.layers[k], scores.chance[k]) for k in scores.layers if k in scores.chance]
+            flag, p = insensitive(np.concatenate([a for a, _ in pairs]) if pairs else None,
+                                  np.concatenate([b for _, b in pairs]) if pairs else None)
             cascade = None
             if scores.cascade is not None:
                 cascade = [_round(np.nanmedian(row)) if np.isfinite(row).any() else None for row in scores.cascade]
-            out[scores.rule.name] = {
-                "title": scores.rule.title, "median_spearman": _round(median), "insensitive": insensitive,
-                "verdict": ("insensitive to the weights: its maps stay similar when the model is randomized, so they "
-                            "show the image more than what the model learned") if insensitive else
-                           "sensitive to the weights: its maps change when the model is randomized",
+            if flag is None:
+                verdict = f"not measured (fewer than {TRUST_MIN_UNITS} units with a map)"
+            elif flag:
+                verdict = ("insensitive to the weights: its maps on the randomized model stay closer to the trained "
+                           "maps on the same photo than on another photo, so they show the image more than what the "
+                           "model learned")
+            else:
+                verdict = ("sensitive to the weights: once randomized, its maps are no closer to the trained maps on "
+                           "the same photo than on another photo")
+            out[name] = {
+                "title": scores.rule.title, "median_spearman": _round(median), "chance_spearman": _round(chance),
+                "edge_spearman": _round(edge), "insensitive": flag, "p_value": _round(p), "verdict": verdict,
                 "cascade": cascade, "layers_measured": len(scores.layers), "not_measured": dict(scores.reasons),
             }
         for name, why in self.not_measured.items():
-            out[name] = {"title": name, "median_spearman": None, "insensitive": None, "verdict": why,
-                         "cascade": None, "layers_measured": 0, "not_measured": {}}
+            out[name] = {"title": name, "median_spearman": None, "chance_spearman": None, "edge_spearman": None,
+                         "insensitive": None, "p_value": None, "verdict": why, "cascade": None, "layers_measured": 0,
+                         "not_measured": {}}
         return out
 
     def rows(self) -> list[dict]:
@@ -138,9 +180,12 @@ class ProfileResult:
             for scores in self.trust:
                 if layer.name in scores.layers:
                     values = scores.layers[layer.name]
-                    row["trust"][scores.rule.name] = {"median_spearman": _round(self.trust_median(scores.rule.name,
-                                                                                                  layer.name)),
-                                                      "units": [_round(v) for v in values]}
+                    name = scores.rule.name
+                    row["trust"][name] = {
+                        "median_spearman": _round(self.trust_median(name, layer.name)),
+                        "chance_spearman": _round(self.trust_median(name, layer.name, "chance")),
+                        "edge_spearman": _round(self.trust_median(name, layer.name, "edge")),
+                        "units": [_round(v) for v in values]}
                 else:
                     row["trust"][scores.rule.name] = {
                         "median_spearman": None,
@@ -170,7 +215,11 @@ class ProfileResult:
                              f"{self.settings.get('folds')}-fold CV, mean ± std; RANDOM = same architecture at random "
                              f"init (seed {self.seed})")
         for name, info in methods.items():
-            median = "n/a" if info["median_spearman"] is None else f"median Spearman {info['median_spearman']:.2f}"
+            if info["median_spearman"] is None:
+                median = "n/a"
+            else:
+                median = (f"median Spearman {info['median_spearman']:.2f} trained vs randomized; edge map "
+                          f"{_text(info['edge_spearman'])}, chance {_text(info['chance_spearman'])}")
             lines.append(f"- {name}: {median}; {info['verdict']}")
         lines.append("")
         head = ["layer", "shape", "RF", "stride", "sparsity", "silent", "dead"]
@@ -197,7 +246,11 @@ class ProfileResult:
         lines.append("")
         lines.append("ρ: median Spearman rank correlation between a method's map of the layer's strongest units on the "
                      "trained model and on the randomized model (|v| inside the receptive field); near 1 = the map "
-                     "does not depend on the weights; – = not measured at this layer.")
+                     "does not depend on the weights; – = not measured at this layer. References on the same units: "
+                     "edge map = the trained map against a Sobel edge map of the photo (an image-only map); chance = "
+                     "against the randomized model's map of the same unit on another photo (the receptive field's "
+                     "footprint without the photo). Insensitive: same photo reliably above chance (one-sided "
+                     f"Wilcoxon signed-rank over the units, p < {TRUST_ALPHA}).")
         return "\n".join(lines)
 
     def csv(self) -> str:
@@ -240,7 +293,7 @@ class ProfileResult:
         return {"model": self.model, "model_title": self.model_title, "seed": self.seed,
                 "photos": self.photos, "scan_set": self.scan_set, "scan_images": self.scan_images,
                 "settings": self.settings, "probes": probes, "methods": self.methods(),
-                "insensitive_rho": INSENSITIVE_RHO, "cascade_layer": self.layers[-1].name if self.trust else None,
+                "trust_test": f"one-sided Wilcoxon signed-rank, randomized maps same photo vs another photo, p < {TRUST_ALPHA}", "cascade_layer": self.layers[-1].name if self.trust else None,
                 "cascade_steps": self.cascade_steps, "seconds": self.seconds, "layers": self.rows()}
 
     def save(self, folder: str | os.PathLike) -> dict:
