@@ -65,8 +65,8 @@ def test_the_machine_is_described_honestly():
     assert precision_mod.native_bf16("cpu") == bool({"avx512_bf16", "amx_bf16"} & flags)
 
 
-@pytest.mark.parametrize("capability, pays", [("AVX2", False), ("DEFAULT", False), ("AVX512", True)])
-def test_channels_last_pays_on_avx512_cpus_not_avx2(monkeypatch, capability, pays):
+@pytest.mark.parametrize("capability, pays", [("AVX2", True), ("DEFAULT", False), ("AVX512", True)])
+def test_channels_last_pays_on_avx2_and_avx512_cpus_not_older_ones(monkeypatch, capability, pays):
     monkeypatch.setattr(precision_mod, "native_bf16", lambda device="cpu": False)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     assert precision_mod.channels_last_pays("cpu") == pays
