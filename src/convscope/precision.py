@@ -26,7 +26,7 @@ parameters and their memory format stay untouched.
 Example:
     >>> p = resolve_precision("auto", torch.device("cpu"), purpose=PICTURE)
     >>> p.describe()
-    'fp32 (auto: this CPU has no native bf16, which would be emulated; ...)'
+    'fp32, channels-last (auto: this CPU has no native bf16, which would be emulated; ...)'
     >>> with p.autocast():
     ...     out = model(p.input(x))
 """

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from ..atlas import STAGE_NAMES, AtlasSettings, build_atlas
@@ -133,11 +132,11 @@ def check_sources(args) -> dict:
     return named
 
 
-def _plan(args, loaded, layers, settings: AtlasSettings) -> tuple[AtlasSettings, Callable[[Path], None]]:
+def _plan(args, loaded, layers, settings: AtlasSettings) -> tuple[AtlasSettings, tuple | None]:
     """Print the projected time and size; fit ``--budget``, or refuse a long build without ``--yes``.
 
-    Also returns what caches a fresh calibration in the atlas folder once that exists (a refused
-    build writes nothing).
+    Also returns a fresh calibration ``(key, rates, seconds)`` (None when it came from the cache), for
+    :func:`~convscope.atlas.plan.save_calibration` once the atlas folder exists (a refused build writes nothing).
     """
     photos = {name: rgb for name, _, rgb in collect_photos(args.images, settings.max_photos)}
     key = atlas_plan.calibration_key(loaded, layers, settings, photos)
@@ -148,27 +147,21 @@ def _plan(args, loaded, layers, settings: AtlasSettings) -> tuple[AtlasSettings,
         start = time.perf_counter()
         rates = atlas_plan.calibrate(loaded, layers, settings, photos)
         seconds = time.perf_counter() - start
-        source = f"from {seconds:.0f} s of calibration"
-
-        def save(out: Path) -> None:
-            atlas_plan.save_calibration(out, key, rates, seconds)
+        source, fresh = f"from {seconds:.0f} s of calibration", (key, rates, seconds)
     else:
-        seconds, source = 0.0, "from the calibration cached in --out"
-
-        def save(out: Path) -> None:
-            pass
+        seconds, source, fresh = 0.0, "from the calibration cached in --out", None
     plan = atlas_plan.plan_atlas(layers, settings, rates, len(photos), seconds)
     print(f"projection: {plan.describe()} ({source}; earlier results in --out are reused and not counted)")
     if args.budget is not None:
         if plan.hours > args.budget:
             plan = atlas_plan.fit_budget(layers, settings, rates, len(photos), args.budget)
             print(f"budget {args.budget:g} h: {plan.describe()}")
-        return plan.settings, save
+        return plan.settings, fresh
     if plan.hours > atlas_plan.CONFIRM_HOURS and not args.yes:
         raise ConvscopeError(
             f"this atlas is projected to take {plan.hours:.1f} h (over {atlas_plan.CONFIRM_HOURS:g} h): "
             "pass --yes to build it all, or --budget HOURS to choose layers and channels that fit")
-    return settings, save
+    return settings, fresh
 
 
 def run(args) -> int:
@@ -184,9 +177,10 @@ def run(args) -> int:
     precision = resolve_precision(settings.precision, loaded.device, purpose=PICTURE, module=loaded.module)
     print(f"precision: {precision.describe()} for the feature visualization"
           + ("; exact fp32 for the scan and the projections" if settings.precision == "auto" else ""))
-    settings, save_calibration = _plan(args, loaded, layers, settings)
+    settings, calibration = _plan(args, loaded, layers, settings)
     out = out_dir(args.out)
-    save_calibration(out)
+    if calibration is not None:
+        atlas_plan.save_calibration(out, *calibration)
     layers = atlas_layers(loaded, settings.layers)
     channels = sum(len(settings.channels(layer)) for layer in layers)
     print(f"plan: {len(layers)} layers, {channels} channels with pages, feature visualizations ({settings.steps} "

@@ -135,14 +135,16 @@ def _silent_objective(rows: dict[int, LayerInfo], keys: Sequence[int]) -> obj.Ob
     feature-visualization channel objective, for channels of several layers in one batch."""
     keys = [int(k) for k in keys]
     positions = [k // _KEY_SHIFT for k in keys]
-    used = list(dict.fromkeys(positions))
+    # Per layer of the chunk, once: which elements read it and their channels in it.
+    groups = []
+    for position in dict.fromkeys(positions):
+        members = [i for i, p in enumerate(positions) if p == position]
+        groups.append((rows[position].name, torch.as_tensor(members),
+                       torch.as_tensor([keys[i] % _KEY_SHIFT for i in members])))
 
     def value(acts):
         total = None
-        for position in used:
-            name = rows[position].name
-            members = torch.as_tensor([i for i, p in enumerate(positions) if p == position])
-            chans = torch.as_tensor([keys[i] % _KEY_SHIFT for i in members.tolist()])
+        for name, members, chans in groups:
             t = acts[name]
             means = t[members.to(t.device), chans.to(t.device)].flatten(1).mean(1)
             part = torch.zeros(len(keys), dtype=means.dtype, device=means.device).index_copy(
@@ -152,7 +154,7 @@ def _silent_objective(rows: dict[int, LayerInfo], keys: Sequence[int]) -> obj.Ob
 
     # Every layer is named, whichever the chunk reads: the optimizer records the layers that its
     # first element's objective names.
-    return obj.Objective(value, [row.name for row in rows.values()], f"silent channels of {len(used)} layers")
+    return obj.Objective(value, [row.name for row in rows.values()], f"silent channels of {len(groups)} layers")
 
 
 def dead_channels(loaded: LoadedModel, layers: Sequence[LayerInfo], activity: dict[str, LayerActivity], *,
