@@ -99,6 +99,9 @@ CASES = [
     ("features-batch-size-zero", ["features", "--layer", "blocks.1.0", "--batch-size", "0"], "--batch-size", False),
     ("features-cols-zero", ["features", "--layer", "blocks.1.0", "--cols", "0"], "--cols", False),
     ("features-tv-negative", ["features", "--layer", "blocks.1.0", "--tv", "-0.5"], "--tv", False),
+    ("features-max-scale-below-min", ["features", "--layer", "blocks.1.0", "--max-scale", "0.5"], "smallest scale",
+     False),
+    ("features-max-scale-zero", ["features", "--layer", "blocks.1.0", "--max-scale", "0"], "greater than 0", False),
     ("features-out-proc", ["features", "--layer", "blocks.1.0", "--out", "/sys/convscope-out"], "cannot write", False),
     ("features-channels-reversed", ["features", "--layer", "blocks.1.0", "--channels", "5-2"], "lower end", False),
     # deconv

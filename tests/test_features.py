@@ -293,3 +293,18 @@ def test_the_recipe_border_sets_the_size_the_model_sees(photos, name, grow):
         hook.remove()
     # the optimization steps are the most frequent forward passes (the photos and scoring run once)
     assert max(set(seen), key=seen.count) == (24 + grow, 24 + grow)
+
+
+def test_max_scale_spreads_the_transform_scales_and_reaches_the_optimizer():
+    """``max_scale`` gives 11 scales from the recipe's smallest to it, and the optimizer samples them:
+    a wider spread changes the images of the same seed."""
+    recipe = make_recipe("fast", steps=4, size=32, max_scale=1.3)
+    assert recipe.scales[0] == pytest.approx(0.9) and recipe.scales[-1] == pytest.approx(1.3)
+    assert len(recipe.scales) == 11 and list(recipe.scales) == sorted(recipe.scales)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()).eval()
+    torch.manual_seed(0)
+    model[0].reset_parameters()
+    plain = visualize_features(model, "1", [0, 1], recipe=make_recipe("fast", steps=4, size=32), precision="fp32")
+    wide = visualize_features(model, "1", [0, 1], recipe=recipe, precision="fp32")
+    assert not np.array_equal(plain.images, wide.images)
+    assert wide.to_dict()["recipe"]["scales"][-1] == pytest.approx(1.3)

@@ -6,6 +6,7 @@ import time
 
 from ..errors import ConvscopeError
 from ..methods.features import FeatureSet, join_results, visualize_classes, visualize_features
+from ..methods.features.engine import make_recipe
 from ..methods.features.objectives import parse_objective
 from ..precision import PICTURE, resolve_precision
 from ._common import (
@@ -58,6 +59,9 @@ def register(subparsers) -> None:
     p.add_argument("--steps", type=positive_int, default=None, help="default 256 (lucid), 80 (fast) or 40 (post)")
     p.add_argument("--size", default=None, help="N or HxW; default 128 (lucid) or 150 (post)")
     p.add_argument("--seed", type=int, default=0, help="the same seed gives the same images (default 0)")
+    p.add_argument("--max-scale", type=positive_float, default=None, metavar="S",
+                   help="largest scale of the random transforms (default 1.1, Lucid's); e.g. 1.3 gives images "
+                        "that hold up better when upsampled, at some cost to the objective at their own size")
     p.add_argument("--lr", type=positive_float, default=None, help="learning rate (default 0.05 lucid, 1/255 post)")
     p.add_argument("--variants", type=positive_int, default=1, help="images per channel (use with --diversity)")
     p.add_argument("--diversity", type=non_negative_float, default=None, help="weight of the diversity term between variants")
@@ -134,6 +138,8 @@ def run(args) -> int:
     size = parse_size(args.size)
     if isinstance(size, int):
         size = (size, size)
+    # resolved here, once, so a bad value stops before the model loads; then it travels as a value
+    recipe = make_recipe(args.recipe, max_scale=args.max_scale) if args.max_scale is not None else args.recipe
     if args.channels is not None and args.channels.strip().lower() != "all":
         parse_channels(args.channels, 1 << 30)  # the syntax now; the range once the layer is known
     if kind == "class" and args.layer:
@@ -150,7 +156,7 @@ def run(args) -> int:
     else:
         layers = loaded.catalogue.resolve(args.layer)
         plans = [(layer, _channels(args.channels, layer.channels) if kind != "layer" else None) for layer in layers]
-    common = dict(recipe=args.recipe, steps=args.steps, size=size, seed=args.seed, lr=args.lr,
+    common = dict(recipe=recipe, steps=args.steps, size=size, seed=args.seed, lr=args.lr,
                   variants=args.variants, diversity=args.diversity, tv=args.tv, l2=args.l2,
                   memory_budget=args.memory, max_batch=args.batch_size, progress=True)
     common["precision"] = resolve_precision(args.precision, loaded.device, purpose=PICTURE, module=loaded.module)

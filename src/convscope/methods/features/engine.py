@@ -140,8 +140,13 @@ RECIPES: dict[str, Recipe] = {
 
 def make_recipe(name: str | Recipe = "lucid", *, steps: int | None = None, size: int | tuple[int, int] | None = None,
                 lr: float | None = None, tv: float | None = None, l2: float | None = None,
-                diversity: float | None = None) -> Recipe:
-    """A named recipe with some settings overridden (``None`` keeps the recipe's value)."""
+                diversity: float | None = None, max_scale: float | None = None) -> Recipe:
+    """A named recipe with some settings overridden (``None`` keeps the recipe's value).
+
+    ``max_scale`` spreads the transforms' scales evenly from the recipe's smallest to it (11 of
+    them, as Lucid's 0.9-1.1): above 1.1 the images hold up better when shown upsampled, at some
+    cost to the objective at their own size (``benchmarks/features.py``, recipe table).
+    """
     if isinstance(name, Recipe):
         base = name
     else:
@@ -158,6 +163,11 @@ def make_recipe(name: str | Recipe = "lucid", *, steps: int | None = None, size:
         if min(size) < 8:
             raise ConvscopeError(f"size {size} is too small: use at least 8 pixels")
         changes["size"] = size
+    if max_scale is not None:
+        low = min(base.scales)
+        if not max_scale > low:
+            raise ConvscopeError(f"max scale must be above the recipe's smallest scale {low:g}, got {max_scale:g}")
+        changes["scales"] = tuple(float(v) for v in np.linspace(low, max_scale, 11))
     for key, value in (("lr", lr), ("tv", tv), ("l2", l2), ("diversity", diversity)):
         if value is not None:
             changes[key] = float(value)
