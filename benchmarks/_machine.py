@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import platform
+import time
 
 import torch
 
@@ -62,6 +63,17 @@ def footer(result: str) -> None:
     """Print the load average after the work, then the one-line result (the script's last line)."""
     print(f"\nload average at end: {load()}")
     print(f"RESULT: {result}", flush=True)
+
+
+def best_of(fn, repeat, warm=None):
+    """Best wall time of ``repeat`` calls after one untimed warm-up call (of ``warm`` when given: a cheaper one)."""
+    (warm or fn)()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import math
 import tempfile
-import time
 from pathlib import Path
 
 import _machine
@@ -36,17 +35,6 @@ import convscope  # noqa: E402
 from convscope._io import save_png  # noqa: E402
 from convscope.hooks import capture  # noqa: E402
 from convscope.images import sample_photos  # noqa: E402
-
-
-def best_of(fn, repeat, warm=None):
-    """Best wall time of ``repeat`` calls after one untimed warm-up call (of ``warm`` when given: a cheaper one)."""
-    (warm or fn)()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def post_pipeline(maps: dict[str, np.ndarray], out: Path) -> None:
@@ -90,11 +78,11 @@ def bench(loaded, photo, repeat, post_layers, out: Path) -> dict:
             save_png(res.grid(layer), render_path)
 
     post_maps = {layer.name: result.maps[layer.name] for layer in layers[:post_layers or len(layers)]}
-    t_forward = best_of(bare_forward, repeat)
-    t_encode = best_of(encode_only, repeat)
-    t_ours = best_of(ours, repeat)
+    t_forward = _machine.best_of(bare_forward, repeat)
+    t_encode = _machine.best_of(encode_only, repeat)
+    t_ours = _machine.best_of(ours, repeat)
     first = dict(list(post_maps.items())[:1])  # one figure warms matplotlib (fonts, Agg canvas) for all
-    t_post_part = best_of(lambda: post_pipeline(post_maps, out), repeat, warm=lambda: post_pipeline(first, out))
+    t_post_part = _machine.best_of(lambda: post_pipeline(post_maps, out), repeat, warm=lambda: post_pipeline(first, out))
     t_post = t_forward + t_post_part * len(layers) / len(post_maps)  # scaled to all layers when it drew fewer
     return {"model": loaded.title, "layers": len(layers), "forward": t_forward, "bare": t_forward + t_encode,
             "ours": t_ours, "post": t_post, "post_measured_layers": len(post_maps)}

@@ -30,7 +30,6 @@ import json
 import os
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import _machine
@@ -75,16 +74,6 @@ print(json.dumps({"best": min(times), "keras": keras.__version__, "tensorflow": 
 """
 
 
-def best_of(fn, repeat):
-    fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=3)
@@ -99,7 +88,7 @@ def main() -> None:
 
     loaded = convscope.load_model("keras:VGG19", random=True, seed=0, device="cpu")
     photo = sample_photos()["chelsea"]
-    ours_s = best_of(lambda: convscope.activations(loaded, photo, POST_LAYERS, size=size), args.repeat)
+    ours_s = _machine.best_of(lambda: convscope.activations(loaded, photo, POST_LAYERS, size=size), args.repeat)
     ours = convscope.activations(loaded, photo, POST_LAYERS, size=size)
     print(f"convscope activations: {ours_s * 1000:.0f} ms (best of {args.repeat}, torch {torch.get_num_threads()} threads)")
 
