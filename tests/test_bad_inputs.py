@@ -127,7 +127,9 @@ CASES = [
     ("scan-neither", ["scan"], "--samples", False),
     ("scan-all-corrupt", ["scan", "in/broken", "--workers", "0"], "none of the 4 images", True),
     ("scan-channel-range", ["scan", "--samples", "--channels", "99999"], "out of range", True),
-    ("scan-missing-folder", ["scan", "in/missing"], "not found", True),
+    ("scan-missing-folder", ["scan", "in/missing"], "not found", False),
+    ("profile-missing-folder", ["profile", "--images", "in/missing"], "not found", False),
+    ("profile-folder-is-a-file", ["profile", "--images", "in/file.txt"], "got a file", False),
     # occlusion
     ("occlusion-patch-zero", ["occlusion", "in/good.jpg", "--patch", "0"], "--patch", False),
     ("occlusion-stride-zero", ["occlusion", "in/good.jpg", "--stride", "0"], "--stride", False),

@@ -45,7 +45,7 @@ from .errors import ConvscopeError
 from .images import IMAGE_EXTENSIONS, load_image, to_rgb8
 
 __all__ = [
-    "ImageSet", "FolderImages", "SampleImages", "TensorImages", "collate_images", "fit_cover",
+    "ImageSet", "FolderImages", "SampleImages", "TensorImages", "collate_images", "fit_cover", "check_folder",
     "MIN_SIDE", "SAMPLE_SET_PHOTOS",
 ]
 
@@ -155,6 +155,16 @@ def collate_images(items: Sequence[Item]) -> tuple[torch.Tensor, torch.Tensor, l
     return pixels, ids, skipped
 
 
+def check_folder(root: str | os.PathLike) -> Path:
+    """``root`` as a path, if it is an existing folder (what a command checks before loading a model)."""
+    path = Path(root).expanduser()
+    if not path.exists():
+        raise ConvscopeError(f"image folder not found: {path}")
+    if not path.is_dir():
+        raise ConvscopeError(f"expected a folder of images but got a file: {path} (give its folder)")
+    return path
+
+
 class FolderImages(ImageSet):
     """Every image file below ``root`` (recursive, sorted), resized to ``size = (H, W)``.
 
@@ -169,11 +179,7 @@ class FolderImages(ImageSet):
 
     def __init__(self, root: str | os.PathLike, size: tuple[int, int] = (224, 224),
                  resample: int = Image.BILINEAR):
-        self.root = Path(root).expanduser()
-        if not self.root.exists():
-            raise ConvscopeError(f"image folder not found: {self.root}")
-        if not self.root.is_dir():
-            raise ConvscopeError(f"expected a folder of images but got a file: {self.root} (give its folder)")
+        self.root = check_folder(root)
         self.size = (int(size[0]), int(size[1]))
         self.resample = resample
         self.files, self.fingerprint = _list_images(self.root)

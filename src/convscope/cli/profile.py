@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..datasets import FolderImages
+from ..datasets import FolderImages, check_folder
 from ..errors import ConvscopeError
 from ..methods.profile import DEFAULTS, profile_model
 from ._common import add_model_args, add_out_arg, check_out, load_from_args, out_dir, positive_int
@@ -54,6 +54,8 @@ def run(args) -> int:
     if args.folds < 2:
         raise ConvscopeError(f"--folds must be at least 2 for cross-validation, got {args.folds}")
     check_out(args.out)
+    if args.images:
+        check_folder(args.images)  # before the model loads; its images are listed once the size is known
     loaded = load_from_args(args)
     images = None
     if args.images:

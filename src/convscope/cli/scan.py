@@ -7,7 +7,7 @@ import shutil
 import warnings
 from pathlib import Path
 
-from ..datasets import FolderImages, SampleImages
+from ..datasets import FolderImages, SampleImages, check_folder
 from ..errors import ConvscopeError
 from ..methods.deconv.choice import AUTO, PROJECTION_CHOICES
 from ..methods.scan import DEFAULT_TOP, INDEX_FILE, STATE_FILE, default_layers, load_checkpoint, scan
@@ -141,6 +141,8 @@ def run(args) -> int:
         raise ConvscopeError("give a FOLDER of images or --samples (not both, not neither)")
     if args.channels:
         parse_channels(args.channels, 1 << 30)  # the syntax now; the range once the layers are known
+    if args.folder:
+        check_folder(args.folder)  # before the model loads; its images are listed once the size is known
     loaded = load_from_args(args)
     size = parse_size(args.size)
     if size is None:
