@@ -76,5 +76,17 @@ def best_of(fn, repeat, warm=None):
     return min(times)
 
 
+def settle(limit: float = 60.0, busy: float = 15.0) -> float:
+    """Wait (at most ``limit`` seconds) until this machine's CPUs are under ``busy`` per cent over a
+    second: background work started before a timing (a Ray cluster's workers importing torch) would
+    otherwise stretch it. Returns the seconds waited."""
+    import psutil
+
+    began = time.perf_counter()
+    while time.perf_counter() - began < limit and psutil.cpu_percent(interval=1.0) >= busy:
+        pass
+    return time.perf_counter() - began
+
+
 if __name__ == "__main__":
     header("convscope benchmarks: machine")

@@ -10,7 +10,9 @@ Work: (a) the atlas's feature-visualization units (chunks of 16 channels of whol
 `convscope.atlas.stages.features.visualize_chunk`), (b) a dataset scan of JPEG files (the sample
 set's windows, with their mirror images, written to a temporary folder: a real scan reads files).
 The Ray times include starting the actors and loading one model per actor (a user waits for that
-too), not the one-off `ray.init` (printed separately). Overhead = ray x2 time / local time - 1;
+too), not the one-off `ray.init` (printed separately; the cluster is the one `--ray auto` starts, whose
+first worker processes import torch, timm and convscope as they start: the benchmark waits for the
+machine to settle before timing anything, and only the first pool finds those workers). Overhead = ray x2 time / local time - 1;
 target <= 15% at 2 workers on 2 cores. The results are checked: the same image ids and values
 within float tolerance for the scan, images within 1/255 and objectives within 1e-3 for features.
 
@@ -50,7 +52,7 @@ from convscope.atlas import AtlasSettings
 from convscope.atlas.context import ATLAS_RECIPE
 from convscope.atlas.stages.features import FEATURE_CHUNK, FeatureJob, FeatureUnit, visualize_chunk
 from convscope.datasets import FolderImages, SampleImages
-from convscope.distributed import LocalExecutor, RayExecutor, RayTarget
+from convscope.distributed import LocalExecutor, RayExecutor, RayTarget, local_cluster_options
 from convscope.images import sample_photos
 from convscope.methods.scan import scan
 from convscope.precision import FP32, PICTURE, resolve_precision
@@ -135,9 +137,9 @@ def main() -> None:
           f"over the first {lengths[0]} (for the fixed / per-image split)")
 
     began = time.perf_counter()
-    ray.init(num_cpus=cores, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
-             configure_logging=False)
-    print(f"ray.init (a local cluster, once): {time.perf_counter() - began:.1f} s")
+    ray.init(**local_cluster_options(num_cpus=cores))   # the cluster `--ray auto` starts (workers preload torch)
+    print(f"ray.init (a local cluster, once): {time.perf_counter() - began:.1f} s; its first workers' imports "
+          f"done {_machine.settle():.0f} s later (waited: nothing else runs during a timing)")
     try:
         rows = {}
         local_t, local_f = run_features(LocalExecutor(), loaded, units, job)

@@ -3,6 +3,7 @@ when no worker is left. One local 2-CPU cluster serves the whole run (``ray_clus
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -195,6 +196,35 @@ def test_no_worker_left_is_a_clear_error_and_keeps_what_was_done(default_model, 
     build_atlas(default_model, PHOTOS, out, SETTINGS, progress=False)
     assert (out / "data" / "features" / "blocks.0.0.bn2" / "c0000.webp").stat().st_mtime_ns == written
     _assert_same_atlas(out, local_atlas)
+
+
+def _pid(loaded, unit, shared):
+    return os.getpid()
+
+
+def test_an_executor_in_a_with_block_keeps_its_actors_between_calls(default_model, ray_cluster):
+    """An atlas's stages share one pool: its actors (and their loaded models) serve every map;
+    a bare executor lets its actors go after each call."""
+    target = RayTarget(workers=2, threads=1)
+    with RayExecutor(target) as executor:
+        first = {pid for _, pid in executor.map(default_model, _pid, range(6))}
+        second = {pid for _, pid in executor.map(default_model, _pid, range(6))}
+        assert len(first) == 2 and first == second and os.getpid() not in first
+        assert ray_cluster.is_initialized()
+    bare = RayExecutor(target)
+    again = {pid for _, pid in bare.map(default_model, _pid, range(6))}
+    assert len(again) == 2 and again.isdisjoint(first)
+    assert ray_cluster.is_initialized()   # a cluster the executor did not start is left running
+
+
+def test_a_local_cluster_preloads_the_heavy_imports():
+    from convscope.distributed import PRELOAD_MODULES, local_cluster_options
+
+    options = local_cluster_options(num_cpus=2)
+    assert options["num_cpus"] == 2 and options["_node_ip_address"] == "127.0.0.1"
+    assert options["_system_config"]["preload_python_modules"] == [
+        name for name in PRELOAD_MODULES if name != "timm" or importlib.util.find_spec("timm")]
+    assert "torch" in PRELOAD_MODULES and "convscope" in PRELOAD_MODULES
 
 
 def test_ray_flags_are_checked_before_any_work(tmp_path, capsys):

@@ -42,8 +42,8 @@ from .errors import ConvscopeError
 from .models import LoadedModel, fingerprint
 from .precision import FP32, Precision
 
-__all__ = ["RayTarget", "parse_ray", "require_ray", "LocalExecutor", "RayExecutor", "load_worker_model",
-           "scan_shards", "RESTARTS"]
+__all__ = ["RayTarget", "parse_ray", "require_ray", "local_cluster_options", "LocalExecutor", "RayExecutor",
+           "load_worker_model", "scan_shards", "RESTARTS", "PRELOAD_MODULES"]
 
 INSTALL_HINT = "pip install 'convscope[ray]'"
 # How often a dead worker is restarted (and its unit retried) before the run gives up on it.
@@ -52,6 +52,11 @@ RESTARTS = 3
 # leaves nothing for Ray Data's read tasks and the pipeline stalls. The actor's torch threads
 # are set separately (``threads``).
 ACTOR_CPUS = 0.5
+# Modules a local cluster's worker processes import as they start (Ray's ``preload_python_modules``):
+# a worker's own start is mostly these imports (torch ~3 s, timm ~6 s on an idle 2-core machine), so
+# the raylet's first workers do them while the driver is still busy and an actor then starts in
+# about a second. On a real cluster the same comes from ``RAY_preload_python_modules`` (README).
+PRELOAD_MODULES = ("torch", "timm", "convscope")
 
 
 def require_ray():
@@ -101,9 +106,7 @@ class RayTarget:
             if address:
                 ray.init(address=address, log_to_driver=False, configure_logging=False)
             else:
-                # A private cluster on this machine: nothing listens beyond 127.0.0.1, no dashboard.
-                ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
-                         configure_logging=False)
+                ray.init(**local_cluster_options())
         except ConvscopeError:
             raise
         except Exception as err:
@@ -132,6 +135,18 @@ class RayTarget:
             threads = max(1, min(torch.get_num_threads(), cpus))
         workers = self.workers or (gpus if gpus else max(1, cpus // threads))
         return workers, threads, (1.0 if gpus and workers <= gpus else 0.0)
+
+
+def local_cluster_options(**overrides) -> dict:
+    """``ray.init`` keywords of the private cluster ``--ray auto`` starts on this machine: nothing listens
+    beyond 127.0.0.1, no dashboard, Ray's own logs kept out of the terminal, and worker processes
+    that import :data:`PRELOAD_MODULES` (those installed) as they start."""
+    import importlib.util
+
+    preload = [name for name in PRELOAD_MODULES if importlib.util.find_spec(name) is not None]
+    options = {"include_dashboard": False, "_node_ip_address": "127.0.0.1", "log_to_driver": False,
+               "configure_logging": False, "_system_config": {"preload_python_modules": preload}}
+    return {**options, **overrides}
 
 
 def parse_ray(text: str | None, workers: int | None = None, threads: int | None = None) -> RayTarget | None:
@@ -249,6 +264,11 @@ class RayExecutor:
     keeps them. An actor whose process dies is restarted up to :data:`RESTARTS` times and its
     unit retried; a unit whose actor is gone for good goes to another actor; when none is
     left, :meth:`map` raises a :class:`ConvscopeError`.
+
+    Used as a context manager (``with RayExecutor(target) as executor:``), it stays connected to
+    the cluster and keeps its actors, with their loaded models, from one :meth:`map` to the next
+    (an atlas's stages, say): the actors' start-up and ``ray.init`` are paid once. Used bare, each
+    call connects, starts its actors and lets them go.
     """
 
     name = "ray"
@@ -256,32 +276,89 @@ class RayExecutor:
     def __init__(self, target: RayTarget, restarts: int = RESTARTS):
         self.target = target
         self.restarts = restarts
+        self._held: contextlib.ExitStack | None = None
+        self._ray = None
+        self._actors: list = []
+        self._pool_key: tuple | None = None
+
+    def __enter__(self) -> RayExecutor:
+        stack = contextlib.ExitStack()
+        self._ray = stack.enter_context(self.target.session())
+        stack.callback(self._release)
+        self._held = stack
+        return self
+
+    def __exit__(self, *exc) -> None:
+        held, self._held = self._held, None
+        try:
+            if held is not None:
+                held.close()
+        finally:
+            self._ray = None
+
+    @contextlib.contextmanager
+    def _connected(self) -> Iterator[Any]:
+        if self._ray is not None:
+            yield self._ray
+            return
+        with self.target.session() as ray:
+            try:
+                yield ray
+            finally:
+                self._release()
+
+    def _release(self) -> None:
+        actors, self._actors, self._pool_key = self._actors, [], None
+        if actors:
+            ray = require_ray()
+            for actor in actors:
+                with contextlib.suppress(Exception):
+                    ray.kill(actor, no_restart=True)
+
+    def _pool(self, ray, loaded: LoadedModel, wanted: int) -> list:
+        """At least ``min(wanted, workers)`` live actors holding ``loaded``'s network (reused when they do)."""
+        workers, threads, gpus = self.target.plan(ray)
+        payload = model_payload(loaded)
+        key = (id(loaded.module), payload["fingerprint"], threads, gpus)
+        if key != self._pool_key:
+            self._release()
+            self._pool_key = key
+        missing = min(workers, wanted) - len(self._actors)
+        if missing > 0:
+            actor_class = ray.remote(_Worker).options(
+                num_cpus=ACTOR_CPUS, num_gpus=gpus, max_restarts=self.restarts, max_task_retries=self.restarts,
+                scheduling_strategy="SPREAD")
+            # The payload goes inline with the constructor (it is a few load arguments for a model
+            # loaded by name): Ray keeps it with the actor, so a restart never depends on an
+            # object-store copy (and says nothing about one).
+            self._actors += [actor_class.remote(payload, threads) for _ in range(missing)]
+        return self._actors[:max(1, min(workers, wanted))]
 
     def map(self, loaded: LoadedModel, work: Work, units: Sequence, shared: Any = None) -> Iterator[tuple[Any, Any]]:
         units = list(units)
         if not units:
             return
-        with self.target.session() as ray:
-            workers, threads, gpus = self.target.plan(ray)
-            workers = min(workers, len(units))
-            actor_class = ray.remote(_Worker).options(
-                num_cpus=ACTOR_CPUS, num_gpus=gpus, max_restarts=self.restarts, max_task_retries=self.restarts,
-                scheduling_strategy="SPREAD")
-            payload = ray.put(model_payload(loaded))
-            actors = [actor_class.remote(payload, threads) for _ in range(workers)]
+        with self._connected() as ray:
+            actors = self._pool(ray, loaded, len(units))
+            dead: set[int] = set()
             try:
-                yield from self._run(ray, actors, work, units, ray.put(shared))
-            finally:
-                for actor in actors:
-                    ray.kill(actor, no_restart=True)
+                yield from self._run(ray, actors, work, units, ray.put(shared), dead)
+            except BaseException:
+                # an error, or a caller that stopped early: no actor is left busy with this call's units
+                self._release()
+                raise
+            if dead:   # gone for good: the pool keeps the others
+                gone = [actors[i] for i in dead]
+                self._actors = [a for a in self._actors if all(a is not g for g in gone)]
 
     def scan(self, loaded: LoadedModel, images, layers, **options):
         """:func:`convscope.methods.scan.scan` on this executor's cluster, as a Ray Data actor pool."""
         from .methods.scan import scan
 
-        return scan(loaded, images, layers, ray=self.target, **options)
+        with self._connected():
+            return scan(loaded, images, layers, ray=self.target, **options)
 
-    def _run(self, ray, actors: list, work: Work, units: list, shared) -> Iterator[tuple[Any, Any]]:
+    def _run(self, ray, actors: list, work: Work, units: list, shared, dead: set[int]) -> Iterator[tuple[Any, Any]]:
         from ray.exceptions import RayActorError, RayTaskError
 
         queue = deque(range(len(units)))
@@ -306,6 +383,7 @@ class RayExecutor:
                 if "creation task" in str(err):   # the constructor failed (model did not load): no retry helps
                     raise ConvscopeError(f"a Ray worker could not start: {last_death}") from None
                 queue.appendleft(index)           # this actor is gone for good; another takes the unit
+                dead.add(actor)
                 continue
             except RayTaskError as err:
                 cause = err.cause if isinstance(getattr(err, "cause", None), BaseException) else None

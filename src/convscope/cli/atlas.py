@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 from pathlib import Path
 
@@ -186,13 +187,15 @@ def run(args) -> int:
     print(f"plan: {len(layers)} layers, {channels} channels with pages, feature visualizations ({settings.steps} "
           f"steps at {settings.feature_size} px) and top-{settings.top} projections; valid results in {out} are "
           "reused")
-    executor = None
-    if ray is not None:
-        from ..distributed import RayExecutor
+    with contextlib.ExitStack() as stack:
+        executor = None
+        if ray is not None:
+            from ..distributed import RayExecutor
 
-        executor = RayExecutor(ray)
-        print(f"ray: feature visualizations and the scan run on {ray.describe()}; files are written here")
-    build = build_atlas(loaded, args.images, out, settings, executor=executor)
+            # one connection and one actor pool for every stage that runs on the cluster
+            executor = stack.enter_context(RayExecutor(ray))
+            print(f"ray: feature visualizations and the scan run on {ray.describe()}; files are written here")
+        build = build_atlas(loaded, args.images, out, settings, executor=executor)
     if args.json:
         print_json({"index": str(build.index.resolve()), "stages": build.stages})
         return 0
