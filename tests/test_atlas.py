@@ -545,8 +545,9 @@ def test_deconv_stage_checks_crops_against_the_scan_values(default_model, photos
     instead: the same projections, and a crop that disagrees is still recomputed on the whole image."""
     import convscope.methods.deconv.engine as deconv_engine
     from convscope.atlas.context import BuildContext
-    from convscope.atlas.stages import DeconvStage
+    from convscope.atlas.stages.deconv import project_with_fallback
     from convscope.methods.deconv import Unit, project_units, strongest_units
+    from convscope.precision import FP32
     from convscope.rectifiers import GUIDED
 
     layer = default_model.catalogue.get("blocks.2.0.bn2")
@@ -559,7 +560,8 @@ def test_deconv_stage_checks_crops_against_the_scan_values(default_model, photos
     checked = project_units(default_model, x, layer, units, method=GUIDED)      # the engine's own check
     assert checked.strategy == "crop"
     scales = np.full(len(units), float(np.abs(checked.values).max()), np.float32)
-    proj, _ = DeconvStage._project(ctx, layer, GUIDED, False, pixels, units, (checked.values, scales))
+    proj, _ = project_with_fallback(default_model, layer, GUIDED, False, pixels, units, strict=True, precision=FP32,
+                                    expected=(checked.values, scales))
     np.testing.assert_allclose(proj.maps, checked.maps, rtol=1e-5, atol=1e-6 * np.abs(checked.maps).max())
 
     plan_of = deconv_engine._crop_plan
@@ -570,6 +572,7 @@ def test_deconv_stage_checks_crops_against_the_scan_values(default_model, photos
         return plan
     monkeypatch.setattr(deconv_engine, "_crop_plan", shifted)
     with pytest.warns(UserWarning, match="disagreed between their receptive-field crop and the scan"):
-        wrong, _ = DeconvStage._project(ctx, layer, GUIDED, False, pixels, units, (checked.values, scales))
+        wrong, _ = project_with_fallback(default_model, layer, GUIDED, False, pixels, units, strict=True,
+                                         precision=FP32, expected=(checked.values, scales))
     np.testing.assert_allclose(wrong.maps, checked.maps, rtol=1e-5, atol=1e-6 * np.abs(checked.maps).max())
     np.testing.assert_allclose(wrong.values, checked.values, rtol=1e-5, atol=1e-6)

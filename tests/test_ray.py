@@ -130,6 +130,41 @@ def test_atlas_on_ray_equals_local(default_model, ray_cluster, local_atlas, tmp_
     assert entry["count"] == 16 and entry["dead_channels"] == local.dead_channels
 
 
+@pytest.mark.slow
+def test_atlas_projections_on_ray_equal_local(default_model, ray_cluster, tmp_path):
+    """The deconv stage fans its chunks out too: with a scan, every channel's top projections come
+    back from the actors equal to a local build's (one executor, one pool, for scan and projections)."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, rgb in enumerate(list(sample_photos().values())[:3]):
+        Image.fromarray(rgb).save(folder / f"{i}.png")
+        Image.fromarray(np.ascontiguousarray(rgb[:, ::-1])).save(folder / f"{i}m.png")
+    settings = AtlasSettings(layers="blocks.0.0.bn2,blocks.2.0.bn3", top=3, scan_images=str(folder), max_photos=1,
+                             skip=("features", "activations"))
+    photos = dict(list(PHOTOS.items())[:1])
+    build_atlas(default_model, photos, tmp_path / "local", settings, progress=False)
+    with RayExecutor(RayTarget(workers=2, threads=1)) as executor:
+        build = build_atlas(default_model, photos, tmp_path / "ray", settings, progress=False, executor=executor)
+    assert build.stages["deconv"]["built"] == 2
+    for slug in ("blocks.0.0.bn2", "blocks.2.0.bn3"):
+        local, ray = (json.loads((tmp_path / kind / "records" / "deconv" / f"{slug}.json").read_text())
+                      for kind in ("local", "ray"))
+        channels, others = local["per_channel"], ray["per_channel"]
+        assert sorted(channels, key=int) == sorted(others, key=int) and len(channels) in (16, 40)
+        for c, entries in channels.items():
+            assert [(e["image_id"], e["row"], e["col"], e["fallback"]) for e in entries] == \
+                   [(e["image_id"], e["row"], e["col"], e["fallback"]) for e in others[c]]
+            assert [e["rerun_value"] for e in entries] == pytest.approx([e["rerun_value"] for e in others[c]],
+                                                                       rel=1e-3, abs=1e-5)
+        rows = sorted((tmp_path / "local" / "data" / "deconv" / slug).glob("c*.webp"))
+        assert len(rows) == len(channels)
+        for row in rows:
+            mine = np.asarray(Image.open(row).convert("RGB"), np.int16)
+            theirs = np.asarray(Image.open(tmp_path / "ray" / "data" / "deconv" / slug / row.name).convert("RGB"),
+                                np.int16)
+            assert mine.shape == theirs.shape and np.abs(mine - theirs).max() <= 2
+
+
 def test_the_atlas_scan_stage_scans_through_the_executor(default_model, tmp_path):
     """The scan stage asks the build's executor to scan (a RayExecutor scans on its cluster)."""
     calls = []

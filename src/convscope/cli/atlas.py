@@ -194,7 +194,8 @@ def run(args) -> int:
 
             # one connection and one actor pool for every stage that runs on the cluster
             executor = stack.enter_context(RayExecutor(ray))
-            print(f"ray: feature visualizations and the scan run on {ray.describe()}; files are written here")
+            print(f"ray: the scan, feature visualizations and projections run on {ray.describe()}; "
+                  "files are written here")
         build = build_atlas(loaded, args.images, out, settings, executor=executor)
     if args.json:
         print_json({"index": str(build.index.resolve()), "stages": build.stages})

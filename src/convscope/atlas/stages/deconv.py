@@ -5,22 +5,22 @@ from __future__ import annotations
 
 import time
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
+from ...layers import LayerInfo
 from ...methods.deconv import Unit, project_units, render_projection_pair, strongest_units
 from ...methods.deconv.choice import PROJECTION_CHOICES, choose_projection, has_max_pooling, projection_method
-from ...precision import NUMBERS
-from ...rectifiers import (
-    DECONVNET,
-    GRADIENT,
-    Rule,
-)
+from ...models import LoadedModel
+from ...precision import NUMBERS, Precision
+from ...rectifiers import DECONVNET, GRADIENT, Rule, resolve_projection
 from ..context import Stage
 from ..store import pack_row, read_json
 
-__all__ = ["DeconvStage", "DECONV_METHODS", "choose_projection", "projection_method"]
+__all__ = ["DeconvStage", "DECONV_METHODS", "choose_projection", "projection_method", "ProjectionJob",
+           "ProjectionChunk", "project_chunk", "project_with_fallback"]
 
 DECONV_METHODS = PROJECTION_CHOICES
 
@@ -43,11 +43,124 @@ PROJECTION_SIDE = 112
 PHOTO_CHUNK = 256
 
 
+@dataclass(frozen=True)
+class ProjectionJob:
+    """What every chunk of one layer's projections shares: sent once to each worker."""
+
+    layer: LayerInfo
+    rule: str            # the projection rule's name (resolved where the chunk runs)
+    redo: bool           # all-zero projections redone with the deconvnet
+    strict: bool
+    precision: Precision
+    images: object       # the scan's image set (``load(image_id)``)
+
+
+@dataclass(frozen=True)
+class ProjectionChunk:
+    """One work unit: the top units of a few channels, over at most :data:`DECONV_IMAGES` images.
+
+    ``units[i].image_index`` indexes ``image_ids``; ``expected`` and ``scales`` are the scan's value
+    of each unit and of its channel's strongest unit (the crops are checked against them)."""
+
+    image_ids: list[int]
+    units: list[Unit]
+    boxes: list[list[int]]
+    expected: np.ndarray
+    scales: np.ndarray
+
+
+def project_with_fallback(loaded: LoadedModel, layer: LayerInfo, rule: Rule, redo: bool, pixels: list[np.ndarray],
+                          units: list[Unit], *, strict: bool, precision: Precision, expected=None):
+    """Projections with ``rule``; with ``redo``, all-zero ones redone with the deconvnet (``fallback``).
+
+    ``expected``: ``(values, scales)`` the units had when they were found (the scan's), each
+    with its channel's scale. A receptive-field crop's value is then checked against it
+    instead of against a whole-image forward pass of its own (``check_crops``), and a crop
+    that disagrees (a layer geometry convscope did not follow) is projected on the whole image.
+    """
+    x = loaded.preprocessing.to_tensor(pixels, loaded.device)
+    proj = project_units(loaded, x, layer, units, method=rule, strict=strict, precision=precision,
+                         check_crops=expected is None)
+    if expected is not None and len(units):
+        values, scales = expected
+        relative = 2e-3 if precision.exact else 3e-2
+        bad = ~(np.abs(proj.values - values) <= relative * (np.abs(values) + 1e-2 * scales) + 1e-6)
+        if bad.any():
+            warnings.warn(f"{int(bad.sum())} of {len(units)} units of {layer.label} disagreed between their "
+                          "receptive-field crop and the scan; recomputed on the whole image", stacklevel=2)
+            again = project_units(loaded, x, layer, [units[i] for i in np.flatnonzero(bad)], method=rule,
+                                  strict=strict, precision=precision, strategy="shared")
+            proj.maps[bad] = again.maps
+            proj.values[bad] = again.values
+    fallback = np.zeros(len(units), dtype=bool)
+    if redo and rule is not DECONVNET and len(units):
+        fallback = np.abs(proj.maps).reshape(len(units), -1).max(axis=1) == 0
+        if fallback.any():
+            zeros = [units[i] for i in np.flatnonzero(fallback)]
+            again = project_units(loaded, x, layer, zeros, method=DECONVNET, strict=strict,
+                                  precision=precision, check_crops=expected is None)
+            proj.maps[fallback] = again.maps
+    return proj, fallback
+
+
+def projection_image(projection: np.ndarray, photo: np.ndarray, box) -> Image.Image:
+    """The projection cropped to ``box``, shrunk to at most :data:`PROJECTION_SIDE` px."""
+    image, _ = render_projection_pair(projection, photo, box)
+    if max(image.size) > PROJECTION_SIDE:
+        ratio = PROJECTION_SIDE / max(image.size)
+        image = image.resize((max(1, round(image.width * ratio)), max(1, round(image.height * ratio))),
+                             Image.LANCZOS)
+    return image
+
+
+def project_chunk(loaded: LoadedModel, chunk: ProjectionChunk, job: ProjectionJob
+                  ) -> tuple[list[Image.Image], np.ndarray, np.ndarray]:
+    """``(display-size projection images, fallback flags, values)`` of a chunk's units: runs wherever
+    the executor puts it (this process, or a Ray actor with its own copy of the model)."""
+    pixels = [job.images.load(image_id) for image_id in chunk.image_ids]
+    proj, fallback = project_with_fallback(loaded, job.layer, resolve_projection(job.rule), job.redo, pixels,
+                                           chunk.units, strict=job.strict, precision=job.precision,
+                                           expected=(chunk.expected, chunk.scales))
+    pictures = [projection_image(proj.maps[i], pixels[unit.image_index], box)
+                for i, (unit, box) in enumerate(zip(chunk.units, chunk.boxes))]
+    return pictures, fallback, proj.values
+
+
+def _scan_chunks(per_channel: dict[str, list[dict]]) -> list[tuple[list[str], ProjectionChunk]]:
+    """The scan's top units cut into chunks of whole channels whose examples come from at most
+    :data:`DECONV_IMAGES` distinct images and number at most :data:`DECONV_UNITS` (the units of one
+    image share its forward pass)."""
+    groups, current, ids, count = [], [], set(), 0
+    for c in sorted(per_channel, key=int):
+        mine = {e["image_id"] for e in per_channel[c]}
+        if current and (len(ids | mine) > DECONV_IMAGES or count + len(per_channel[c]) > DECONV_UNITS):
+            groups.append(current)
+            current, ids, count = [], set(), 0
+        current.append(c)
+        ids |= mine
+        count += len(per_channel[c])
+    if current:
+        groups.append(current)
+    chunks = []
+    for channels in groups:
+        entries = [(c, e) for c in channels for e in per_channel[c]]
+        order = sorted({e["image_id"] for _, e in entries})
+        slot = {image_id: i for i, image_id in enumerate(order)}
+        chunks.append((channels, ProjectionChunk(
+            image_ids=order,
+            units=[Unit(int(c), e["row"], e["col"], slot[e["image_id"]]) for c, e in entries],
+            boxes=[e["box"] for _, e in entries],
+            expected=np.array([e["value"] for _, e in entries], np.float32),
+            scales=np.array([abs(per_channel[c][0]["value"]) for c, _ in entries], np.float32))))
+    return chunks
+
+
 class DeconvStage(Stage):
     """Projections beside their patches for each visualised channel's top units.
 
-    With a scan, the units are the scan's top-k examples. Without one, each photo's strongest
-    unit of the channel, strongest photos first.
+    With a scan, the units are the scan's top-k examples, projected in chunks of whole channels
+    (:func:`project_chunk`) on the build's executor: in this process, or on a Ray actor pool. Without
+    one, each photo's strongest unit of the channel, strongest photos first, in this process.
 
     The method (``settings.deconv_method``, see :func:`projection_method`): ``"auto"`` takes
     Zeiler & Fergus's deconvnet when the model has max-pooling, and guided backprop otherwise.
@@ -126,51 +239,6 @@ class DeconvStage(Stage):
                          "definition; such units are shown with the deconvnet and marked.")
         return note
 
-    @staticmethod
-    def _project(ctx, layer, rule: Rule, redo: bool, pixels: list[np.ndarray], units, expected=None):
-        """Projections with ``rule``; with ``redo``, all-zero ones redone with the deconvnet (``fallback``).
-
-        ``expected``: ``(values, scales)`` the units had when they were found (the scan's), each
-        with its channel's scale. A receptive-field crop's value is then checked against it
-        instead of against a whole-image forward pass of its own (``check_crops``), and a crop
-        that disagrees (a layer geometry convscope did not follow) is projected on the whole image.
-        """
-        x = ctx.tensor(pixels)
-        strict = ctx.settings.strict
-        precision = ctx.precision(NUMBERS)
-        proj = project_units(ctx.loaded, x, layer, units, method=rule, strict=strict, precision=precision,
-                             check_crops=expected is None)
-        if expected is not None and len(units):
-            values, scales = expected
-            relative = 2e-3 if precision.exact else 3e-2
-            bad = ~(np.abs(proj.values - values) <= relative * (np.abs(values) + 1e-2 * scales) + 1e-6)
-            if bad.any():
-                warnings.warn(f"{int(bad.sum())} of {len(units)} units of {layer.label} disagreed between their "
-                              "receptive-field crop and the scan; recomputed on the whole image", stacklevel=2)
-                again = project_units(ctx.loaded, x, layer, [units[i] for i in np.flatnonzero(bad)], method=rule,
-                                      strict=strict, precision=precision, strategy="shared")
-                proj.maps[bad] = again.maps
-                proj.values[bad] = again.values
-        fallback = np.zeros(len(units), dtype=bool)
-        if redo and rule is not DECONVNET and len(units):
-            fallback = np.abs(proj.maps).reshape(len(units), -1).max(axis=1) == 0
-            if fallback.any():
-                zeros = [units[i] for i in np.flatnonzero(fallback)]
-                again = project_units(ctx.loaded, x, layer, zeros, method=DECONVNET, strict=strict,
-                                      precision=precision, check_crops=expected is None)
-                proj.maps[fallback] = again.maps
-        return proj, fallback
-
-    @staticmethod
-    def _projection_image(projection, photo, box) -> Image.Image:
-        """The projection cropped to ``box``, shrunk to at most :data:`PROJECTION_SIDE` px."""
-        image, _ = render_projection_pair(projection, photo, box)
-        if max(image.size) > PROJECTION_SIDE:
-            ratio = PROJECTION_SIDE / max(image.size)
-            image = image.resize((max(1, round(image.width * ratio)), max(1, round(image.height * ratio))),
-                                 Image.LANCZOS)
-        return image
-
     def _save_row(self, ctx, layer, channel: int, entries: list[dict]) -> None:
         """Write the channel's projections (``entries[i]["projection"]``, images) as one row; each entry's
         ``projection`` becomes that row's :data:`Picture` plus its ``cell`` in it."""
@@ -181,46 +249,27 @@ class DeconvStage(Stage):
             entry["projection"] = {**picture, "cell": box}
 
     def _from_scan(self, ctx, layer, rule: Rule, redo: bool, scan: dict, bar) -> dict:
-        images = ctx.image_set()
         per_channel = {c: [dict(e) for e in entries] for c, entries in scan["per_channel"].items()}
-        channels = sorted(per_channel, key=int)
-        # Chunks of channels whose examples come from at most DECONV_IMAGES distinct images.
-        chunks, current, ids = [], [], set()
-        units = 0
-        for c in channels:
-            mine = {e["image_id"] for e in per_channel[c]}
-            if current and (len(ids | mine) > DECONV_IMAGES or units + len(per_channel[c]) > DECONV_UNITS):
-                chunks.append(current)
-                current, ids, units = [], set(), 0
-            current.append(c)
-            ids |= mine
-            units += len(per_channel[c])
-        if current:
-            chunks.append(current)
+        job = ProjectionJob(layer, rule.name, redo, ctx.settings.strict, ctx.precision(NUMBERS), ctx.image_set())
+        planned = _scan_chunks(per_channel)
+        owners = {id(chunk): channels for channels, chunk in planned}
         drift = 0.0
-        for chunk in chunks:
-            order = sorted({e["image_id"] for c in chunk for e in per_channel[c]})
-            slot = {image_id: i for i, image_id in enumerate(order)}
-            pixels = [images.load(image_id) for image_id in order]
-            units = [Unit(int(c), e["row"], e["col"], slot[e["image_id"]]) for c in chunk for e in per_channel[c]]
-            if units:
-                # The scan's values stand in for the engine's own whole-image check of each crop.
-                expected = np.array([e["value"] for c in chunk for e in per_channel[c]], np.float32)
-                scale = np.array([abs(per_channel[c][0]["value"]) for c in chunk for _ in per_channel[c]], np.float32)
-                proj, fallback = self._project(ctx, layer, rule, redo, pixels, units, (expected, scale))
-                at = 0
-                for c in chunk:
-                    for e in per_channel[c]:
-                        e["projection"] = self._projection_image(proj.maps[at], pixels[slot[e["image_id"]]], e["box"])
-                        e["fallback"] = bool(fallback[at])
-                        e["rerun_value"] = float(f"{float(proj.values[at]):.4g}")
-                        scale = max(abs(per_channel[c][0]["value"]), 1e-6)
-                        drift = max(drift, abs(e["rerun_value"] - e["value"]) / scale)
-                        at += 1
-                for c in chunk:
-                    if per_channel[c]:
-                        self._save_row(ctx, layer, int(c), per_channel[c])
-            bar.update(len(chunk))
+        # Chunks run on the build's executor (here, or a Ray actor pool) and come back as they finish.
+        for chunk, (pictures, fallback, values) in ctx.executor.map(ctx.loaded, project_chunk,
+                                                                    [chunk for _, chunk in planned], job):
+            channels = owners[id(chunk)]
+            at = 0
+            for c in channels:
+                scale = max(abs(per_channel[c][0]["value"]), 1e-6) if per_channel[c] else 1.0
+                for e in per_channel[c]:
+                    e["projection"] = pictures[at]
+                    e["fallback"] = bool(fallback[at])
+                    e["rerun_value"] = float(f"{float(values[at]):.4g}")
+                    drift = max(drift, abs(e["rerun_value"] - e["value"]) / scale)
+                    at += 1
+                if per_channel[c]:
+                    self._save_row(ctx, layer, int(c), per_channel[c])
+            bar.update(len(channels))
         return {"per_channel": per_channel, "from": "scan", "max_drift": drift,
                 "description": scan.get("description", "")}
 
@@ -239,7 +288,8 @@ class DeconvStage(Stage):
                     units = [Unit(c, *entry[str(c)]["argmax"]) for c in channels]
                 else:
                     units = strongest_units(ctx.loaded, ctx.tensor(photo.rgb), layer, channels)
-                proj, fallback = self._project(ctx, layer, rule, redo, [photo.rgb], units)
+                proj, fallback = project_with_fallback(ctx.loaded, layer, rule, redo, [photo.rgb], units,
+                                                       strict=ctx.settings.strict, precision=ctx.precision(NUMBERS))
                 for i, unit in enumerate(units):
                     box = [int(v) for v in proj.boxes[i]]
                     candidates[unit.channel].append({
@@ -248,7 +298,7 @@ class DeconvStage(Stage):
                         "image_size": list(photo.rgb.shape[:2]),
                         "source": photo_pics.get(photo.slug) or ctx.picture(f"data/photos/{photo.slug}.jpg",
                                                                              photo.rgb, fmt="jpeg"),
-                        "projection": self._projection_image(proj.maps[i], photo.rgb, box),
+                        "projection": projection_image(proj.maps[i], photo.rgb, box),
                     })
             for c in channels:
                 ranked = sorted(candidates.pop(c), key=lambda e: -e["value"])[:ctx.settings.top]
