@@ -47,6 +47,18 @@ def test_a_budget_keeps_every_layer_with_the_widest_cap_that_fits(layers):
     assert whole.settings == settings and whole.total_channels == sum(layer.channels for layer in layers)
 
 
+def test_a_pool_of_workers_divides_the_heavy_stages_and_the_budget_goes_by_it(layers):
+    rates = {layer.name: SLOW for layer in layers}
+    settings = AtlasSettings(steps=192)
+    alone = plan_atlas(layers, settings, rates, photos=8)
+    pooled = plan_atlas(layers, settings, rates, photos=8, speedup=4.0, where="on 4 Ray workers")
+    assert pooled.hours == pytest.approx(alone.hours / 4) and pooled.total_bytes == alone.total_bytes
+    assert "on 4 Ray workers" in pooled.describe() and "on this machine" in alone.describe()
+    # half an hour cuts bn2 on this machine, not on four of them
+    assert fit_budget(layers, settings, rates, photos=8, hours=0.5).total_channels < alone.total_channels
+    assert fit_budget(layers, settings, rates, photos=8, hours=0.5, speedup=4.0).settings == settings
+
+
 def test_a_tiny_budget_thins_the_layers_evenly(layers):
     rates = {layer.name: LayerRate(step=1.0, fixed=0.0, projection=0.0, feature_bytes=1.0) for layer in layers}
     settings = AtlasSettings()

@@ -246,6 +246,7 @@ def test_an_executor_in_a_with_block_keeps_its_actors_between_calls(default_mode
         second = {pid for _, pid in executor.map(default_model, _pid, range(6))}
         assert len(first) == 2 and first == second and os.getpid() not in first
         assert ray_cluster.is_initialized()
+        assert executor.speedup(local_threads=1)[0] == 2.0 and "2 Ray workers x 1 thread" in executor.speedup(1)[1]
     bare = RayExecutor(target)
     again = {pid for _, pid in bare.map(default_model, _pid, range(6))}
     assert len(again) == 2 and again.isdisjoint(first)

@@ -351,6 +351,19 @@ class RayExecutor:
                 gone = [actors[i] for i in dead]
                 self._actors = [a for a in self._actors if all(a is not g for g in gone)]
 
+    def speedup(self, local_threads: int | None = None) -> tuple[float, str]:
+        """How many times a local run's rate this executor's pool computes at, and in words: its
+        workers' torch threads over ``local_threads`` (default this process's), taking the cluster's
+        CPUs as fast as this machine's and Ray's cost as nil (its steady overhead measured negative
+        here, ``benchmarks/ray_scaling.py``); a GPU worker is counted as its CPU share, far too low."""
+        local = max(1, int(local_threads or torch.get_num_threads()))
+        with self._connected() as ray:
+            workers, threads, gpus = self.target.plan(ray)
+        factor = workers * threads / local
+        kind = f"{workers} Ray worker{'s' if workers != 1 else ''} x {threads} thread{'s' if threads != 1 else ''}"
+        return factor, (f"on {kind} ({factor:g}x this process's {local} thread{'s' if local != 1 else ''}, "
+                        "if the cluster's CPUs are as fast as this machine's)")
+
     def scan(self, loaded: LoadedModel, images, layers, **options):
         """:func:`convscope.methods.scan.scan` on this executor's cluster, as a Ray Data actor pool."""
         from .methods.scan import scan

@@ -100,6 +100,7 @@ class AtlasPlan:
     bytes: dict[str, float]
     calibration_seconds: float = 0.0
     stage_seconds: dict[str, float] = dataclasses.field(default_factory=dict)  # the total per stage
+    where: str = "on this machine"  # or a Ray cluster's share of the work (see plan_atlas's ``speedup``)
 
     @property
     def hours(self) -> float:
@@ -116,7 +117,7 @@ class AtlasPlan:
     def describe(self) -> str:
         whole = sum(self.channels[layer.name] == layer.channels for layer in self.layers)
         return (f"{len(self.layers)} layers ({whole} whole), {self.total_channels} channels: projected "
-                f"{_duration(self.hours)} and {_size(self.total_bytes)} on this machine "
+                f"{_duration(self.hours)} and {_size(self.total_bytes)} {self.where} "
                 f"(~{self.total_bytes / max(self.total_channels, 1) / 1024:.0f} KB per channel)")
 
 
@@ -247,8 +248,13 @@ def save_calibration(out, key: str, rates: dict[str, LayerRate], seconds: float 
 
 
 def plan_atlas(layers: list[LayerInfo], settings: AtlasSettings, rates: dict[str, LayerRate], photos: int,
-               calibration_seconds: float = 0.0) -> AtlasPlan:
-    """The projected time and size of building ``layers`` with ``settings`` at the measured ``rates``."""
+               calibration_seconds: float = 0.0, speedup: float = 1.0, where: str = "on this machine") -> AtlasPlan:
+    """The projected time and size of building ``layers`` with ``settings`` at the measured ``rates``.
+
+    ``speedup``: how many times this machine's rate the workers run the features and deconv stages
+    at (a Ray cluster's CPUs over this process's threads, :meth:`RayExecutor.speedup
+    <convscope.distributed.RayExecutor.speedup>`); ``where`` says so in :meth:`AtlasPlan.describe`.
+    """
     channels, seconds, sizes = {}, {}, {}
     stages = {"features": 0.0, "deconv": 0.0}
     examples = settings.top if settings.scan_images is not None else min(settings.top, photos)
@@ -257,24 +263,26 @@ def plan_atlas(layers: list[LayerInfo], settings: AtlasSettings, rates: dict[str
         n = len(settings.channels(layer))
         chunks = math.ceil(n / FEATURE_CHUNK)
         channels[layer.name] = n
-        features, deconv = rate.step * settings.steps * n + rate.fixed * chunks, rate.projection * examples * n
+        features = (rate.step * settings.steps * n + rate.fixed * chunks) / speedup
+        deconv = rate.projection * examples * n / speedup
         seconds[layer.name] = features + deconv
         stages["features"] += features
         stages["deconv"] += deconv
         shown = examples if "deconv" not in settings.skip else 0
         sizes[layer.name] = n * (rate.feature_bytes + BYTES_PER_EXAMPLE * shown + BYTES_PER_PHOTO * photos
                                  + BYTES_PER_PAGE)
-    return AtlasPlan(settings, list(layers), channels, seconds, sizes, calibration_seconds, stages)
+    return AtlasPlan(settings, list(layers), channels, seconds, sizes, calibration_seconds, stages, where)
 
 
 def fit_budget(layers: list[LayerInfo], settings: AtlasSettings, rates: dict[str, LayerRate], photos: int,
-               hours: float) -> AtlasPlan:
+               hours: float, speedup: float = 1.0, where: str = "on this machine") -> AtlasPlan:
     """The plan that fits ``hours`` (see the module notes): the widest per-layer channel cap, then fewer layers."""
     def plan(chosen, cap):
         return plan_atlas(chosen, replace(settings, channels_per_layer=cap, full_layers=(),
-                                          layers=",".join(layer.name for layer in chosen)), rates, photos)
+                                          layers=",".join(layer.name for layer in chosen)), rates, photos,
+                          speedup=speedup, where=where)
 
-    full = plan_atlas(layers, settings, rates, photos)
+    full = plan_atlas(layers, settings, rates, photos, speedup=speedup, where=where)
     if full.hours <= hours:
         return full
     widest = max(layer.channels for layer in layers)

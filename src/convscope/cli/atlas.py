@@ -133,8 +133,11 @@ def check_sources(args) -> dict:
     return named
 
 
-def _plan(args, loaded, layers, settings: AtlasSettings) -> tuple[AtlasSettings, tuple | None]:
+def _plan(args, loaded, layers, settings: AtlasSettings, executor=None) -> tuple[AtlasSettings, tuple | None]:
     """Print the projected time and size; fit ``--budget``, or refuse a long build without ``--yes``.
+
+    With a Ray ``executor`` the features and deconv stages are projected at the pool's rate
+    (:meth:`~convscope.distributed.RayExecutor.speedup`), and ``--budget`` and ``--yes`` go by that.
 
     Also returns a fresh calibration ``(key, rates, seconds)`` (None when it came from the cache), for
     :func:`~convscope.atlas.plan.save_calibration` once the atlas folder exists (a refused build writes nothing).
@@ -151,11 +154,17 @@ def _plan(args, loaded, layers, settings: AtlasSettings) -> tuple[AtlasSettings,
         source, fresh = f"from {seconds:.0f} s of calibration", (key, rates, seconds)
     else:
         seconds, source, fresh = 0.0, "from the calibration cached in --out", None
-    plan = atlas_plan.plan_atlas(layers, settings, rates, len(photos), seconds)
+    pool = {}
+    if executor is not None:
+        local = atlas_plan.plan_atlas(layers, settings, rates, len(photos), seconds)
+        print(f"projection: {local.describe()}")
+        speedup, where = executor.speedup()
+        pool = {"speedup": speedup, "where": where}
+    plan = atlas_plan.plan_atlas(layers, settings, rates, len(photos), seconds, **pool)
     print(f"projection: {plan.describe()} ({source}; earlier results in --out are reused and not counted)")
     if args.budget is not None:
         if plan.hours > args.budget:
-            plan = atlas_plan.fit_budget(layers, settings, rates, len(photos), args.budget)
+            plan = atlas_plan.fit_budget(layers, settings, rates, len(photos), args.budget, **pool)
             print(f"budget {args.budget:g} h: {plan.describe()}")
         return plan.settings, fresh
     if plan.hours > atlas_plan.CONFIRM_HOURS and not args.yes:
@@ -178,15 +187,6 @@ def run(args) -> int:
     precision = resolve_precision(settings.precision, loaded.device, purpose=PICTURE, module=loaded.module)
     print(f"precision: {precision.describe()} for the feature visualization"
           + ("; exact fp32 for the scan and the projections" if settings.precision == "auto" else ""))
-    settings, calibration = _plan(args, loaded, layers, settings)
-    out = out_dir(args.out)
-    if calibration is not None:
-        atlas_plan.save_calibration(out, *calibration)
-    layers = atlas_layers(loaded, settings.layers)
-    channels = sum(len(settings.channels(layer)) for layer in layers)
-    print(f"plan: {len(layers)} layers, {channels} channels with pages, feature visualizations ({settings.steps} "
-          f"steps at {settings.feature_size} px) and top-{settings.top} projections; valid results in {out} are "
-          "reused")
     with contextlib.ExitStack() as stack:
         executor = None
         if ray is not None:
@@ -194,6 +194,16 @@ def run(args) -> int:
 
             # one connection and one actor pool for every stage that runs on the cluster
             executor = stack.enter_context(RayExecutor(ray))
+        settings, calibration = _plan(args, loaded, layers, settings, executor)
+        out = out_dir(args.out)
+        if calibration is not None:
+            atlas_plan.save_calibration(out, *calibration)
+        layers = atlas_layers(loaded, settings.layers)
+        channels = sum(len(settings.channels(layer)) for layer in layers)
+        print(f"plan: {len(layers)} layers, {channels} channels with pages, feature visualizations ({settings.steps} "
+              f"steps at {settings.feature_size} px) and top-{settings.top} projections; valid results in {out} are "
+              "reused")
+        if ray is not None:
             print(f"ray: the scan, feature visualizations and projections run on {ray.describe()}; "
                   "files are written here")
         build = build_atlas(loaded, args.images, out, settings, executor=executor)
