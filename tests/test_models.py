@@ -1,6 +1,7 @@
 import socket
 import time
 import urllib.error
+import warnings
 
 import pytest
 import torch
@@ -174,3 +175,73 @@ def test_random_init_is_seeded_and_leaves_the_global_rng_alone():
 def test_cli_random_says_its_seed(capsys):
     assert main(["layers", "--model", "resnet18", "--random", "--seed", "3", "--filter", "conv1"]) == 0
     assert "RANDOM INIT seed 3" in capsys.readouterr().out
+
+
+class CifarNet(nn.Module):
+    """The PyTorch tutorial's CIFAR-10 network: functional ReLU and max-pooling, a classifier on 5x5 maps."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 6, 5), nn.Conv2d(6, 16, 5)
+        self.fc1, self.fc2, self.fc3 = nn.Linear(16 * 5 * 5, 120), nn.Linear(120, 84), nn.Linear(84, 10)
+
+    def forward(self, x):
+        x = nn.functional.max_pool2d(nn.functional.relu(self.conv1(x)), (2, 2))
+        x = nn.functional.max_pool2d(nn.functional.relu(self.conv2(x)), 2)
+        x = torch.flatten(x, 1)
+        return self.fc3(nn.functional.relu(self.fc2(nn.functional.relu(self.fc1(x)))))
+
+
+def cifar_factory():
+    torch.manual_seed(0)
+    return CifarNet()
+
+
+def test_a_fixed_size_network_runs_with_its_input_size_and_preprocessing(capsys):
+    spec = "tests.test_models:cifar_factory"
+    assert main(["layers", "--model", spec]) == 2                       # at 224 px its classifier cannot run
+    assert "--input-size" in capsys.readouterr().err
+    assert main(["layers", "--model", spec, "--input-size", "32", "--mean", "0.5,0.5,0.5", "--std", "0.25,0.25,0.25"]) == 0
+    out = capsys.readouterr().out
+    assert "input 32×32" in out and "mean (0.5, 0.5, 0.5), std (0.25, 0.25, 0.25)" in out and "16×10×10" in out
+    for bad in (["--input-size", "4"], ["--input-size", "32x"], ["--mean", "0.5,0.5"]):
+        assert main(["layers", "--model", spec, *bad]) == 2
+        assert "give" in capsys.readouterr().err
+    loaded = convscope.load_model(spec, input_size=(32, 32), std=(0.5, 0.5, 0.5), device="cpu")
+    assert loaded.preprocessing.input_size == (32, 32) and loaded.preprocessing.mean == (0.485, 0.456, 0.406)
+    with pytest.raises(ConvscopeError, match="all above 0"):
+        convscope.load_model(spec, std=(0.5, 0.0, 0.5), device="cpu")
+
+
+def test_functional_max_pooling_counts_as_max_pooling(photos, tmp_path):
+    """The tutorial network pools with F.max_pool2d: `auto` takes the deconvnet, whose switches it has;
+    a photo of another shape gets the centre crop the classifier can take."""
+    import json
+
+    from PIL import Image
+
+    from convscope.methods.deconv.choice import has_max_pooling, projection_method
+
+    pooled = convscope.load_model("tests.test_models:cifar_factory", input_size=32, device="cpu")
+    assert has_max_pooling(pooled) and projection_method(pooled).name == "deconvnet"
+    plain = convscope.models.as_loaded(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AvgPool2d(2)))
+    assert not has_max_pooling(plain) and projection_method(plain).name == "guided"
+    assert pooled.fit(photos["chelsea"]).shape == (32, 32, 3)                       # 300x451: the centre, 32x32
+    assert plain.fit(photos["chelsea"]).shape == (224, 337, 3)                      # fully convolutional: all of it
+    photo = tmp_path / "cat.png"
+    Image.fromarray(photos["chelsea"]).save(photo)
+    out = tmp_path / "deconv"
+    assert main(["deconv", str(photo), "--model", "tests.test_models:cifar_factory", "--input-size", "32",
+                 "--layer", "relu@fn1", "--out", str(out)]) == 0
+    record = json.loads((out / "deconv.json").read_text())
+    assert record["methods"] == ["deconvnet"] and record["image_size"] == [32, 32]
+
+
+def test_torchscript_is_refused_with_what_to_load_instead(tmp_path):
+    path = tmp_path / "net.ts"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # torch.jit is deprecated
+        torch.jit.script(CifarNet()).save(str(path))
+        loaded = convscope.load_model(str(path), input_size=32, device="cpu")
+    with pytest.raises(ConvscopeError, match=r"TorchScript module.*forward hooks.*package.module:factory"):
+        _ = loaded.catalogue

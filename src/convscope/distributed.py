@@ -191,7 +191,9 @@ def _last_line(err: BaseException) -> str:
 def model_payload(loaded: LoadedModel) -> dict:
     """What a worker needs to build the driver's network: load arguments, or the pickled model."""
     if loaded.source is not None:
-        return {"source": dict(loaded.source), "fingerprint": fingerprint(loaded.module)}
+        # the preprocessing too: the driver's may have been set apart from the load (--input-size, --mean)
+        return {"source": dict(loaded.source), "preprocessing": loaded.preprocessing,
+                "fingerprint": fingerprint(loaded.module)}
     return {"model": loaded.module,
             "loaded": LoadedModel(torch.nn.Identity(), loaded.name, loaded.weights, loaded.preprocessing,
                                   loaded.class_names, loaded.random_init, loaded.seed),
@@ -208,6 +210,7 @@ def load_worker_model(payload: dict, threads: int) -> LoadedModel:
         source = payload["source"]
         loaded = load_model(source["spec"], weights=source["weights"], random=source["random"],
                             seed=source["seed"], trust_file=source["trust_file"], device=device)
+        loaded.preprocessing = payload.get("preprocessing", loaded.preprocessing)
     else:
         shell = payload["loaded"]
         loaded = LoadedModel(payload["model"].to(device).eval(), shell.name, shell.weights, shell.preprocessing,

@@ -217,6 +217,9 @@ class Catalogue:
 
     layers: list[LayerInfo]
     input_size: tuple[int, int]
+    # A max-pooling op ran in the traced forward pass (an nn.MaxPool2d or a functional F.max_pool2d):
+    # its switches make the deconvnet's projections image-specific.
+    max_pooling: bool = False
     _by_name: dict[str, LayerInfo] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -297,6 +300,7 @@ class _FieldTracer(TorchFunctionMode):
         self.fields: dict[int, _Field] = {id(input_tensor): _Field()}
         self.keep: list[torch.Tensor] = [input_tensor]  # hold references so ids stay unique
         self.saw_merge = False
+        self.saw_max_pool = False
         self.on_activation = on_activation  # called with (func, output) for a functional activation
 
     def field_of(self, tensor) -> _Field | None:
@@ -305,6 +309,8 @@ class _FieldTracer(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        if "max_pool" in getattr(func, "__name__", ""):   # F.max_pool2d, its _with_indices, adaptive_max_pool2d
+            self.saw_max_pool = True
         try:
             self._propagate(func, args, kwargs, out)
         except Exception:  # an op we cannot follow must never break the forward
@@ -497,7 +503,7 @@ def build_catalogue(model: nn.Module, input_size: tuple[int, int] = (224, 224), 
     layers = _mark_features(layers, ids)
     if not tracer.saw_merge and not hasattr(model, "convscope_layers"):  # own names need no alias
         layers = _keras_aliases(layers)
-    return Catalogue(layers, tuple(input_size))
+    return Catalogue(layers, tuple(input_size), tracer.saw_max_pool)
 
 
 def _fold_activation_modules(records: list, modules: dict[str, nn.Module]) -> tuple[list, set[nn.Module]]:

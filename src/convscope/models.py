@@ -153,7 +153,15 @@ class LoadedModel:
             try:
                 self._catalogues[size] = build_catalogue(self.module, size, self.device)
             except RuntimeError as err:
-                raise ConvscopeError(f"the model cannot run on a {size[0]}x{size[1]} image: {str(err)[:200]}") from None
+                if "ScriptModule" in str(err):
+                    raise ConvscopeError(
+                        "this is a TorchScript module, and convscope reads layers through forward hooks, which "
+                        "TorchScript does not run: load the nn.Module itself (package.module:factory with "
+                        "--weights STATE_DICT, or a pickled module with --trust-file)") from None
+                raise ConvscopeError(
+                    f"the model cannot run on a {size[0]}x{size[1]} image: {str(err)[:200]}. If it takes another "
+                    "input size (a classifier on a fixed-size map), give it: --input-size N or HxW on the command "
+                    "line, Preprocessing(input_size=...) in Python") from None
         return self._catalogues[size]
 
     @property
@@ -164,9 +172,32 @@ class LoadedModel:
         seed = f" seed {self.seed}" if self.seed is not None else ""
         return f"{self.name} [RANDOM INIT{seed} - not trained]"
 
+    def fit(self, image: np.ndarray, size: int | tuple[int, int] | None = None) -> np.ndarray:
+        """:meth:`Preprocessing.fit`, for a network that takes only its input size too.
+
+        The whole picture, shorter side ``size`` (default the input size), runs through a fully
+        convolutional network; one with a classifier on a fixed-size map (a CIFAR network, say)
+        cannot take it, and gets the classification transform instead (:meth:`Preprocessing.eval_crop`:
+        the centre of the picture at the input size). ``(H, W)`` is taken as asked.
+        """
+        rgb = self.preprocessing.fit(image, size)
+        if isinstance(size, tuple) or rgb.shape[:2] == tuple(self.preprocessing.input_size):
+            return rgb
+        try:
+            self.catalogue_at(rgb.shape[:2])
+        except ConvscopeError:
+            try:
+                self.catalogue_at(self.preprocessing.input_size)
+            except ConvscopeError:
+                pass  # it does not run at its own size either: the first error says why
+            else:
+                return self.preprocessing.eval_crop(image)
+            raise
+        return rgb
+
     def tensor(self, image: ImageSource, size: int | tuple[int, int] | None = None) -> tuple[torch.Tensor, np.ndarray]:
-        """Load, resize (see :meth:`Preprocessing.fit`) and normalise one image: ``(x, rgb_uint8)``."""
-        rgb = self.preprocessing.fit(load_image(image), size)
+        """Load, resize (see :meth:`fit`) and normalise one image: ``(x, rgb_uint8)``."""
+        rgb = self.fit(load_image(image), size)
         return self.preprocessing.to_tensor(rgb, self.device), rgb
 
     def describe(self) -> dict:

@@ -23,6 +23,8 @@ import importlib
 import os
 import socket
 import threading
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -46,7 +48,7 @@ from .weights import (
     unpickle_module,
 )
 
-__all__ = ["load_model", "list_models", "is_model_file"]
+__all__ = ["load_model", "list_models", "is_model_file", "with_preprocessing"]
 
 
 def list_models(pattern: str = "*") -> list[str]:
@@ -69,24 +71,33 @@ def load_model(
     seed: int = 0,
     trust_file: bool = False,
     device: str | torch.device | None = "auto",
+    input_size: int | tuple[int, int] | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
 ) -> LoadedModel:
     """Load a model by spec (see the module docstring) onto ``device``, in eval mode.
 
     ``seed`` seeds the initialisation, so ``random=True`` gives the same network on every run;
-    the caller's global RNG state is left as it was.
+    the caller's global RNG state is left as it was. ``input_size``, ``mean`` and ``std`` replace
+    the preprocessing the model comes with (a user's file or factory gets ImageNet's, 224 px):
+    e.g. ``input_size=32`` for a CIFAR network whose classifier takes 32x32 images.
 
     Example:
         >>> lm = load_model()                 # EfficientNet-Lite0, real ImageNet weights, offline
         >>> lm = load_model("vgg19", random=True)
     """
     if isinstance(spec, nn.Module):
-        return as_loaded(spec)
+        loaded = as_loaded(spec)
+        loaded.preprocessing = with_preprocessing(loaded.preprocessing, input_size, mean, std)
+        return loaded
     device = resolve_device(device)
+    override = (input_size, mean, std)
     if spec and (spec.startswith("keras:") or spec.endswith(".keras")):
         from .keras import load_keras  # seeds and places the model itself; Keras's RNG is not torch's
 
         loaded = load_keras(spec, weights=weights, random_init=random, seed=seed, device=device)
         loaded.module.eval()
+        loaded.preprocessing = with_preprocessing(loaded.preprocessing, *override)
         return loaded
     # Architectures initialise from the global RNG: a seeded fork makes --random reproducible
     # without touching the caller's random state.
@@ -108,7 +119,31 @@ def load_model(
                      "seed": int(seed), "trust_file": bool(trust_file)}
     loaded.module.to(device).eval()
     loaded.device = device
+    loaded.preprocessing = with_preprocessing(loaded.preprocessing, *override)
     return loaded
+
+
+def with_preprocessing(pre: Preprocessing, input_size: int | tuple[int, int] | None = None,
+                       mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> Preprocessing:
+    """``pre`` with the given input size (one side or ``(H, W)``), mean and std (three numbers each,
+    per RGB channel of a [0, 1] image); checked, with a one-line error for a bad value."""
+    changes: dict = {}
+    if input_size is not None:
+        size = (input_size, input_size) if isinstance(input_size, int) else tuple(int(v) for v in input_size)
+        if len(size) != 2 or min(size) < 8:
+            raise ConvscopeError(f"input size {input_size}: give one side or HxW of at least 8 pixels (e.g. 32 or 32x32)")
+        changes["input_size"] = size
+    for name, values in (("mean", mean), ("std", std)):
+        if values is None:
+            continue
+        values = tuple(float(v) for v in values)
+        if len(values) != 3 or (name == "std" and min(values) <= 0):
+            raise ConvscopeError(f"{name} {values}: give three numbers, per RGB channel of a [0, 1] image"
+                                 + (", all above 0" if name == "std" else "") + " (e.g. 0.5,0.5,0.5)")
+        changes[name] = values
+    if "mean" in changes or "std" in changes:
+        changes["mode"] = None   # the convention named by the loader no longer holds
+    return replace(pre, **changes) if changes else pre
 
 
 def _offline_message(what: str, err: Exception) -> ConvscopeError:

@@ -91,7 +91,7 @@ def build_atlas(
     found = collect_photos(images, settings.max_photos)
     out = ensure_dir(out)
     slugs = unique_slugs([name for name, _, _ in found])
-    photos = [Photo(name, slug, source, loaded.preprocessing.fit(rgb)) for (name, source, rgb), slug in zip(found, slugs)]
+    photos = [Photo(name, slug, source, loaded.fit(rgb)) for (name, source, rgb), slug in zip(found, slugs)]
     ctx = BuildContext(loaded, out, settings, layers, photos, progress, executor)
 
     photos_record = build_photos(ctx)

@@ -199,7 +199,7 @@ def _projection_rate(loaded: LoadedModel, layer: LayerInfo, rule, photos: dict[s
     (see the module notes)."""
     size = loaded.preprocessing.input_size
     if photos:
-        x = loaded.preprocessing.to_tensor(loaded.preprocessing.fit(next(iter(photos.values()))), loaded.device)
+        x = loaded.preprocessing.to_tensor(loaded.fit(next(iter(photos.values()))), loaded.device)
     else:
         x = torch.rand((1, 3, *size), generator=torch.Generator().manual_seed(0)).to(loaded.device)
     units = [Unit(c % layer.channels, 0, 0) for c in range(CALIBRATION_UNITS)]

@@ -34,11 +34,42 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--trust-file", action="store_true",
                        help="allow unpickling a model file (runs code from it; only for files you trust)")
     group.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto uses CUDA when present")
+    group.add_argument("--input-size", type=_input_size, default=None, metavar="N|HxW",
+                       help="the input size the model takes (default: the model's own; 224 for a .pt file or "
+                            "factory), e.g. 32 for a CIFAR network")
+    group.add_argument("--mean", type=_triple, default=None, metavar="R,G,B",
+                       help="per-channel mean of a [0, 1] image subtracted before the model (default: the model's "
+                            "own; ImageNet's for a .pt file or factory)")
+    group.add_argument("--std", type=_triple, default=None, metavar="R,G,B",
+                       help="per-channel std the image is divided by after --mean (e.g. 0.5,0.5,0.5 with --mean "
+                            "0.5,0.5,0.5 for inputs in [-1, 1])")
+
+
+def _input_size(text: str) -> tuple[int, int]:
+    parts = text.lower().replace("×", "x").split("x")
+    try:
+        size = tuple(int(p) for p in parts) * (2 if len(parts) == 1 else 1)
+    except ValueError:
+        size = ()
+    if len(size) != 2 or min(size) < 8:
+        raise argparse.ArgumentTypeError(f"{text!r}: give one side or HxW of at least 8 pixels (e.g. 32 or 32x32)")
+    return size
+
+
+def _triple(text: str) -> tuple[float, float, float]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3:
+        raise argparse.ArgumentTypeError(f"{text!r}: give three numbers, per RGB channel (e.g. 0.5,0.5,0.5)")
+    return values
 
 
 def load_from_args(args: argparse.Namespace) -> LoadedModel:
     return load_model(args.model, weights=args.weights, random=args.random, seed=args.seed,
-                      trust_file=args.trust_file, device=args.device)
+                      trust_file=args.trust_file, device=args.device, input_size=getattr(args, "input_size", None),
+                      mean=getattr(args, "mean", None), std=getattr(args, "std", None))
 
 
 def add_ray_arg(parser: argparse.ArgumentParser, what: str) -> None:
