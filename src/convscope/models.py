@@ -135,11 +135,33 @@ class LoadedModel:
     source: dict | None = field(default=None, compare=False)
 
     _catalogues: dict[tuple[int, int], Catalogue] = field(default_factory=dict, init=False, repr=False, compare=False)
+    # Does the network run only at its input size (a classifier on a fixed-size map)? Per input size.
+    _fixed: dict[tuple[int, int], bool] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def catalogue(self) -> Catalogue:
         """The layer catalogue traced at the model's input size."""
         return self.catalogue_at(self.preprocessing.input_size)
+
+    def takes_only_its_input_size(self) -> bool:
+        """Whether the network fails on a picture of another shape than its input size (one plain
+        forward pass of a wider picture, once per input size): then :meth:`fit` centre-crops."""
+        size = tuple(int(v) for v in self.preprocessing.input_size)
+        if size not in self._fixed:
+            from .hooks import StopForward, frozen
+
+            wider = torch.zeros(1, 3, size[0], size[1] + max(8, size[1] // 4), device=self.device,
+                                dtype=next((p.dtype for p in self.module.parameters() if p.is_floating_point()),
+                                           torch.float32))
+            try:
+                with frozen(self.module), torch.no_grad():
+                    self.module(wider)
+                self._fixed[size] = False
+            except StopForward:   # a caller's recording stopped it: it ran as far as anyone needs here
+                return False
+            except (RuntimeError, ValueError, ConvscopeError):   # a shape error; Keras's input-spec check
+                self._fixed[size] = True
+        return self._fixed[size]
 
     def catalogue_at(self, size: tuple[int, int]) -> Catalogue:
         """The layer catalogue traced at input size ``(H, W)``, cached per size.
@@ -152,6 +174,9 @@ class LoadedModel:
         if size not in self._catalogues:
             try:
                 self._catalogues[size] = build_catalogue(self.module, size, self.device)
+                if size == tuple(self.preprocessing.input_size):
+                    # decided now, while no analysis holds hooks on the model (fit asks later)
+                    self.takes_only_its_input_size()
             except RuntimeError as err:
                 if "ScriptModule" in str(err):
                     raise ConvscopeError(
@@ -183,17 +208,7 @@ class LoadedModel:
         rgb = self.preprocessing.fit(image, size)
         if isinstance(size, tuple) or rgb.shape[:2] == tuple(self.preprocessing.input_size):
             return rgb
-        try:
-            self.catalogue_at(rgb.shape[:2])
-        except ConvscopeError:
-            try:
-                self.catalogue_at(self.preprocessing.input_size)
-            except ConvscopeError:
-                pass  # it does not run at its own size either: the first error says why
-            else:
-                return self.preprocessing.eval_crop(image)
-            raise
-        return rgb
+        return self.preprocessing.eval_crop(image) if self.takes_only_its_input_size() else rgb
 
     def tensor(self, image: ImageSource, size: int | tuple[int, int] | None = None) -> tuple[torch.Tensor, np.ndarray]:
         """Load, resize (see :meth:`fit`) and normalise one image: ``(x, rgb_uint8)``."""
