@@ -48,7 +48,7 @@ from .weights import (
     unpickle_module,
 )
 
-__all__ = ["load_model", "list_models", "is_model_file", "with_preprocessing"]
+__all__ = ["load_model", "list_models", "is_model_file", "preprocessing_changes"]
 
 
 def list_models(pattern: str = "*") -> list[str]:
@@ -86,18 +86,23 @@ def load_model(
         >>> lm = load_model()                 # EfficientNet-Lite0, real ImageNet weights, offline
         >>> lm = load_model("vgg19", random=True)
     """
+    # the overrides are checked before anything loads: a bad value costs no model load
+    changes = preprocessing_changes(input_size, mean, std)
+    loaded = _load(spec, weights=weights, random=random, seed=seed, trust_file=trust_file, device=device)
+    if changes:
+        loaded.preprocessing = replace(loaded.preprocessing, **changes)
+    return loaded
+
+
+def _load(spec, *, weights, random: bool, seed: int, trust_file: bool, device) -> LoadedModel:
     if isinstance(spec, nn.Module):
-        loaded = as_loaded(spec)
-        loaded.preprocessing = with_preprocessing(loaded.preprocessing, input_size, mean, std)
-        return loaded
+        return as_loaded(spec)
     device = resolve_device(device)
-    override = (input_size, mean, std)
     if spec and (spec.startswith("keras:") or spec.endswith(".keras")):
         from .keras import load_keras  # seeds and places the model itself; Keras's RNG is not torch's
 
         loaded = load_keras(spec, weights=weights, random_init=random, seed=seed, device=device)
         loaded.module.eval()
-        loaded.preprocessing = with_preprocessing(loaded.preprocessing, *override)
         return loaded
     # Architectures initialise from the global RNG: a seeded fork makes --random reproducible
     # without touching the caller's random state.
@@ -119,14 +124,13 @@ def load_model(
                      "seed": int(seed), "trust_file": bool(trust_file)}
     loaded.module.to(device).eval()
     loaded.device = device
-    loaded.preprocessing = with_preprocessing(loaded.preprocessing, *override)
     return loaded
 
 
-def with_preprocessing(pre: Preprocessing, input_size: int | tuple[int, int] | None = None,
-                       mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> Preprocessing:
-    """``pre`` with the given input size (one side or ``(H, W)``), mean and std (three numbers each,
-    per RGB channel of a [0, 1] image); checked, with a one-line error for a bad value."""
+def preprocessing_changes(input_size: int | tuple[int, int] | None = None, mean: Sequence[float] | None = None,
+                          std: Sequence[float] | None = None) -> dict:
+    """The :class:`Preprocessing` fields to replace for an input size (one side or ``(H, W)``), a mean
+    and a std (three numbers each, per RGB channel of a [0, 1] image); checked, with a one-line error."""
     changes: dict = {}
     if input_size is not None:
         size = (input_size, input_size) if isinstance(input_size, int) else tuple(int(v) for v in input_size)
@@ -143,7 +147,7 @@ def with_preprocessing(pre: Preprocessing, input_size: int | tuple[int, int] | N
         changes[name] = values
     if "mean" in changes or "std" in changes:
         changes["mode"] = None   # the convention named by the loader no longer holds
-    return replace(pre, **changes) if changes else pre
+    return changes
 
 
 def _offline_message(what: str, err: Exception) -> ConvscopeError:

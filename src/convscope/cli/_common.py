@@ -16,7 +16,7 @@ from ..errors import ConvscopeError
 from ..images import load_image
 from ..models import LoadedModel
 from ..precision import PRECISIONS
-from ..sources import load_model
+from ..sources import load_model, preprocessing_changes
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -37,33 +37,34 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--input-size", type=_input_size, default=None, metavar="N|HxW",
                        help="the input size the model takes (default: the model's own; 224 for a .pt file or "
                             "factory), e.g. 32 for a CIFAR network")
-    group.add_argument("--mean", type=_triple, default=None, metavar="R,G,B",
+    group.add_argument("--mean", type=_channel_values("mean"), default=None, metavar="R,G,B",
                        help="per-channel mean of a [0, 1] image subtracted before the model (default: the model's "
                             "own; ImageNet's for a .pt file or factory)")
-    group.add_argument("--std", type=_triple, default=None, metavar="R,G,B",
+    group.add_argument("--std", type=_channel_values("std"), default=None, metavar="R,G,B",
                        help="per-channel std the image is divided by after --mean (e.g. 0.5,0.5,0.5 with --mean "
                             "0.5,0.5,0.5 for inputs in [-1, 1])")
 
 
 def _input_size(text: str) -> tuple[int, int]:
+    """``--input-size N`` or ``HxW``, checked as ``load_model`` checks it (before anything loads)."""
     parts = text.lower().replace("×", "x").split("x")
     try:
         size = tuple(int(p) for p in parts) * (2 if len(parts) == 1 else 1)
-    except ValueError:
-        size = ()
-    if len(size) != 2 or min(size) < 8:
-        raise argparse.ArgumentTypeError(f"{text!r}: give one side or HxW of at least 8 pixels (e.g. 32 or 32x32)")
-    return size
+        return preprocessing_changes(input_size=size)["input_size"]
+    except (ValueError, ConvscopeError):
+        raise argparse.ArgumentTypeError(f"{text!r}: give one side or HxW of at least 8 pixels (e.g. 32 or 32x32)") from None
 
 
-def _triple(text: str) -> tuple[float, float, float]:
-    try:
-        values = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        values = ()
-    if len(values) != 3:
-        raise argparse.ArgumentTypeError(f"{text!r}: give three numbers, per RGB channel (e.g. 0.5,0.5,0.5)")
-    return values
+def _channel_values(name: str):
+    """An argparse type for ``--mean``/``--std``: three numbers, checked as ``load_model`` checks them."""
+    def parse(text: str) -> tuple[float, float, float]:
+        try:
+            return preprocessing_changes(**{name: tuple(float(v) for v in text.split(","))})[name]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: give three numbers, per RGB channel (e.g. 0.5,0.5,0.5)") from None
+        except ConvscopeError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+    return parse
 
 
 def load_from_args(args: argparse.Namespace) -> LoadedModel:

@@ -59,9 +59,11 @@ class ProjectionJob:
 class ProjectionChunk:
     """One work unit: the top units of a few channels, over at most :data:`DECONV_IMAGES` images.
 
-    ``units[i].image_index`` indexes ``image_ids``; ``expected`` and ``scales`` are the scan's value
-    of each unit and of its channel's strongest unit (the crops are checked against them)."""
+    ``units`` are ``channels``' scan entries in order; ``units[i].image_index`` indexes ``image_ids``;
+    ``expected`` and ``scales`` are the scan's value of each unit and of its channel's strongest unit
+    (the crops are checked against them)."""
 
+    channels: list[str]
     image_ids: list[int]
     units: list[Unit]
     boxes: list[list[int]]
@@ -126,7 +128,7 @@ def project_chunk(loaded: LoadedModel, chunk: ProjectionChunk, job: ProjectionJo
     return pictures, fallback, proj.values
 
 
-def _scan_chunks(per_channel: dict[str, list[dict]]) -> list[tuple[list[str], ProjectionChunk]]:
+def _scan_chunks(per_channel: dict[str, list[dict]]) -> list[ProjectionChunk]:
     """The scan's top units cut into chunks of whole channels whose examples come from at most
     :data:`DECONV_IMAGES` distinct images and number at most :data:`DECONV_UNITS` (the units of one
     image share its forward pass)."""
@@ -146,12 +148,13 @@ def _scan_chunks(per_channel: dict[str, list[dict]]) -> list[tuple[list[str], Pr
         entries = [(c, e) for c in channels for e in per_channel[c]]
         order = sorted({e["image_id"] for _, e in entries})
         slot = {image_id: i for i, image_id in enumerate(order)}
-        chunks.append((channels, ProjectionChunk(
+        chunks.append(ProjectionChunk(
+            channels=channels,
             image_ids=order,
             units=[Unit(int(c), e["row"], e["col"], slot[e["image_id"]]) for c, e in entries],
             boxes=[e["box"] for _, e in entries],
             expected=np.array([e["value"] for _, e in entries], np.float32),
-            scales=np.array([abs(per_channel[c][0]["value"]) for c, _ in entries], np.float32))))
+            scales=np.array([abs(per_channel[c][0]["value"]) for c, _ in entries], np.float32)))
     return chunks
 
 
@@ -251,15 +254,12 @@ class DeconvStage(Stage):
     def _from_scan(self, ctx, layer, rule: Rule, redo: bool, scan: dict, bar) -> dict:
         per_channel = {c: [dict(e) for e in entries] for c, entries in scan["per_channel"].items()}
         job = ProjectionJob(layer, rule.name, redo, ctx.settings.strict, ctx.precision(NUMBERS), ctx.image_set())
-        planned = _scan_chunks(per_channel)
-        owners = {id(chunk): channels for channels, chunk in planned}
         drift = 0.0
         # Chunks run on the build's executor (here, or a Ray actor pool) and come back as they finish.
         for chunk, (pictures, fallback, values) in ctx.executor.map(ctx.loaded, project_chunk,
-                                                                    [chunk for _, chunk in planned], job):
-            channels = owners[id(chunk)]
+                                                                    _scan_chunks(per_channel), job):
             at = 0
-            for c in channels:
+            for c in chunk.channels:
                 scale = max(abs(per_channel[c][0]["value"]), 1e-6) if per_channel[c] else 1.0
                 for e in per_channel[c]:
                     e["projection"] = pictures[at]
@@ -269,7 +269,7 @@ class DeconvStage(Stage):
                     at += 1
                 if per_channel[c]:
                     self._save_row(ctx, layer, int(c), per_channel[c])
-            bar.update(len(channels))
+            bar.update(len(chunk.channels))
         return {"per_channel": per_channel, "from": "scan", "max_drift": drift,
                 "description": scan.get("description", "")}
 

@@ -41,9 +41,8 @@ _RULE_LABELS = {"deconvnet": "the deconvnet", "guided": "guided backprop"}
 
 def has_max_pooling(loaded: LoadedModel) -> bool:
     """Whether ``loaded`` has max-pooling, whose switches make the deconvnet's projection image-specific:
-    a max-pooling module, or a functional ``F.max_pool2d`` call seen when the catalogue was traced."""
-    catalogue = loaded.catalogue
-    return catalogue.max_pooling or any(layer.type.startswith(("MaxPool", "AdaptiveMaxPool")) for layer in catalogue)
+    any max-pooling op (an ``nn.MaxPool2d``'s or a functional ``F.max_pool2d``) the catalogue's trace saw."""
+    return loaded.catalogue.max_pooling
 
 
 def projection_method(loaded: LoadedModel, requested: str | Rule = AUTO) -> Rule:
