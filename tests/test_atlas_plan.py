@@ -154,3 +154,45 @@ def test_cli_caches_the_calibration_in_the_atlas_folder(tmp_path, capsys, monkey
     with pytest.raises(SystemExit):                                      # other settings: measured again
         main(["atlas", "--layers", LAYERS, "--out", str(out), "--size", "64"])
     assert len(calls) == 2
+
+
+def test_cli_calibrates_before_ray_starts_and_plans_at_the_pools_rate(tmp_path, capsys, monkeypatch):
+    """A local cluster's first workers import torch as they start: calibrated beside them, this
+    machine's rates would be measured on a shared machine."""
+    pytest.importorskip("ray")
+    from convscope import distributed
+
+    events = []
+    slower = LayerRate(step=0.05, fixed=0.5, projection=0.05, feature_bytes=8000.0)   # about 1.8 h here
+
+    def fake_calibrate(loaded, layers, settings, photos):
+        events.append("calibrate")
+        return {layer.name: slower for layer in layers}
+
+    class FakePool:
+        def __init__(self, target):
+            pass
+
+        def __enter__(self):
+            events.append("ray started")
+            return self
+
+        def __exit__(self, *exc):
+            events.append("ray stopped")
+
+        def speedup(self):
+            return 4.0, "on 4 Ray workers"
+
+    def fake_build(loaded, images, folder, settings, executor=None, **_):
+        events.append(("build", settings.channels_per_layer, type(executor).__name__))
+        raise SystemExit(0)
+
+    monkeypatch.setattr(atlas_plan, "calibrate", fake_calibrate)
+    monkeypatch.setattr(distributed, "RayExecutor", FakePool)
+    monkeypatch.setattr(cli_atlas, "build_atlas", fake_build)
+    with pytest.raises(SystemExit):
+        main(["atlas", "--layers", LAYERS, "--out", str(tmp_path / "atlas"), "--ray", "auto"])
+    # 1.8 h here, under half an hour on the pool: every channel, no --yes needed
+    assert events == ["calibrate", "ray started", ("build", None, "FakePool"), "ray stopped"]
+    printed = capsys.readouterr().out
+    assert printed.count("projection:") == 2 and "on 4 Ray workers" in printed

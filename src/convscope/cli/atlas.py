@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from ..atlas import STAGE_NAMES, AtlasSettings, build_atlas
 from ..atlas import plan as atlas_plan
@@ -133,45 +134,60 @@ def check_sources(args) -> dict:
     return named
 
 
-def _plan(args, loaded, layers, settings: AtlasSettings, executor=None) -> tuple[AtlasSettings, tuple | None]:
-    """Print the projected time and size; fit ``--budget``, or refuse a long build without ``--yes``.
+class _Calibration(NamedTuple):
+    rates: dict
+    seconds: float             # spent calibrating now (0 when cached)
+    source: str                # where the rates came from, in words
+    photos: int
+    fresh: tuple | None        # (key, rates, seconds) to save once the atlas folder exists; None when cached
 
-    With a Ray ``executor`` the features and deconv stages are projected at the pool's rate
-    (:meth:`~convscope.distributed.RayExecutor.speedup`), and ``--budget`` and ``--yes`` go by that.
 
-    Also returns a fresh calibration ``(key, rates, seconds)`` (None when it came from the cache), for
-    :func:`~convscope.atlas.plan.save_calibration` once the atlas folder exists (a refused build writes nothing).
+def _calibration(args, loaded, layers, settings: AtlasSettings) -> _Calibration:
+    """This machine's measured rates: cached in ``--out``, or measured now.
+
+    Runs before any Ray session: a local cluster's first workers import torch as they start, and
+    measured alongside them the rates would be this machine's shared with them. Nothing is written
+    here: a refused build leaves no folder behind.
     """
     photos = {name: rgb for name, _, rgb in collect_photos(args.images, settings.max_photos)}
     key = atlas_plan.calibration_key(loaded, layers, settings, photos)
     rates = atlas_plan.load_calibration(Path(args.out).expanduser(), key)
-    if rates is None:
-        print(f"calibrating: a few feature-visualization steps and projections on up to "
-              f"{atlas_plan.CALIBRATION_LAYERS} layers ...", flush=True)
-        start = time.perf_counter()
-        rates = atlas_plan.calibrate(loaded, layers, settings, photos)
-        seconds = time.perf_counter() - start
-        source, fresh = f"from {seconds:.0f} s of calibration", (key, rates, seconds)
-    else:
-        seconds, source, fresh = 0.0, "from the calibration cached in --out", None
+    if rates is not None:
+        return _Calibration(rates, 0.0, "from the calibration cached in --out", len(photos), None)
+    print(f"calibrating: a few feature-visualization steps and projections on up to "
+          f"{atlas_plan.CALIBRATION_LAYERS} layers ...", flush=True)
+    start = time.perf_counter()
+    rates = atlas_plan.calibrate(loaded, layers, settings, photos)
+    seconds = time.perf_counter() - start
+    return _Calibration(rates, seconds, f"from {seconds:.0f} s of calibration", len(photos), (key, rates, seconds))
+
+
+def _plan(args, layers, settings: AtlasSettings, calibration: _Calibration, executor=None) -> AtlasSettings:
+    """Print the projected time and size; fit ``--budget``, or refuse a long build without ``--yes``.
+
+    ``calibration`` is :func:`_calibration`'s value. With a Ray ``executor`` the features and deconv
+    stages are projected at the pool's rate (:meth:`~convscope.distributed.RayExecutor.speedup`), and
+    ``--budget`` and ``--yes`` go by that.
+    """
+    rates, seconds, source, photos, _ = calibration
     pool = {}
     if executor is not None:
-        local = atlas_plan.plan_atlas(layers, settings, rates, len(photos), seconds)
+        local = atlas_plan.plan_atlas(layers, settings, rates, photos, seconds)
         print(f"projection: {local.describe()}")
         speedup, where = executor.speedup()
         pool = {"speedup": speedup, "where": where}
-    plan = atlas_plan.plan_atlas(layers, settings, rates, len(photos), seconds, **pool)
+    plan = atlas_plan.plan_atlas(layers, settings, rates, photos, seconds, **pool)
     print(f"projection: {plan.describe()} ({source}; earlier results in --out are reused and not counted)")
     if args.budget is not None:
         if plan.hours > args.budget:
-            plan = atlas_plan.fit_budget(layers, settings, rates, len(photos), args.budget, **pool)
+            plan = atlas_plan.fit_budget(layers, settings, rates, photos, args.budget, **pool)
             print(f"budget {args.budget:g} h: {plan.describe()}")
-        return plan.settings, fresh
+        return plan.settings
     if plan.hours > atlas_plan.CONFIRM_HOURS and not args.yes:
         raise ConvscopeError(
             f"this atlas is projected to take {plan.hours:.1f} h (over {atlas_plan.CONFIRM_HOURS:g} h): "
             "pass --yes to build it all, or --budget HOURS to choose layers and channels that fit")
-    return settings, fresh
+    return settings
 
 
 def run(args) -> int:
@@ -187,6 +203,7 @@ def run(args) -> int:
     precision = resolve_precision(settings.precision, loaded.device, purpose=PICTURE, module=loaded.module)
     print(f"precision: {precision.describe()} for the feature visualization"
           + ("; exact fp32 for the scan and the projections" if settings.precision == "auto" else ""))
+    calibration = _calibration(args, loaded, layers, settings)
     with contextlib.ExitStack() as stack:
         executor = None
         if ray is not None:
@@ -194,10 +211,10 @@ def run(args) -> int:
 
             # one connection and one actor pool for every stage that runs on the cluster
             executor = stack.enter_context(RayExecutor(ray))
-        settings, calibration = _plan(args, loaded, layers, settings, executor)
+        settings = _plan(args, layers, settings, calibration, executor)
         out = out_dir(args.out)
-        if calibration is not None:
-            atlas_plan.save_calibration(out, *calibration)
+        if calibration.fresh is not None:
+            atlas_plan.save_calibration(out, *calibration.fresh)
         layers = atlas_layers(loaded, settings.layers)
         channels = sum(len(settings.channels(layer)) for layer in layers)
         print(f"plan: {len(layers)} layers, {channels} channels with pages, feature visualizations ({settings.steps} "
