@@ -23,14 +23,18 @@ The overhead of a whole-model scan (the atlas scans 10,000 images by default) is
 from the two lines, and printed as such. The ray x1 scan runs first on the cluster, so it alone
 pays Ray Data's own helper actors (started once per cluster; `--ray auto` starts a cluster per run).
 
-The features run at two step counts too (fixed start-up and steady per-step overhead). The full run
-also times one unit at the atlas's defaults (16 channels, its recipe, steps and size)
-and projects the whole default model (21,008 channels) over 1, 4, 16 and 64 machines like this
-one. That is a PROJECTION: per-unit time measured here, divided by the machines, times the
-measured Ray efficiency at 2 workers; it ignores the network and the head's writing (a few
-hundred kB per unit).
+The features run at two step counts too (fixed start-up and steady per-step overhead).
 
-Run:  .venv/bin/python benchmarks/ray_scaling.py            (full, about 8 min on an idle 2-core machine)
+The full run then MEASURES Ray's overhead on the atlas's own work: every channel of two whole layers
+(blocks.3.0.bn3 and blocks.4.0.bn3: 192 channels, 12 units of 16) at the atlas's defaults (its
+recipe, steps, size and precision), local against ray x2, a few minutes each: a unit of the real
+work, not the ~10-s probe above, whose start-up dominates. From its per-channel time it projects the whole
+default model (21,008 channels) over 1, 4, 16 and 64 machines like this one. That is a PROJECTION:
+that layer pair's per-channel time (mid-depth layers; the deepest cost more, benchmarks/atlas.py weighs every layer),
+divided by the machines, times the Ray efficiency measured on that work; it ignores the network and
+the head's writing (a few hundred kB per unit).
+
+Run:  .venv/bin/python benchmarks/ray_scaling.py            (full, about 15 min on an idle 2-core machine)
       .venv/bin/python benchmarks/ray_scaling.py --quick    (smoke, about 2 min)
 """
 
@@ -59,6 +63,7 @@ from convscope.precision import FP32, PICTURE, resolve_precision
 
 WHOLE_MODEL_CHANNELS = 21_008
 WHOLE_SCAN_IMAGES = 10_000   # the atlas's default --scan-limit
+ATLAS_WORK_LAYERS = ["blocks.3.0.bn3", "blocks.4.0.bn3"]   # 80 + 112 channels: 12 units of 16
 
 
 def feature_units(loaded, layers: list[str]) -> list[FeatureUnit]:
@@ -169,12 +174,13 @@ def main() -> None:
         s_over = rows["ray x2"][1] / local_s - 1
         print(f"\nRay overhead at 2 workers, MEASURED: features {f_over:+.0%}; scan of {lengths[1]} images {s_over:+.0%}"
               " (target <= +15%)")
+        long_over = ray_long / local_long - 1
 
         f_local = line((steps, local_t), (4 * steps, local_long))
         f_ray = line((steps, rows["ray x2"][0]), (4 * steps, ray_long))
         f_steady = f_ray[1] / f_local[1] - 1
         print(f"features, MEASURED at {steps} and {4 * steps} steps: local {local_t:.1f} s and {local_long:.1f} s, "
-              f"ray x2 {rows['ray x2'][0]:.1f} s and {ray_long:.1f} s")
+              f"ray x2 {rows['ray x2'][0]:.1f} s and {ray_long:.1f} s (overhead at {4 * steps} steps {long_over:+.0%})")
         print(f"  Ray's overhead: fixed start-up {f_ray[0] - f_local[0]:+.1f} s once per run; steady "
               f"{f_steady:+.0%} per step (what a long run such as a whole-model atlas pays)")
         local_fixed, local_per = line((lengths[0], local_short), (lengths[1], local_s))
@@ -194,27 +200,32 @@ def main() -> None:
 
         projection = ""
         if not args.quick:
-            deepest = loaded.catalogue.features[-1].name  # the dearest layer: an upper bound per channel
-            unit = FeatureUnit(deepest, list(range(FEATURE_CHUNK)), 0)
-            began = time.perf_counter()
             defaults = AtlasSettings()
             precision = resolve_precision(defaults.precision, "cpu", purpose=PICTURE, module=loaded.module)
-            visualize_chunk(loaded, unit, FeatureJob(ATLAS_RECIPE, defaults.steps, defaults.feature_size, 0, photos,
-                                                     precision))
-            per_channel = (time.perf_counter() - began) / FEATURE_CHUNK
-            # the steady rate (start-up is seconds against hours), at most 1: one-thread actors beating a
-            # two-thread process on small layers is this machine's arithmetic, not a gain to carry to a cluster
-            efficiency = min(1.0, 1 / (1 + f_steady))
-            print(f"\natlas default ({ATLAS_RECIPE} recipe, {defaults.steps} steps at {defaults.feature_size} px, "
-                  f"{precision.describe()}), measured locally on {deepest}: {per_channel:.2f} s per channel")
-            print(f"PROJECTION for the whole default model ({WHOLE_MODEL_CHANNELS:,} channels), machines like this "
-                  f"one, Ray efficiency {efficiency:.2f} (the steady rate measured above), features only (projections add about 40%, benchmarks/atlas.py):")
+            atlas_job = FeatureJob(ATLAS_RECIPE, defaults.steps, defaults.feature_size, 0, photos, precision)
+            atlas_units = feature_units(loaded, ATLAS_WORK_LAYERS)
+            atlas_channels = sum(len(u.channels) for u in atlas_units)
+            atlas_local, atlas_f = run_features(LocalExecutor(), loaded, atlas_units, atlas_job)
+            atlas_ray, atlas_rf = run_features(RayExecutor(RayTarget(workers=2, threads=max(1, cores // 2))),
+                                               loaded, atlas_units, atlas_job)
+            pixels, objective = compare_features(atlas_f, atlas_rf)
+            atlas_over = atlas_ray / atlas_local - 1
+            per_channel = atlas_local / atlas_channels
+            print(f"\natlas work, MEASURED: every channel of {', '.join(ATLAS_WORK_LAYERS)} ({atlas_channels} channels, "
+                  f"{len(atlas_units)} units; {ATLAS_RECIPE} recipe, {defaults.steps} steps at {defaults.feature_size} px, "
+                  f"{precision.describe()}): local {atlas_local:.1f} s, ray x2 {atlas_ray:.1f} s -> Ray overhead "
+                  f"{atlas_over:+.0%} (target <= +15%); pixels <= {pixels}/255, objective rel {objective:.1e}")
+            # at most 1: one-thread actors beating a two-thread process is this machine's arithmetic,
+            # not a gain to carry to a cluster
+            efficiency = min(1.0, atlas_local / atlas_ray)
+            print(f"PROJECTION for the whole default model ({WHOLE_MODEL_CHANNELS:,} channels) at {per_channel:.2f} s "
+                  f"per channel, machines like this one, Ray efficiency {efficiency:.2f} (measured on that work), "
+                  "features only (projections add about half again, deep layers cost more: benchmarks/atlas.py):")
             print(f"{'machines':>9} {'hours':>8}")
             for machines in (1, 4, 16, 64):
                 hours = WHOLE_MODEL_CHANNELS * per_channel / machines / efficiency / 3600
                 print(f"{machines:>9} {hours:>8.2f}")
-            projection = f"; {per_channel:.2f} s/channel at the atlas default -> whole model on 64 machines " \
-                         f"{WHOLE_MODEL_CHANNELS * per_channel / 64 / efficiency / 3600:.2f} h (projection)"
+            projection = f"; atlas work ({atlas_channels} channels, {atlas_local:.0f} s local) {atlas_over:+.0%} measured"
         identical = all("DIFFER" not in row[3] for row in rows.values())
     finally:
         ray.shutdown()
