@@ -117,8 +117,8 @@ class AtlasPlan:
     def describe(self) -> str:
         whole = sum(self.channels[layer.name] == layer.channels for layer in self.layers)
         return (f"{len(self.layers)} layers ({whole} whole), {self.total_channels} channels: projected "
-                f"{_duration(self.hours)} and {_size(self.total_bytes)} {self.where} "
-                f"(~{self.total_bytes / max(self.total_channels, 1) / 1024:.0f} KB per channel)")
+                f"{_duration(self.hours)} and {_size(self.total_bytes)} "
+                f"(~{self.total_bytes / max(self.total_channels, 1) / 1024:.0f} KB per channel) {self.where}")
 
 
 def _duration(hours: float) -> str:

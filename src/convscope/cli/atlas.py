@@ -177,7 +177,7 @@ def _plan(args, layers, settings: AtlasSettings, calibration: _Calibration, exec
         speedup, where = executor.speedup()
         pool = {"speedup": speedup, "where": where}
     plan = atlas_plan.plan_atlas(layers, settings, rates, photos, seconds, **pool)
-    print(f"projection: {plan.describe()} ({source}; earlier results in --out are reused and not counted)")
+    print(f"projection: {plan.describe()}; {source} (earlier results in --out are reused and not counted)")
     if args.budget is not None:
         if plan.hours > args.budget:
             plan = atlas_plan.fit_budget(layers, settings, rates, photos, args.budget, **pool)
