@@ -149,7 +149,8 @@ class _Redirected(Rule):
         plain = _plain(grad, y, low, high)
         if grad.dim() < 2:
             return plain
-        blocked = torch.count_nonzero(plain.flatten(1), dim=1) == 0
+        # a reduction over the map's axes, not flatten(1), which copies a channels-last map
+        blocked = plain.abs().amax(dim=tuple(range(1, plain.dim()))) == 0
         if not bool(blocked.any()):
             return plain
         idx = blocked.nonzero().squeeze(1)
