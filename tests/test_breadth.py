@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib.util
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -225,3 +227,17 @@ def test_small_atlas_builds_and_names_each_projection(net, photo, tmp_path):
         page = (tmp_path / "L" / record["slug"] / "index.html").read_text()
         label = {"deconvnet": "deconvnet", "guided": "guided backprop", "gradient": "plain gradient"}[record["method"]]
         assert f'class="projection">{label}' in page
+
+
+def test_the_readme_table_is_what_the_code_chooses(monkeypatch):
+    """README's compatibility table is benchmarks/compat_table.py's output: a row that a change of the
+    projection choice leaves stale fails here (checked on the quick models, seconds)."""
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.syspath_prepend(str(root / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("compat_table", root / "benchmarks" / "compat_table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    readme = (root / "README.md").read_text()
+    for model in ("resnet18", "mobilenet_v2", "efficientnet_b0", USER):
+        row = table.row(model)
+        assert row in readme, f"README's row for {model} is stale; benchmarks/compat_table.py prints:\n{row}"
