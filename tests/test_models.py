@@ -245,3 +245,12 @@ def test_torchscript_is_refused_with_what_to_load_instead(tmp_path):
         loaded = convscope.load_model(str(path), input_size=32, device="cpu")
     with pytest.raises(ConvscopeError, match=r"TorchScript module.*forward hooks.*package.module:factory"):
         _ = loaded.catalogue
+
+
+def test_a_model_file_is_recorded_by_absolute_path_for_workers(tmp_path, monkeypatch):
+    """A Ray worker repeats the load: a relative file name would depend on its working directory."""
+    torch.save(_Tiny(), tmp_path / "tiny.pt")
+    monkeypatch.chdir(tmp_path)
+    loaded = convscope.load_model("tiny.pt", trust_file=True, device="cpu")
+    assert loaded.source["spec"] == str((tmp_path / "tiny.pt").resolve()) and loaded.source["trust_file"]
+    assert convscope.load_model("resnet18", random=True, device="cpu").source["spec"] == "resnet18"

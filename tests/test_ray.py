@@ -285,3 +285,24 @@ def test_without_ray_the_flag_says_how_to_install(monkeypatch, tmp_path, capsys)
     assert main(["scan", "--samples", "--ray", "auto", "--out", str(tmp_path / "x")]) == 2
     assert "pip install 'convscope[ray]'" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_a_keras_model_is_rebuilt_on_each_worker_and_gives_the_local_images(ray_cluster):
+    """A Keras network travels as its load arguments, not pickled (a VGG19 is 80 MB of weights per
+    actor); each worker's seeded rebuild passes the fingerprint check and optimizes the local images."""
+    if importlib.util.find_spec("keras") is None:
+        pytest.skip("Keras is not installed")
+    from convscope.cli.features import visualize_unit
+    from convscope.distributed import model_payload
+    from convscope.sources import load_model
+
+    loaded = load_model("keras:VGG19", random=True, seed=0, device="cpu")
+    payload = model_payload(loaded)
+    assert "model" not in payload and payload["source"]["spec"] == "keras:VGG19" and payload["source"]["random"]
+    options = {"steps": 2, "size": 32, "max_batch": 4, "progress": False}
+    units = [("block1_conv2", [0, 1, 2, 3]), ("block1_conv2", [4, 5, 6, 7])]
+    results = dict((tuple(u[1]), r) for u, r in RayExecutor(RayTarget(workers=2, threads=1)).map(
+        loaded, visualize_unit, units, options))
+    local = visualize_features(loaded, "block1_conv2", list(range(8)), **options)
+    ray_images = np.concatenate([results[(0, 1, 2, 3)].images, results[(4, 5, 6, 7)].images])
+    assert np.abs(ray_images.astype(np.int16) - local.images.astype(np.int16)).max() <= 1

@@ -103,6 +103,9 @@ def _load(spec, *, weights, random: bool, seed: int, trust_file: bool, device) -
 
         loaded = load_keras(spec, weights=weights, random_init=random, seed=seed, device=device)
         loaded.module.eval()
+        # a Ray worker rebuilds it from these (Keras's seeded init is the same in every process;
+        # the worker's fingerprint check says so) instead of receiving the pickled network
+        loaded.source = _source(spec, weights, random, seed, trust_file)
         return loaded
     # Architectures initialise from the global RNG: a seeded fork makes --random reproducible
     # without touching the caller's random state.
@@ -120,11 +123,24 @@ def _load(spec, *, weights, random: bool, seed: int, trust_file: bool, device) -
             loaded = _load_torchvision(spec, weights=weights, random=random)
     if loaded.random_init:
         loaded.seed = seed
-    loaded.source = {"spec": spec, "weights": None if weights is None else str(weights), "random": bool(random),
-                     "seed": int(seed), "trust_file": bool(trust_file)}
+    loaded.source = _source(spec, weights, random, seed, trust_file)
     loaded.module.to(device).eval()
     loaded.device = device
     return loaded
+
+
+def _source(spec: str | None, weights, random: bool, seed: int, trust_file: bool) -> dict:
+    """The load arguments a worker repeats to build the same network (:func:`convscope.distributed.model_payload`).
+
+    Files are named by absolute path: a worker need not share the driver's working directory
+    (a cluster node with the same shared file system finds them at the same place)."""
+    def absolute(name):
+        path = Path(str(name)).expanduser()
+        return str(path.resolve()) if path.is_file() else str(name)
+
+    is_file = spec is not None and (is_model_file(spec) or spec.endswith(".keras"))
+    return {"spec": absolute(spec) if is_file else spec, "weights": None if weights is None else absolute(weights),
+            "random": bool(random), "seed": int(seed), "trust_file": bool(trust_file)}
 
 
 def preprocessing_changes(input_size: int | tuple[int, int] | None = None, mean: Sequence[float] | None = None,
