@@ -23,7 +23,9 @@ The projection: every channel of every default layer, with the default steps, to
 scan of ``--full-scan`` images, ``--full-photos`` photos. Heat maps and per-layer photo files
 scale with the photos; scan source images with min(scan, channels x 9). Times are wall times on
 this machine with torch's threads. Bytes are apparent sizes; "on disk" rounds each file up to
-4 KiB blocks (most file systems).
+4 KiB blocks (most file systems). From the same calibration it also projects lighter builds,
+``--steps N --projections K`` (every channel keeps its top 9 examples, the strongest K projected):
+their time only; their quality is ``benchmarks/features.py --fast-steps``'s to measure.
 
 Run: python benchmarks/atlas.py [--model default] [--channels 2] [--steps 32]
 Quick smoke run: python benchmarks/atlas.py --quick
@@ -97,6 +99,10 @@ def measure_files(out: Path, slugs: list[str]) -> dict:
         kinds[kind][1] += on_disk(size)
     scan_files = sum(1 for _ in (out / "data/scan-images").glob("*")) if (out / "data/scan-images").is_dir() else 0
     return {"kinds": kinds, "scan_files": scan_files}
+
+
+# (steps, projections) of the lighter builds projected beside the default (80 steps, 9 projections).
+LIGHTER = [(80, 9), (80, 3), (48, 9), (48, 3), (32, 3)]
 
 
 def main() -> None:
@@ -197,6 +203,24 @@ def main() -> None:
         print(f"  {name:<18} {seconds / 3600:8.2f} wall hours")
     print(f"  {'total':<18} {hours:8.2f} wall hours (projected; this machine, CPU, {torch.get_num_threads()} threads)")
 
+    # Lighter builds from the same calibration (its rates are per step and per projection): what
+    # `--steps N --projections K` would cost (every channel still shows its top 9 examples; the
+    # strongest K get projections). Their quality is measured apart (benchmarks/features.py
+    # --fast-steps; README), not here.
+    other = total["activations"] + total["scan"] + total["pages"] + total["calibration"]
+    print(f"\nlighter whole atlases, same calibration (`convscope atlas --yes --steps N --projections K`: top "
+          f"{defaults.top} examples per channel, the strongest K projected; activations, scan, pages: "
+          f"{other / 3600:.2f} h as above):")
+    print(f"{'steps':>6} {'proj':>5} {'features h':>11} {'deconv h':>9} {'total h':>8}")
+    lighter = {}
+    for steps, projections in LIGHTER:
+        light = atlas_plan.plan_atlas(layers, replace(full_settings, steps=steps, projections=projections), rates,
+                                      full_photos)
+        stage = light.stage_seconds
+        lighter[(steps, projections)] = (stage["features"] + stage["deconv"] + other) / 3600
+        print(f"{steps:>6} {projections:>5} {stage['features'] / 3600:>11.2f} {stage['deconv'] / 3600:>9.2f} "
+              f"{lighter[(steps, projections)]:>8.2f}")
+
     # --- bytes
     kinds = files["kinds"]
     full_bytes = [0.0, 0.0]
@@ -221,7 +245,8 @@ def main() -> None:
     per_stage = ", ".join(f"{name} {seconds / 3600:.2f}" for name, seconds in total.items())
     _machine.footer(f"whole {args.model} atlas ({channels} channels, {defaults.steps} steps at {defaults.feature_size} px, "
                     f"{args.full_scan}-image scan): {hours:.1f} wall hours projected on this machine ({per_stage} h), "
-                    f"{apparent:.0f} KB per channel ({disk:.0f} KB on disk)")
+                    f"{apparent:.0f} KB per channel ({disk:.0f} KB on disk); lighter: "
+                    + ", ".join(f"--steps {n} --projections {k} {h:.1f} h" for (n, k), h in lighter.items()))
 
 
 if __name__ == "__main__":

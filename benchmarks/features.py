@@ -41,6 +41,8 @@ Usage:
     python benchmarks/features.py                               # the full task, lucent on 8 of the 16 channels
     python benchmarks/features.py --lucent-channels 16          # lucent on all 16 (about 6 min more)
     python benchmarks/features.py --quick                       # smoke run
+    python benchmarks/features.py --layer blocks.5.1.bn1 --fast-steps 32,48,80 --skip-levers --skip-step-table
+                                                                # the objective at fewer steps on a deep layer
 """
 
 from __future__ import annotations
@@ -155,6 +157,8 @@ def main() -> int:
     parser.add_argument("--skip-levers", action="store_true")
     parser.add_argument("--skip-step-table", action="store_true")
     parser.add_argument("--skip-recipes", action="store_true")
+    parser.add_argument("--fast-steps", type=lambda v: tuple(int(n) for n in v.split(",")), default=(64, 80, 96, 128),
+                        help="step counts of the fast recipe in the recipe table (comma-separated; default 64,80,96,128)")
     parser.add_argument("--recipe-channels", type=int, default=8,
                         help="channels of the recipe table (the first N, compared with lucent's on the same ones)")
     parser.add_argument("--threads", type=int, default=1,
@@ -313,7 +317,7 @@ def step_table(loaded, batch: int = 8, size: int = 128, layer: str = "blocks.3",
     return table
 
 
-def recipe_grid(quick: bool) -> list[tuple[str, Recipe]]:
+def recipe_grid(quick: bool, fast_steps: tuple[int, ...] = (64, 80, 96, 128)) -> list[tuple[str, Recipe]]:
     """The recipe table's rows: the fast recipe at several step counts, and each of its changes
     over the previous fast recipe undone on its own (at 80 steps)."""
     fast = make_recipe("fast")
@@ -323,7 +327,7 @@ def recipe_grid(quick: bool) -> list[tuple[str, Recipe]]:
     previous = replace(fast, steps=192, lr=0.1, warmup=0.1, pad=12, redirect_steps=12)
     upscale = tuple(float(v) for v in np.linspace(0.9, 1.3, 11))
     return [("lucid 256", make_recipe("lucid")),
-            *[(f"fast {n}", make_recipe("fast", steps=n)) for n in (64, 80, 96, 128)],
+            *[(f"fast {n}", make_recipe("fast", steps=n)) for n in fast_steps],
             ("fast 80, border 12 (142 px)", replace(fast, pad=12)),
             ("fast 80, warm-up 10%", replace(fast, warmup=0.1)),
             ("fast 80, scales 0.9-1.3", replace(fast, scales=upscale)),
@@ -341,7 +345,7 @@ def recipes_at_equal_time(loaded, args, precision: Precision, lucent: dict) -> l
     print(f"  {'recipe':<52} {'CPU s/ch':>9} {'obj@128':>8} {'obj@224':>8}   ratio to lucent frozen at 128 / 224 px "
           "(channels higher)")
     rows = []
-    for label, recipe in recipe_grid(args.quick):
+    for label, recipe in recipe_grid(args.quick, args.fast_steps):
         (_, cpu), images, _ = run_ours(loaded, args.layer, chans, recipe.steps, args.size, recipe=recipe,
                                        precision=precision)
         objs = {size: score(loaded, args.layer, images, chans, size) for size in SCORE_SIZES}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import urllib.request
 from dataclasses import replace
 from html.parser import HTMLParser
@@ -440,6 +441,33 @@ def test_scan_and_deconv_records_agree(full_atlas, scan_folder):
             assert (b[2] - b[0]) * (right - left) == pytest.approx((b[3] - b[1]) * (bottom - top), rel=0.05)
         assert [e["image_id"] for e in projected] == [e["image_id"] for e in examples]
         np.testing.assert_allclose([e["rerun_value"] for e in projected], values, rtol=2e-3, atol=1e-3)
+
+
+def test_fewer_projections_keep_every_example_and_project_the_strongest(full_atlas, default_model, photos,
+                                                                        tmp_path):
+    """--projections N: all of the scan's top examples stay on the page (patches); the strongest N get projections."""
+    build, settings = full_atlas
+    out = tmp_path / "atlas"
+    shutil.copytree(build.out, out)
+    fewer = replace(settings, projections=1)
+    again = build_atlas(default_model, photos, out, fewer, progress=False)
+    assert again.stages["deconv"]["built"] == 2
+    scan = _record(out, "scan", "blocks.4.0.bn1")
+    deconv = _record(out, "deconv", "blocks.4.0.bn1")
+    for c, examples in deconv["per_channel"].items():
+        assert [e["image_id"] for e in examples] == [e["image_id"] for e in scan["per_channel"][c]]   # all 4 kept
+        assert "projection" in examples[0] and all("projection" not in e for e in examples[1:])
+        with Image.open(out / examples[0]["projection"]["full"]) as row:                 # a row of one projection
+            cell = examples[0]["projection"]["cell"]
+            assert row.size == (cell[3] + 1, cell[2] + 1)
+    check_site(out)
+    page = (out / "L/blocks.4.0.bn1/1.html").read_text()
+    assert "Top 4 patches, the strongest 1 with guided-backprop projections" in page
+    assert page.count('class="example"') == 4 and page.count('class="zoom proj"') == 1
+    assert page.count('class="zoom patch"') == 4
+    again = build_atlas(default_model, photos, out, replace(fewer, projections=None), progress=False)
+    assert again.stages["deconv"]["built"] == 2                                      # all projected again
+    assert all("projection" in e for e in _record(out, "deconv", "blocks.4.0.bn1")["per_channel"]["0"])
 
 
 def test_deconv_without_a_scan_projects_the_photos_strongest_units(default_model, one_photo, tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from torch import nn
@@ -57,6 +59,15 @@ def test_a_pool_of_workers_divides_the_heavy_stages_and_the_budget_goes_by_it(la
     # half an hour cuts bn2 on this machine, not on four of them
     assert fit_budget(layers, settings, rates, photos=8, hours=0.5).total_channels < alone.total_channels
     assert fit_budget(layers, settings, rates, photos=8, hours=0.5, speedup=4.0).settings == settings
+
+
+def test_fewer_projections_are_charged_fewer_projections(layers):
+    rates = {layer.name: SLOW for layer in layers}
+    scanned = AtlasSettings(scan_images="some/folder")
+    nine = plan_atlas(layers, scanned, rates, photos=8)
+    three = plan_atlas(layers, replace(scanned, projections=3), rates, photos=8)
+    assert three.stage_seconds["deconv"] == pytest.approx(nine.stage_seconds["deconv"] / 3)
+    assert three.stage_seconds["features"] == pytest.approx(nine.stage_seconds["features"])
 
 
 def test_a_tiny_budget_thins_the_layers_evenly(layers):

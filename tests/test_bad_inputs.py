@@ -156,6 +156,9 @@ CASES = [
     ("atlas-photos-zero", ["atlas", "--photos", "0"], "--photos", False),
     ("atlas-skip-bogus", ["atlas", "--skip", "bogus"], "unknown stage", False),
     ("atlas-scan-limit-without-scan", ["atlas", "--scan-limit", "5"], "give --scan too", False),
+    ("atlas-projections-without-scan", ["atlas", "--projections", "3"], "give --scan too", False),
+    ("atlas-projections-over-top", ["atlas", "--scan", "samples", "--top", "4", "--projections", "5"],
+     "give 1 to --top (4)", False),
     ("atlas-out-proc", ["atlas", "--out", "/proc/convscope-atlas"], "cannot write", False),
     ("atlas-images-thin", ["atlas", "--images", "in/thin.png"], "--max-side", True),
     # serve

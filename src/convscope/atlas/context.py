@@ -53,6 +53,9 @@ class AtlasSettings:
             :data:`ATLAS_RECIPE`.
         seed: seed of the feature visualization.
         top: examples per channel from the scan and the deconvnet.
+        projections: with a scan, how many of a channel's ``top`` examples (the strongest) get a
+            projection; the others show their patch alone. None: all of them. Projections are a
+            third of a whole-model build's time (``benchmarks/atlas.py``), the patches nearly free.
         max_photos: photos taken from ``images`` (sorted by path).
         scan_images: folder the scan stage streams; ``"samples"`` for the built-in sample set;
             None to scan nothing (the deconv stage then projects the photos' strongest units).
@@ -80,6 +83,7 @@ class AtlasSettings:
     recipe: str | None = None
     seed: int = 0
     top: int = 9
+    projections: int | None = None
     max_photos: int = 8
     scan_images: str | None = None
     skip: tuple[str, ...] = ()
@@ -92,6 +96,10 @@ class AtlasSettings:
 
     def as_dict(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+
+    def projected(self) -> int:
+        """How many of a channel's scan examples get a projection."""
+        return self.top if self.projections is None else min(self.projections, self.top)
 
     def channels(self, layer: LayerInfo) -> list[int]:
         """The channels of ``layer`` that get pages: the first ``channels_per_layer``, or all of a full layer."""
@@ -163,6 +171,10 @@ class BuildContext:
     # ------------------------------------------------------------------ naming
     def slug(self, layer: LayerInfo) -> str:
         return self.slugs[layer.name]
+
+    def projected(self) -> int:
+        """How many of a channel's scan examples get a projection."""
+        return self.top if self.projections is None else min(self.projections, self.top)
 
     def channels(self, layer: LayerInfo) -> list[int]:
         """The channels that get pages (see :meth:`AtlasSettings.channels`)."""

@@ -31,12 +31,20 @@ __all__ = ["atlas_layers", "build_atlas", "check_settings", "stage_report"]
 
 
 def check_settings(settings: AtlasSettings) -> None:
-    """Refuse settings no build can follow (an unknown stage to skip or projection method) before any work."""
+    """Refuse settings no build can follow (an unknown stage to skip or projection method, projections
+    without a scan or beyond ``top``) before any work."""
     unknown = [name for name in settings.skip if name not in STAGE_NAMES]
     if unknown:
         raise ConvscopeError(f"unknown stage {unknown[0]!r} to skip; stages are {', '.join(STAGE_NAMES)}")
     if settings.deconv_method != "auto":
         resolve_projection(settings.deconv_method)
+    if settings.projections is not None:
+        if settings.scan_images is None:
+            raise ConvscopeError("--projections chooses which of the scan's top examples get a projection; give --scan "
+                                 "too (without a scan each photo's strongest unit is projected)")
+        if not 1 <= settings.projections <= settings.top:
+            raise ConvscopeError(f"--projections {settings.projections}: give 1 to --top ({settings.top}) projections "
+                                 "per channel")
 
 
 def atlas_layers(loaded: LoadedModel, spec: str | Sequence[str] | None) -> list[LayerInfo]:

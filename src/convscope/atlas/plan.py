@@ -13,7 +13,7 @@ top examples mostly come from different images). A layer between two sampled lay
 interpolated linearly by its position between them (cost grows with depth, so neither
 neighbour's rate is right); a layer after the last sampled one (only with one sample) takes that
 one's. A layer's time is then its chunks x (steps x seconds per step + fixed cost) plus its
-projections (``top`` per channel from a scan, else one per photo); the activations and pages
+projections (``top`` per channel from a scan, or ``projections`` of them, else one per photo); the activations and pages
 stages, a few per cent of a build, are left out.
 
 A calibration is cached in the atlas folder (:func:`load_calibration`, :func:`save_calibration`),
@@ -257,7 +257,7 @@ def plan_atlas(layers: list[LayerInfo], settings: AtlasSettings, rates: dict[str
     """
     channels, seconds, sizes = {}, {}, {}
     stages = {"features": 0.0, "deconv": 0.0}
-    examples = settings.top if settings.scan_images is not None else min(settings.top, photos)
+    examples = settings.projected() if settings.scan_images is not None else min(settings.top, photos)
     for layer in layers:
         rate = rates[layer.name]
         n = len(settings.channels(layer))

@@ -75,6 +75,9 @@ def register(subparsers) -> None:
     add_precision_arg(p, picture=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--top", type=positive_int, default=9, help="examples per channel from the scan and deconvnet (default 9)")
+    p.add_argument("--projections", type=positive_int, default=None, metavar="N",
+                   help="with a scan: projections per channel, for its strongest N examples (default: all of --top); "
+                        "the others show their patch alone. Projections are a third of a whole-model build")
     p.add_argument("--scan", default=None, metavar="DIR",
                    help="folder of images for the dataset scan, or 'samples' for the built-in sample set "
                         "(default: no scan; the deconvnet then projects the photos' strongest units)")
@@ -105,6 +108,7 @@ def settings_from_args(args) -> AtlasSettings:
     steps = args.steps or make_recipe(args.recipe or ATLAS_RECIPE).steps
     settings = AtlasSettings(layers=args.layers, channels_per_layer=args.channels_per_layer, steps=steps,
                              feature_size=args.size, recipe=args.recipe, seed=args.seed, top=args.top,
+                             projections=args.projections,
                              max_photos=args.photos, scan_images=args.scan, skip=skip,
                              deconv_method=args.deconv_method, scan_limit=args.scan_limit,
                              strict=args.strict, precision=args.precision, profile=args.profile)
@@ -217,8 +221,10 @@ def run(args) -> int:
             atlas_plan.save_calibration(out, *calibration.fresh)
         layers = atlas_layers(loaded, settings.layers)
         channels = sum(len(settings.channels(layer)) for layer in layers)
+        examples = ("projections" if settings.projected() == settings.top or settings.scan_images is None
+                    else f"examples, the strongest {settings.projected()} with projections")
         print(f"plan: {len(layers)} layers, {channels} channels with pages, feature visualizations ({settings.steps} "
-              f"steps at {settings.feature_size} px) and top-{settings.top} projections; valid results in {out} are "
+              f"steps at {settings.feature_size} px) and top-{settings.top} {examples}; valid results in {out} are "
               "reused")
         if ray is not None:
             print(f"ray: the scan, feature visualizations and projections run on {ray.describe()}; "

@@ -188,7 +188,9 @@ class DeconvStage(Stage):
         # Without a scan the units are the photos' strongest, read from the activations record.
         acts = None if scan else ctx.keys.get(("activations", layer.name))
         rule, reason = self._projection(ctx, layer)
-        return {"top": ctx.settings.top, "method": rule.name, "reason": reason, "strict": ctx.settings.strict,
+        # fewer projections than examples only change the key when asked for (earlier atlases stay valid)
+        fewer = {"projected": ctx.settings.projected()} if scan and ctx.settings.projected() < ctx.settings.top else {}
+        return {"top": ctx.settings.top, **fewer, "method": rule.name, "reason": reason, "strict": ctx.settings.strict,
                 "scan": scan, "activations": acts, **ctx.precision_key(ctx.precision(NUMBERS))}
 
     @staticmethod
@@ -253,22 +255,25 @@ class DeconvStage(Stage):
 
     def _from_scan(self, ctx, layer, rule: Rule, redo: bool, scan: dict, bar) -> dict:
         per_channel = {c: [dict(e) for e in entries] for c, entries in scan["per_channel"].items()}
+        # the strongest `projected` examples of each channel get a projection; the rest keep their patch
+        count = ctx.settings.projected()
+        projected = {c: entries[:count] for c, entries in per_channel.items()}
         job = ProjectionJob(layer, rule.name, redo, ctx.settings.strict, ctx.precision(NUMBERS), ctx.image_set())
         drift = 0.0
         # Chunks run on the build's executor (here, or a Ray actor pool) and come back as they finish.
         for chunk, (pictures, fallback, values) in ctx.executor.map(ctx.loaded, project_chunk,
-                                                                    _scan_chunks(per_channel), job):
+                                                                    _scan_chunks(projected), job):
             at = 0
             for c in chunk.channels:
                 scale = max(abs(per_channel[c][0]["value"]), 1e-6) if per_channel[c] else 1.0
-                for e in per_channel[c]:
+                for e in projected[c]:
                     e["projection"] = pictures[at]
                     e["fallback"] = bool(fallback[at])
                     e["rerun_value"] = float(f"{float(values[at]):.4g}")
                     drift = max(drift, abs(e["rerun_value"] - e["value"]) / scale)
                     at += 1
-                if per_channel[c]:
-                    self._save_row(ctx, layer, int(c), per_channel[c])
+                if projected[c]:
+                    self._save_row(ctx, layer, int(c), projected[c])
             bar.update(len(chunk.channels))
         return {"per_channel": per_channel, "from": "scan", "max_drift": drift,
                 "description": scan.get("description", "")}
