@@ -190,7 +190,8 @@ def _plan(args, layers, settings: AtlasSettings, calibration: _Calibration, exec
     if plan.hours > atlas_plan.CONFIRM_HOURS and not args.yes:
         raise ConvscopeError(
             f"this atlas is projected to take {plan.hours:.1f} h (over {atlas_plan.CONFIRM_HOURS:g} h): "
-            "pass --yes to build it all, or --budget HOURS to choose layers and channels that fit")
+            "pass --yes to build it all, --budget HOURS to choose layers and channels that fit, or fewer --steps "
+            "and --projections (with --scan) for every channel in less time")
     return settings
 
 
