@@ -465,6 +465,7 @@ def test_fewer_projections_keep_every_example_and_project_the_strongest(full_atl
     assert "Top 4 patches, the strongest 1 with guided-backprop projections" in page
     assert page.count('class="example"') == 4 and page.count('class="zoom proj"') == 1
     assert page.count('class="zoom patch"') == 4
+    assert "top 4 (1 projected)" in (out / "index.html").read_text()
     again = build_atlas(default_model, photos, out, replace(fewer, projections=None), progress=False)
     assert again.stages["deconv"]["built"] == 2                                      # all projected again
     assert all("projection" in e for e in _record(out, "deconv", "blocks.4.0.bn1")["per_channel"]["0"])
