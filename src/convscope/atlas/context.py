@@ -98,8 +98,8 @@ class AtlasSettings:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
 
     def projected(self) -> int:
-        """How many of a channel's scan examples get a projection."""
-        return self.top if self.projections is None else min(self.projections, self.top)
+        """How many of a channel's scan examples get a projection (``check_settings`` keeps it within ``top``)."""
+        return self.top if self.projections is None else self.projections
 
     def channels(self, layer: LayerInfo) -> list[int]:
         """The channels of ``layer`` that get pages: the first ``channels_per_layer``, or all of a full layer."""
@@ -171,10 +171,6 @@ class BuildContext:
     # ------------------------------------------------------------------ naming
     def slug(self, layer: LayerInfo) -> str:
         return self.slugs[layer.name]
-
-    def projected(self) -> int:
-        """How many of a channel's scan examples get a projection."""
-        return self.top if self.projections is None else min(self.projections, self.top)
 
     def channels(self, layer: LayerInfo) -> list[int]:
         """The channels that get pages (see :meth:`AtlasSettings.channels`)."""
