@@ -143,7 +143,7 @@ class _Calibration(NamedTuple):
     seconds: float             # spent calibrating now (0 when cached)
     source: str                # where the rates came from, in words
     photos: int
-    fresh: tuple | None        # (key, rates, seconds) to save once the atlas folder exists; None when cached
+    unsaved_key: str | None    # a fresh calibration's key, saved once the atlas folder exists; None when cached
 
 
 def _calibration(args, loaded, layers, settings: AtlasSettings) -> _Calibration:
@@ -163,7 +163,7 @@ def _calibration(args, loaded, layers, settings: AtlasSettings) -> _Calibration:
     start = time.perf_counter()
     rates = atlas_plan.calibrate(loaded, layers, settings, photos)
     seconds = time.perf_counter() - start
-    return _Calibration(rates, seconds, f"from {seconds:.0f} s of calibration", len(photos), (key, rates, seconds))
+    return _Calibration(rates, seconds, f"from {seconds:.0f} s of calibration", len(photos), key)
 
 
 def _plan(args, layers, settings: AtlasSettings, calibration: _Calibration, executor=None) -> AtlasSettings:
@@ -218,11 +218,11 @@ def run(args) -> int:
             executor = stack.enter_context(RayExecutor(ray))
         settings = _plan(args, layers, settings, calibration, executor)
         out = out_dir(args.out)
-        if calibration.fresh is not None:
-            atlas_plan.save_calibration(out, *calibration.fresh)
+        if calibration.unsaved_key is not None:
+            atlas_plan.save_calibration(out, calibration.unsaved_key, calibration.rates, calibration.seconds)
         layers = atlas_layers(loaded, settings.layers)
         channels = sum(len(settings.channels(layer)) for layer in layers)
-        examples = ("projections" if settings.projected() == settings.top or settings.scan_images is None
+        examples = ("projections" if settings.projected() == settings.top
                     else f"examples, the strongest {settings.projected()} with projections")
         print(f"plan: {len(layers)} layers, {channels} channels with pages, feature visualizations ({settings.steps} "
               f"steps at {settings.feature_size} px) and top-{settings.top} {examples}; valid results in {out} are "
